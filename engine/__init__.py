@@ -1,0 +1,1 @@
+"""stepvox.engine: the runtime (models, layers, KV cache, scheduler, model runner, workers)."""

@@ -1,0 +1,23 @@
+"""stepvox.kernels: the engine's hot ops as pure functions on tensors.
+
+Each op has a Triton implementation and a plain-PyTorch reference beside it; `backend.use_triton`
+picks one per call (Triton on CUDA; on CPU the interpreter when TRITON_INTERPRET=1, else the
+reference).
+"""
+from .activation import silu_and_mul, silu_and_mul_reference
+from .alibi import alibi_slopes, sqrt_alibi_bias
+from .attention_decode import attention_decode, attention_decode_reference, default_num_splits
+from .attention_prefill import attention_prefill, attention_prefill_reference
+from .backend import use_backend, use_triton
+from .kv_cache import write_kv, write_kv_reference
+from .norm import rms_norm, rms_norm_reference
+
+__all__ = [
+    "alibi_slopes", "sqrt_alibi_bias",
+    "attention_prefill", "attention_prefill_reference",
+    "attention_decode", "attention_decode_reference", "default_num_splits",
+    "write_kv", "write_kv_reference",
+    "rms_norm", "rms_norm_reference",
+    "silu_and_mul", "silu_and_mul_reference",
+    "use_backend", "use_triton",
+]

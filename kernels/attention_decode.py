@@ -1,0 +1,203 @@
+"""Decode attention over the paged KV cache: one new query per sequence, sqrt-ALiBi, GQA.
+
+Split-KV (flash-decoding): the keys of a sequence are cut into `num_splits` ranges handled by
+separate programs, whose partial results a second kernel merges, so that a batch of one still
+fills the GPU. One program serves all query heads of a KV group, so each K/V page is read once
+per group, and the square root of each key distance is computed once and reused by those heads.
+The query of sequence b sits at position seq_lens[b] - 1; its own K/V must already be written.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .alibi import sqrt_alibi_bias
+from .attention_common import LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, softmax_update
+from .backend import use_triton
+from .kv_cache import check_cache_pair, gather_pages
+
+
+def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale):
+    hq, hkv = q.shape[1], k_cache.shape[1]
+    out = torch.zeros_like(q)
+    for b, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        keys = gather_pages(k_cache, block_table[b], length).float().repeat_interleave(hq // hkv, dim=1)
+        values = gather_pages(v_cache, block_table[b], length).float().repeat_interleave(hq // hkv, dim=1)
+        pos = torch.arange(length, device=q.device)
+        scores = torch.einsum("hd,khd->hk", q[b].float(), keys) * scale
+        scores = scores + sqrt_alibi_bias(slopes.float(), pos[-1:], pos)[:, 0]
+        out[b] = torch.einsum("hk,khd->hd", scores.softmax(-1), values).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, qk_scale, num_splits,
+                   stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   PAGE_ROWS: tl.constexpr):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + seq)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kvh * GROUP + rows
+    hmask = rows < GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
+    coef = -tl.load(Slopes + heads, mask=hmask, other=0.0) * LOG2E
+    qpos = (seq_len - 1).to(tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    bt_row = BlockTable + seq.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        kidx = n0 + offs_n
+        kmask = kidx < end
+        if PAGE_ROWS:
+            # one block-table entry per page of the tile, expanded to its rows
+            pidx = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
+            page = tl.load(bt_row + pidx, mask=pidx * PAGE < end, other=0).to(tl.int64)
+            base = page[:, None] * stride_cp + tl.arange(0, PAGE)[None, :] * stride_cs
+            base = tl.reshape(base, [BLOCK_N]) + kvh * stride_ch
+        else:
+            page = tl.load(bt_row + kidx // PAGE, mask=kmask, other=0).to(tl.int64)
+            base = page * stride_cp + kvh * stride_ch + (kidx % PAGE) * stride_cs
+        k = tl.load(KC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(VC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        root = tl.sqrt(tl.maximum(qpos - kidx.to(tl.float32), 0.0))   # once per key, for all heads
+        s = qk * qk_scale + coef[:, None] * root[None, :]
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        acc, l_i, m_i = softmax_update(acc, l_i, m_i, s, v, True, DOT_PRECISION)
+
+    o = acc / tl.maximum(l_i, 1e-30)[:, None]     # an empty range (padding row, empty split) gives 0
+    if SPLIT:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        tl.store(LsePart + part, lse, mask=hmask)
+        tl.store(OPart + part[:, None] * D + offs_d[None, :], o, mask=hmask[:, None])
+    else:
+        tl.store(O + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(O.dtype.element_ty), mask=hmask[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(OPart, LsePart, O, num_splits, stride_ob, stride_oh,
+                         D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    smask = splits < num_splits
+    part = (seq * tl.num_programs(1) + h) * num_splits + splits
+    lse = tl.load(LsePart + part, mask=smask, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.math.exp2(lse - top)
+    offs_d = tl.arange(0, D)
+    o = tl.load(OPart + part[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(O + seq * stride_ob + h * stride_oh + offs_d, o.to(O.dtype.element_ty))
+
+
+PAGE_ROWS_DEFAULT = False   # per-page block-table loads measured slower than per-key ones (H100)
+MIN_KEYS_PER_SPLIT = 256
+
+
+def default_num_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """About one program per SM across the batch's (sequence, KV head) pairs, no split shorter
+    than MIN_KEYS_PER_SPLIT keys (measured on an H100 by bench/attention.py)."""
+    want = triton.cdiv(num_sms, max(batch * kv_heads, 1))
+    most = max(triton.cdiv(max_seq_len, MIN_KEYS_PER_SPLIT), 1)
+    return max(1, min(want, most, 64))
+
+
+def default_tile(head_dim: int, num_splits: int, on_cpu: bool) -> tuple[int, int]:
+    """(BLOCK_N, num_stages): long unsplit ranges at d 64 stream best in 256-key tiles."""
+    if on_cpu:
+        return 16, 1
+    if head_dim <= 64 and num_splits == 1:
+        return 256, 2
+    return 128, 3
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, slopes: torch.Tensor, scale: float | None = None, *,
+                     num_splits: int | None = None, max_seq_len: int | None = None,
+                     out: torch.Tensor | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int | None = None, page_rows: bool | None = None) -> torch.Tensor:
+    """q [B, Hq, D] at position seq_lens[b] - 1 of sequence b; keys 0..seq_lens[b]-1 in the cache.
+
+    num_splits is fixed by the caller for CUDA-graph capture; otherwise it is chosen from the batch
+    and max_seq_len (an upper bound of seq_lens; defaults to the block table's capacity).
+    A sequence with seq_lens[b] == 0 (padding) gets a zero output.
+    """
+    check_cache_pair(k_cache, v_cache)
+    if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"attention_decode: q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
+    batch, hq, dim = q.shape
+    hkv, page = k_cache.shape[1], k_cache.shape[2]
+    if block_table.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError("attention_decode: block_table and seq_lens need one row per sequence")
+    slopes = check_slopes(slopes, hq, q.device)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    if not use_triton(q) or not is_power_of_two(dim):
+        result = attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        cap = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
+        num_splits = default_num_splits(batch, hkv, cap, _num_sms(q.device))
+    group = hq // hkv
+    tile_n, tile_stages = default_tile(dim, num_splits, not q.is_cuda)
+    block_n = block_n or tile_n
+    num_stages = num_stages or tile_stages
+    split = num_splits > 1
+    if page_rows is None:
+        page_rows = PAGE_ROWS_DEFAULT
+    page_rows = page_rows and block_n % page == 0
+    if split:
+        o_part = torch.empty(batch * hq * num_splits, dim, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(batch * hq * num_splits, dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out
+    _decode_kernel[(batch, hkv, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, slopes, out, o_part, lse_part, scale * LOG2E_HOST, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, PAGE=page,
+        SPLIT=split, DOT_PRECISION=dot_precision(q.dtype), PAGE_ROWS=page_rows,
+        num_warps=num_warps, num_stages=num_stages)
+    if split:
+        _decode_merge_kernel[(batch, hq)](
+            o_part, lse_part, out, num_splits, out.stride(0), out.stride(1),
+            D=dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+    return out

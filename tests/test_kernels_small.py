@@ -1,0 +1,83 @@
+"""KV write, RMSNorm and SiLU-and-mul kernels (Triton under the interpreter) against references."""
+import pytest
+import torch
+
+from stepvox.kernels import rms_norm, silu_and_mul, write_kv
+
+
+@pytest.mark.parametrize("page", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_places_rows_and_skips_padding(page, dtype):
+    gen = torch.Generator().manual_seed(page)
+    heads, dim, pages = 4, 64, 10
+    k_cache = torch.full((pages, heads, page, dim), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.randperm(pages * page, generator=gen)[:23]
+    slots[5] = -1
+    k = torch.randn(23, heads, dim, generator=gen).to(dtype)
+    v = torch.randn(23, heads, dim, generator=gen).to(dtype)
+    write_kv(k, v, k_cache, v_cache, slots)
+    written = 0
+    for t, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        assert torch.equal(k_cache[s // page, :, s % page], k[t])
+        assert torch.equal(v_cache[s // page, :, s % page], v[t])
+        written += 1
+    # nothing else was touched: exactly the written rows are finite
+    assert int((~torch.isnan(k_cache[..., 0])).sum()) == written * heads
+    assert int((~torch.isnan(v_cache[..., 0])).sum()) == written * heads
+
+
+def test_write_kv_rejects_mismatched_shapes():
+    cache = torch.zeros(4, 2, 16, 64)
+    with pytest.raises(ValueError):
+        write_kv(torch.zeros(3, 4, 64), torch.zeros(3, 4, 64), cache, cache.clone(), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        write_kv(torch.zeros(3, 2, 64), torch.zeros(3, 2, 64), cache, cache.clone(), torch.zeros(2, dtype=torch.long))
+
+
+def _rms_f64(x, w, eps):
+    xd = x.double()
+    y = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)   # cast back, then weight
+    return (y.double() * w.double()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [64, 3072, 300])
+def test_rms_norm_matches_definition(dtype, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(7, hidden, generator=gen) * 3).to(dtype)
+    w = torch.randn(hidden, generator=gen).to(dtype)
+    out = rms_norm(x, w, 1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(out.double(), _rms_f64(x, w, 1e-5).double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_fused_residual_updates_in_place(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 256, generator=gen).to(dtype)
+    res = torch.randn(5, 256, generator=gen).to(dtype)
+    w = torch.randn(256, generator=gen).to(dtype)
+    expected_sum = x + res                         # rounded to dtype, as the eager model adds
+    res_in = res.clone()
+    out, res_out = rms_norm(x, w, 1e-5, res_in)
+    assert res_out.data_ptr() == res_in.data_ptr()
+    assert torch.equal(res_in, expected_sum)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(out.double(), _rms_f64(expected_sum, w, 1e-5).double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_and_mul_matches_definition(dtype):
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(6, 2 * 1500, generator=gen) * 4).to(dtype)
+    gate, up = x.double().chunk(2, -1)
+    ref = (gate / (1 + torch.exp(-gate)) * up).to(dtype)
+    out = silu_and_mul(x)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert out.shape == (6, 1500)
+    assert torch.allclose(out.double(), ref.double(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError):
+        silu_and_mul(torch.randn(2, 7))
