@@ -9,6 +9,7 @@ from .alibi import alibi_slopes, sqrt_alibi_bias
 from .attention_decode import attention_decode, attention_decode_reference, default_num_splits
 from .attention_prefill import attention_prefill, attention_prefill_reference
 from .backend import use_backend, use_triton
+from .gemv import linear_small_m, linear_small_m_reference
 from .kv_cache import write_kv, write_kv_reference
 from .norm import rms_norm, rms_norm_reference
 
@@ -19,5 +20,6 @@ __all__ = [
     "write_kv", "write_kv_reference",
     "rms_norm", "rms_norm_reference",
     "silu_and_mul", "silu_and_mul_reference",
+    "linear_small_m", "linear_small_m_reference",
     "use_backend", "use_triton",
 ]

@@ -17,7 +17,7 @@ import triton.language as tl
 from .alibi import sqrt_alibi_bias
 from .attention_common import LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, softmax_update
 from .backend import use_triton
-from .kv_cache import check_cache_pair, gather_pages
+from .kv_cache import check_cache_pair, gather_pages, write_kv_reference
 
 
 def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale):
@@ -35,12 +35,13 @@ def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slope
     return out
 
 
-@triton.jit
-def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, qk_scale, num_splits,
+@triton.jit(do_not_specialize=["num_splits"])   # one binary whatever the split count
+def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
+                   qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
+                   stride_nb, stride_nh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   PAGE_ROWS: tl.constexpr):
+                   PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -48,6 +49,9 @@ def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, qk
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
+    cached_end = end
+    if HAS_NEW:
+        cached_end = tl.minimum(end, seq_len - 1)   # the newest key comes from KNew, not the cache
 
     rows = tl.arange(0, GROUP_PAD)
     heads = kvh * GROUP + rows
@@ -61,18 +65,11 @@ def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, qk
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     bt_row = BlockTable + seq.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, cached_end, BLOCK_N):
         kidx = n0 + offs_n
-        kmask = kidx < end
-        if PAGE_ROWS:
-            # one block-table entry per page of the tile, expanded to its rows
-            pidx = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
-            page = tl.load(bt_row + pidx, mask=pidx * PAGE < end, other=0).to(tl.int64)
-            base = page[:, None] * stride_cp + tl.arange(0, PAGE)[None, :] * stride_cs
-            base = tl.reshape(base, [BLOCK_N]) + kvh * stride_ch
-        else:
-            page = tl.load(bt_row + kidx // PAGE, mask=kmask, other=0).to(tl.int64)
-            base = page * stride_cp + kvh * stride_ch + (kidx % PAGE) * stride_cs
+        kmask = kidx < cached_end
+        page = tl.load(bt_row + kidx // PAGE, mask=kmask, other=0).to(tl.int64)
+        base = page * stride_cp + kvh * stride_ch + (kidx % PAGE) * stride_cs
         k = tl.load(KC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
         v = tl.load(VC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -81,36 +78,75 @@ def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, qk
         s = tl.where(kmask[None, :], s, float("-inf"))
         acc, l_i, m_i = softmax_update(acc, l_i, m_i, s, v, True, DOT_PRECISION)
 
-    o = acc / tl.maximum(l_i, 1e-30)[:, None]     # an empty range (padding row, empty split) gives 0
+    if HAS_NEW:
+        # the split holding position seq_len - 1 takes the new key from registers (distance 0, no
+        # bias) and writes it to its cache slot: no separate KV-write kernel, and no program reads
+        # that slot in this launch
+        if (seq_len > 0) & (start <= seq_len - 1) & (seq_len - 1 < end):
+            k_new = tl.load(KNew + seq * stride_nb + kvh * stride_nh + offs_d)
+            v_new = tl.load(VNew + seq * stride_nb + kvh * stride_nh + offs_d)
+            slot = tl.load(NewSlots + seq).to(tl.int64)
+            if slot >= 0:
+                dst = (slot // PAGE) * stride_cp + kvh * stride_ch + (slot % PAGE) * stride_cs + offs_d
+                tl.store(KC + dst, k_new.to(KC.dtype.element_ty))
+                tl.store(VC + dst, v_new.to(VC.dtype.element_ty))
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.math.exp2(m_i - m_new)
+            p_new = tl.math.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
+
     if SPLIT:
+        # partial result of this key range; the last program of the (sequence, KV head) to finish
+        # merges all ranges, so no second kernel is launched
+        o = acc / tl.maximum(l_i, 1e-30)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
         part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
         tl.store(LsePart + part, lse, mask=hmask)
         tl.store(OPart + part[:, None] * D + offs_d[None, :], o, mask=hmask[:, None])
+        tl.debug_barrier()
+        lock = Locks + seq * tl.num_programs(1) + kvh
+        done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")     # ready for the next launch
+            base_part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits
+            m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            w_sum = tl.zeros([GROUP_PAD], tl.float32)
+            o_all = tl.zeros([GROUP_PAD, D], tl.float32)
+            for sp in range(0, num_splits):
+                lse_s = tl.load(LsePart + base_part + sp, mask=hmask, other=float("-inf"), cache_modifier=".cg")
+                o_s = tl.load(OPart + (base_part + sp)[:, None] * D + offs_d[None, :], mask=hmask[:, None],
+                              other=0.0, cache_modifier=".cg")
+                m_next = tl.maximum(m_all, lse_s)
+                m_safe = tl.where(m_next == float("-inf"), 0.0, m_next)
+                scale_old = tl.math.exp2(m_all - m_safe)
+                w = tl.math.exp2(lse_s - m_safe)
+                w_sum = w_sum * scale_old + w
+                o_all = o_all * scale_old[:, None] + w[:, None] * o_s
+                m_all = m_next
+            o_all = o_all / tl.maximum(w_sum, 1e-30)[:, None]
+            tl.store(O + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     o_all.to(O.dtype.element_ty), mask=hmask[:, None])
     else:
+        o = acc / tl.maximum(l_i, 1e-30)[:, None]     # an empty range (padding row) gives 0
         tl.store(O + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(O.dtype.element_ty), mask=hmask[:, None])
 
 
-@triton.jit
-def _decode_merge_kernel(OPart, LsePart, O, num_splits, stride_ob, stride_oh,
-                         D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    seq = tl.program_id(0)
-    h = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_PAD)
-    smask = splits < num_splits
-    part = (seq * tl.num_programs(1) + h) * num_splits + splits
-    lse = tl.load(LsePart + part, mask=smask, other=float("-inf"))
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.math.exp2(lse - top)
-    offs_d = tl.arange(0, D)
-    o = tl.load(OPart + part[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    o = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(O + seq * stride_ob + h * stride_oh + offs_d, o.to(O.dtype.element_ty))
+_LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
-PAGE_ROWS_DEFAULT = False   # per-page block-table loads measured slower than per-key ones (H100)
+def _locks(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed per-(sequence, KV head) counters; each launch leaves them at zero again."""
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _LOCKS[device] = buf
+    return buf
+
+
 MIN_KEYS_PER_SPLIT = 256
 
 
@@ -145,11 +181,15 @@ def _num_sms(device: torch.device) -> int:
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, slopes: torch.Tensor, scale: float | None = None, *,
-                     num_splits: int | None = None, max_seq_len: int | None = None,
-                     out: torch.Tensor | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int | None = None, page_rows: bool | None = None) -> torch.Tensor:
-    """q [B, Hq, D] at position seq_lens[b] - 1 of sequence b; keys 0..seq_lens[b]-1 in the cache.
+                     k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                     new_slots: torch.Tensor | None = None, num_splits: int | None = None,
+                     max_seq_len: int | None = None, out: torch.Tensor | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """q [B, Hq, D] at position seq_lens[b] - 1 of sequence b; keys 0..seq_lens[b]-1.
 
+    Without k_new, every key must already be in the cache. With k_new/v_new [B, Hkv, D] and
+    new_slots [B] (-1: don't write), the newest key of each sequence comes from them and the
+    kernel also writes them to their cache slots (one launch instead of a KV write + attention).
     num_splits is fixed by the caller for CUDA-graph capture; otherwise it is chosen from the batch
     and max_seq_len (an upper bound of seq_lens; defaults to the block table's capacity).
     A sequence with seq_lens[b] == 0 (padding) gets a zero output.
@@ -161,9 +201,15 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     hkv, page = k_cache.shape[1], k_cache.shape[2]
     if block_table.shape[0] != batch or seq_lens.shape != (batch,):
         raise ValueError("attention_decode: block_table and seq_lens need one row per sequence")
+    has_new = k_new is not None
+    if has_new and (v_new is None or new_slots is None or k_new.shape != (batch, hkv, dim)
+                    or v_new.shape != k_new.shape or new_slots.shape != (batch,)):
+        raise ValueError("attention_decode: k_new, v_new [B, Hkv, D] and new_slots [B] go together")
     slopes = check_slopes(slopes, hq, q.device)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     if not use_triton(q) or not is_power_of_two(dim):
+        if has_new:
+            write_kv_reference(k_new, v_new, k_cache, v_cache, new_slots)
         result = attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale)
         if out is None:
             return result
@@ -176,28 +222,29 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         cap = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
         num_splits = default_num_splits(batch, hkv, cap, _num_sms(q.device))
-    group = hq // hkv
     tile_n, tile_stages = default_tile(dim, num_splits, not q.is_cuda)
     block_n = block_n or tile_n
     num_stages = num_stages or tile_stages
     split = num_splits > 1
-    if page_rows is None:
-        page_rows = PAGE_ROWS_DEFAULT
-    page_rows = page_rows and block_n % page == 0
     if split:
         o_part = torch.empty(batch * hq * num_splits, dim, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(batch * hq * num_splits, dtype=torch.float32, device=q.device)
+        locks = _locks(q.device, batch * hkv)
     else:
-        o_part = lse_part = out
+        o_part = lse_part = locks = out
+    if has_new:
+        if k_new.stride(2) != 1 or v_new.stride(2) != 1 or k_new.stride() != v_new.stride():
+            k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        new_args = (k_new, v_new, new_slots, k_new.stride(0), k_new.stride(1))
+    else:
+        new_args = (q, q, seq_lens, 0, 0)
+    kn, vn, ns, stride_nb, stride_nh = new_args
     _decode_kernel[(batch, hkv, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, slopes, out, o_part, lse_part, scale * LOG2E_HOST, num_splits,
+        q, k_cache, v_cache, block_table, seq_lens, slopes, out, o_part, lse_part, locks, kn, vn, ns,
+        scale * LOG2E_HOST, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, PAGE=page,
-        SPLIT=split, DOT_PRECISION=dot_precision(q.dtype), PAGE_ROWS=page_rows,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), stride_nb, stride_nh,
+        GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=dim, BLOCK_N=block_n, PAGE=page,
+        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
-    if split:
-        _decode_merge_kernel[(batch, hq)](
-            o_part, lse_part, out, num_splits, out.stride(0), out.stride(1),
-            D=dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
     return out

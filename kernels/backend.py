@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 
 import torch
 
 _VALID = ("auto", "reference", "triton")
-_state = threading.local()
+_forced: list[str] = []       # stack of forced modes (process-wide: engine threads see it too)
 
 
 def _truthy(value: str | None) -> bool:
@@ -27,7 +26,7 @@ INTERPRETER_ACTIVE = _truthy(os.environ.get("TRITON_INTERPRET"))
 
 
 def current_mode() -> str:
-    mode = getattr(_state, "mode", None) or os.environ.get("STEPVOX_KERNELS", "auto")
+    mode = _forced[-1] if _forced else os.environ.get("STEPVOX_KERNELS", "auto")
     if mode not in _VALID:
         raise ValueError(f"STEPVOX_KERNELS must be one of {_VALID}, got {mode!r}")
     return mode
@@ -49,12 +48,11 @@ def use_triton(tensor: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def use_backend(mode: str):
-    """Force a backend for the calls made inside the block (this thread only)."""
+    """Force a backend for the calls made while the block runs (in every thread)."""
     if mode not in _VALID:
         raise ValueError(f"backend must be one of {_VALID}, got {mode!r}")
-    previous = getattr(_state, "mode", None)
-    _state.mode = mode
+    _forced.append(mode)
     try:
         yield
     finally:
-        _state.mode = previous
+        _forced.pop()

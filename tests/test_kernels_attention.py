@@ -164,3 +164,43 @@ def test_decode_tile_spanning_several_pages():
     values = torch.stack([v_cache[pages[j // 16], :, j % 16] for j in range(200)])
     ref = attention_f64(q, keys, values, torch.tensor([199]), torch.arange(200), slopes)
     assert rel_err(out, ref) < 2e-5
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_with_new_key_writes_cache_and_attends_to_it(splits):
+    """k_new/v_new: the newest key comes from the step's projection and lands in its cache slot."""
+    gen = torch.Generator().manual_seed(21 + splits)
+    hq, hkv, dim, page = 12, 2, 64, 16
+    seq_lens = [1, 40, 129, 0]
+    k_cache = torch.randn(64, hkv, page, dim, generator=gen)
+    v_cache = torch.randn(64, hkv, page, dim, generator=gen)
+    table = torch.stack([torch.randperm(64, generator=gen)[:10] for _ in seq_lens]).int()
+    q = torch.randn(len(seq_lens), hq, dim, generator=gen)
+    k_new = torch.randn(len(seq_lens), hkv, dim, generator=gen)
+    v_new = torch.randn(len(seq_lens), hkv, dim, generator=gen)
+    slots = torch.tensor([int(table[b, (n - 1) // page]) * page + (n - 1) % page if n else -1
+                          for b, n in enumerate(seq_lens)])
+    before = k_cache.clone()
+    slopes = alibi_slopes(hq)
+    for _ in range(2):          # twice: the split-merge counters must be reset by the first launch
+        k_cache.copy_(before)
+        out = torch.full_like(q, float("nan"))
+        attention_decode(q, k_cache, v_cache, table, torch.tensor(seq_lens, dtype=torch.int32), slopes,
+                         k_new=k_new, v_new=v_new, new_slots=slots, num_splits=splits, out=out)
+        for b, n in enumerate(seq_lens):
+            if n == 0:
+                assert torch.equal(out[b], torch.zeros_like(out[b]))
+                continue
+            s = int(slots[b])
+            assert torch.equal(k_cache[s // page, :, s % page], k_new[b])
+            assert torch.equal(v_cache[s // page, :, s % page], v_new[b])
+            pages = table[b].tolist()
+            keys = torch.stack([k_cache[pages[j // page], :, j % page] for j in range(n)])
+            values = torch.stack([v_cache[pages[j // page], :, j % page] for j in range(n)])
+            ref = attention_f64(q[b:b + 1], keys, values, torch.tensor([n - 1]), torch.arange(n), slopes)
+            assert rel_err(out[b:b + 1], ref) < 2e-5, (b, n)
+    untouched = torch.ones(64, page, dtype=torch.bool)
+    for s in slots.tolist():
+        if s >= 0:
+            untouched[s // page, s % page] = False
+    assert torch.equal(k_cache.permute(0, 2, 1, 3)[untouched], before.permute(0, 2, 1, 3)[untouched])

@@ -1,0 +1,108 @@
+"""Steady-state decode step time of the engine by batch size (TTS-3B shape, one GPU): wall time
+per engine step, the bare CUDA-graph replay, and the same with the GEMV kernel switched off
+(cuBLAS for every product). Prints a table; JSON to $OUT/decode_sweep.json.
+
+  python bench/decode_sweep.py
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import device_name, print_table, write_json  # noqa: E402
+from llm import prompt_ids, write_checkpoint  # noqa: E402
+
+import stepvox.engine.layers.linear as linear_mod  # noqa: E402
+from stepvox import LLM, SamplingParams  # noqa: E402
+from stepvox.engine.random_checkpoint import TTS_3B  # noqa: E402
+
+BATCHES = [1, 4, 8, 16, 32, 64]
+
+
+def replay_ms(runner, size):
+    graph = runner.graphs[size][0]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(20):
+        graph.replay()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / 20
+
+
+def step_ms(llm, batch):
+    eng = llm.engine
+    for i in range(batch):
+        eng.add_request(prompt_ids(400, 7000 + i), SamplingParams(temperature=0, max_tokens=80, ignore_eos=True))
+    while any(s.num_computed < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step(stream=False)
+    for _ in range(5):
+        eng.step(stream=False)
+    times = []
+    for _ in range(30):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.step(stream=False)
+        times.append((time.perf_counter() - t0) * 1e3)
+    while eng.has_unfinished_requests():
+        eng.step(stream=False)
+    return statistics.median(times)
+
+
+def profile_generate(llm, batch=16):
+    """cProfile of one throughput-style generate() call: where does the host spend its time?"""
+    import cProfile
+    import io
+    import pstats
+    params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    prompts = [prompt_ids(400, 9000 + i) for i in range(batch)]
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    llm.generate(prompts, params)
+    pr.disable()
+    dt = time.perf_counter() - t0
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(30)
+    print(f"generate batch {batch} x (400 + 256): {dt:.2f} s, engine stats {llm.engine.stats}")
+    print(buf.getvalue())
+    return dt
+
+
+def main():
+    folder = os.path.join(tempfile.gettempdir(), "stepvox-bench-tts3b")
+    if not os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        write_checkpoint(folder, dict(TTS_3B))
+    results = {"device": device_name(), "rows": []}
+    rows = []
+    for gemv in (True, False):
+        linear_mod.MAX_M = 16 if gemv else 0
+        llm = LLM(folder, max_num_batched_tokens=8192, max_num_seqs=64, cuda_graph_max_batch=64,
+                  gpu_memory_utilization=0.85)
+        runner = llm.engine.executor.runner
+        if gemv:
+            results["generate16_s"] = profile_generate(llm)
+        for b in BATCHES:
+            r = dict(gemv=gemv, batch=b, step_ms=step_ms(llm, b), replay_ms=replay_ms(runner, runner._graph_size(b)))
+            results["rows"].append(r)
+            rows.append({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()})
+            print(rows[-1], flush=True)
+        llm.shutdown()
+        del llm, runner
+        torch.cuda.empty_cache()
+    write_json("decode_sweep.json", results)
+    print(f"\ndevice: {results['device']}")
+    print_table(rows, ["gemv", "batch", "step_ms", "replay_ms"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Step1 engine benchmark on one GPU, random weights in the TTS-3B shape (or --shape chat-layers).
+
+Writes a released-format checkpoint (safetensors shards + index + tokenizer) to local disk, then:
+load time; batch-1 decode ms/token with CUDA graphs on and off (and the bare graph replay);
+prefill tokens/s at 400 and 4000 prompt tokens; throughput at batch 16 and 64 (400-token prompts,
+256 new tokens). Prints a table last; JSON to $OUT/llm.json.
+
+  python bench/llm.py [--layers N] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import device_name, guarded, print_table, write_json  # noqa: E402
+
+from stepvox import LLM, SamplingParams  # noqa: E402
+from stepvox.engine.checkpoint import INDEX_FILE, expected_shapes  # noqa: E402
+from stepvox.engine.config import Step1Config  # noqa: E402
+from stepvox.engine.random_checkpoint import TTS_3B, build_tokenizer_model, config_dict  # noqa: E402
+
+
+def write_checkpoint(folder: str, shape: dict, shard_bytes: int = 2 << 30) -> None:
+    """Random bf16 weights made on the GPU (fast), saved in ~2 GB shards like a release."""
+    os.makedirs(folder, exist_ok=True)
+    raw = config_dict(**shape)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(raw, f)
+    cfg = Step1Config.from_dict(raw)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight_map, shard, size, n, total = {}, {}, 0, 1, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size, n = {}, 0, n + 1
+    for name, shp in expected_shapes(cfg).items():
+        if "norm" in name:
+            t = torch.ones(shp, dtype=torch.bfloat16)
+        else:
+            scale = 1.0 if "embed" in name else shp[-1] ** -0.5
+            t = (torch.randn(shp, device="cuda", generator=gen) * scale).to(torch.bfloat16).cpu()
+        shard[name] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    flush()
+    with open(os.path.join(folder, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    build_tokenizer_model(os.path.join(folder, "tokenizer.model"), cfg.vocab_size)
+
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(5, 60000, (n - 1,), generator=g).tolist()
+
+
+def decode_ms_per_token(llm, new_tokens: int = 256) -> float:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    times = []
+    for rep in range(3):
+        out = llm.generate([prompt_ids(32, rep)], params)[0]
+        m = out.metrics
+        times.append((m.finished_time - m.first_token_time) * 1e3 / (new_tokens - 1))
+    return statistics.median(times)
+
+
+def graph_replay_ms(llm) -> float | None:
+    runner = llm.engine.executor.runner
+    if not runner.graphs:
+        return None
+    graph = runner.graphs[min(runner.graphs)][0]
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 50
+
+
+def prefill_tokens_per_s(llm, n: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    rates = []
+    for rep in range(4):
+        t0 = time.perf_counter()
+        llm.generate([prompt_ids(n, 100 + rep)], params)   # distinct prompts: no prefix-cache hits
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates[1:])
+
+
+def throughput(llm, batch: int, prompt_len: int = 400, new_tokens: int = 256) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    prompts = [prompt_ids(prompt_len, 1000 + batch * 10 + i) for i in range(batch)]
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    return dict(seconds=dt, generated_tok_s=gen / dt, total_tok_s=(gen + batch * prompt_len) / dt)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    shape = dict(TTS_3B)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    results = {"device": device_name(), "torch": torch.__version__, "shape": shape}
+    folder = os.path.join(tempfile.gettempdir(), "stepvox-bench-tts3b")
+    t0 = time.perf_counter()
+    write_checkpoint(folder, shape)
+    results["write_checkpoint_s"] = time.perf_counter() - t0
+    print(f"checkpoint written in {results['write_checkpoint_s']:.1f} s", flush=True)
+    rows = []
+    for graphs in (True, False):
+        tag = "graphs" if graphs else "eager"
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm = LLM(folder, max_num_batched_tokens=4096, max_num_seqs=64, cuda_graph_max_batch=64,
+                  enforce_eager=not graphs, gpu_memory_utilization=0.85)
+        load = time.perf_counter() - t0
+        runner = llm.engine.executor.runner
+        r = results[tag] = dict(init_s=load, weights_s=runner.load_seconds,
+                                graph_capture_s=getattr(runner, "graph_capture_seconds", 0.0),
+                                kv_pages=runner.num_pages)
+        print(f"{tag}: init {load:.1f} s (weights {runner.load_seconds:.1f} s)", flush=True)
+        r["decode_b1_ms"] = guarded(results, f"{tag} decode", lambda: decode_ms_per_token(llm))
+        print(f"{tag}: decode b1 {r['decode_b1_ms']} ms/token", flush=True)
+        if graphs:
+            r["graph_replay_b1_ms"] = guarded(results, "replay", lambda: graph_replay_ms(llm))
+            for n in (400, 4000):
+                r[f"prefill_{n}_tok_s"] = guarded(results, f"prefill {n}", lambda n=n: prefill_tokens_per_s(llm, n))
+            for b in ((16,) if args.quick else (16, 64)):
+                r[f"batch{b}"] = guarded(results, f"batch {b}", lambda b=b: throughput(llm, b))
+                print(f"batch {b}: {r[f'batch{b}']}", flush=True)
+        llm.shutdown()
+        del llm, runner
+        gc.collect()
+        torch.cuda.empty_cache()
+    g, e = results["graphs"], results.get("eager", {})
+
+    def f(v, fmt="{:.2f}"):
+        return fmt.format(v) if isinstance(v, (int, float)) else "-"
+    rows = [
+        dict(metric="decode batch 1, CUDA graphs (ms/token)", value=f(g.get("decode_b1_ms"))),
+        dict(metric="decode batch 1, eager (ms/token)", value=f(e.get("decode_b1_ms"))),
+        dict(metric="graph replay alone, batch 1 (ms)", value=f(g.get("graph_replay_b1_ms"))),
+        dict(metric="prefill 400 tokens (tokens/s)", value=f(g.get("prefill_400_tok_s"), "{:.0f}")),
+        dict(metric="prefill 4000 tokens (tokens/s)", value=f(g.get("prefill_4000_tok_s"), "{:.0f}")),
+    ]
+    for b in (16, 64):
+        t = g.get(f"batch{b}")
+        if t:
+            rows.append(dict(metric=f"batch {b}, 400+256 tokens: generated tokens/s", value=f(t["generated_tok_s"], "{:.0f}")))
+    rows += [dict(metric="load: LLM() total / weights / graph capture (s)",
+                  value=f"{g['init_s']:.1f} / {g['weights_s']:.1f} / {g['graph_capture_s']:.1f}"),
+             dict(metric="checkpoint write (s)", value=f(results["write_checkpoint_s"], "{:.1f}"))]
+    results["table"] = rows
+    write_json("llm.json", results)
+    if results.get("errors"):
+        print("errors:", results["errors"])
+    print(f"\ndevice: {results['device']}")
+    print_table(rows, ["metric", "value"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Where a decode step's time goes (one GPU): torch.profiler over eager and CUDA-graph decode steps
+of the Step1 engine at batch 1, random TTS-3B-shape weights. Prints the top host ops and device
+kernels; the Chrome traces go to $OUT.
+
+  python bench/profile_step.py [--layers N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import out_dir  # noqa: E402
+from llm import prompt_ids, write_checkpoint  # noqa: E402
+
+from stepvox import LLM, SamplingParams  # noqa: E402
+from stepvox.engine.random_checkpoint import TTS_3B  # noqa: E402
+
+
+def profile_decode(llm, tag, steps=20):
+    engine = llm.engine
+    engine.add_request(prompt_ids(64, 5), SamplingParams(temperature=0, max_tokens=steps + 30, ignore_eos=True))
+    for _ in range(10):
+        engine.step()                      # prefill + warm decode steps
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        engine.step()
+    prof.export_chrome_trace(os.path.join(out_dir(), f"trace_{tag}.json"))
+    print(f"\n===== {tag}: host ops (self CPU), {steps} steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(f"\n===== {tag}: device kernels")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=None)
+    args = ap.parse_args()
+    shape = dict(TTS_3B)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    folder = os.path.join(tempfile.gettempdir(), "stepvox-bench-tts3b")
+    if not os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        write_checkpoint(folder, shape)
+    for eager in (True, False):
+        llm = LLM(folder, max_num_seqs=8, cuda_graph_max_batch=8, enforce_eager=eager, gpu_memory_utilization=0.5)
+        profile_decode(llm, "eager" if eager else "graphs")
+        llm.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Executors run a scheduled step on the model's device(s) and hand back logits for sampling.
+
+LocalExecutor: one process, one device. The tensor-parallel executor (engine/distributed) keeps
+the same interface: `num_pages`, `sampling_device`, `execute(scheduler_output)`, `shutdown()`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model_runner import ModelRunner
+from .scheduler import SchedulerOutput
+
+
+class LocalExecutor:
+    def __init__(self, model_path, cfg, ecfg, device, dtype, max_model_len):
+        if ecfg.tensor_parallel_size != 1:
+            raise ValueError("LocalExecutor runs tensor_parallel_size 1 only")
+        self.runner = ModelRunner(model_path, cfg, ecfg, device, dtype, max_model_len)
+        self.num_pages = self.runner.num_pages
+        self.sampling_device = device
+
+    def execute(self, sched: SchedulerOutput):
+        return self.runner.execute(sched.chunks)
+
+    def shutdown(self) -> None:
+        self.runner = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,72 @@
+"""Step1 self-attention: fused QKV projection, paged KV cache, sqrt-ALiBi kernels, output projection."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stepvox.kernels import alibi_slopes, attention_decode, attention_prefill, write_kv
+
+from ..attention_metadata import AttentionMetadata
+from ..distributed.parallel_state import get_tp_group
+from ..errors import ConfigError
+from .linear import ColumnParallelLinear, RowParallelLinear
+
+
+class PagedSqrtAlibiAttention(nn.Module):
+    """Attention over this rank's heads, given q/k/v of the step's tokens and the layer's cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, slopes: torch.Tensor):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.register_buffer("slopes", slopes.float(), persistent=False)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)
+        d = meta.num_decode
+        if self.k_cache is not None and meta.slot_mapping is not None and meta.num_prefill_tokens:
+            write_kv(k[d:], v[d:], self.k_cache, self.v_cache, meta.slot_mapping[d:])
+        if d:
+            # the decode kernel writes the decodes' own K/V to the cache (one launch, not two)
+            attention_decode(q[:d], self.k_cache, self.v_cache, meta.decode_block_table, meta.decode_seq_lens,
+                             self.slopes, self.scale, k_new=k[:d], v_new=v[:d], new_slots=meta.slot_mapping[:d],
+                             num_splits=meta.decode_num_splits, max_seq_len=meta.decode_max_seq_len, out=out[:d])
+        if meta.num_prefill_tokens:
+            has_ctx = meta.prefill_context_lens is not None
+            attention_prefill(q[d:], k[d:], v[d:], meta.prefill_cu_seqlens, meta.prefill_max_len, self.slopes,
+                              self.scale, k_cache=self.k_cache if has_ctx else None,
+                              v_cache=self.v_cache if has_ctx else None,
+                              block_table=meta.prefill_block_table if has_ctx else None,
+                              context_lens=meta.prefill_context_lens, out=out[d:])
+        return out
+
+
+class Step1Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        tp = get_tp_group()
+        if num_kv_heads % tp.size:
+            raise ConfigError(f"tensor_parallel_size {tp.size} must divide the {num_kv_heads} KV groups "
+                              f"(each rank keeps whole KV groups with their query heads)")
+        head_dim = hidden // num_heads
+        self.local_heads, self.local_kv = num_heads // tp.size, num_kv_heads // tp.size
+        self.head_dim = head_dim
+        self.qkv_proj = ColumnParallelLinear(hidden, [num_heads * head_dim, num_kv_heads * head_dim,
+                                                      num_kv_heads * head_dim], dtype, device,
+                                             names=("q_proj", "k_proj", "v_proj"))
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, dtype, device, name="o_proj")
+        slopes = alibi_slopes(num_heads, tp.rank, tp.size).to(device)
+        self.attn = PagedSqrtAlibiAttention(self.local_heads, self.local_kv, head_dim, slopes)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q_end = self.local_heads * self.head_dim
+        kv_end = q_end + self.local_kv * self.head_dim
+        q = qkv[:, :q_end].view(t, self.local_heads, self.head_dim)
+        k = qkv[:, q_end:kv_end].view(t, self.local_kv, self.head_dim)
+        v = qkv[:, kv_end:].view(t, self.local_kv, self.head_dim)
+        o = self.attn(q, k, v, meta)
+        return self.o_proj(o.view(t, -1))

@@ -1,0 +1,42 @@
+"""Vocabulary-parallel token embedding and LM head (the head is a separate tensor: never tied)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed.parallel_state import get_tp_group, tp_all_reduce, tp_gather_logits
+from ..errors import ConfigError
+from .linear import matmul
+
+
+class _VocabSlice(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        tp = get_tp_group()
+        if vocab_size % tp.size:
+            raise ConfigError(f"vocab size {vocab_size} cannot be split evenly over {tp.size} ranks")
+        self.tp_size = tp.size
+        self.local_vocab = vocab_size // tp.size
+        self.start = tp.rank * self.local_vocab
+        self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def load_shard(self, source, shard: int = 0) -> None:
+        self.weight.data.copy_(source[self.start:self.start + self.local_vocab])
+
+
+class VocabParallelEmbedding(_VocabSlice):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.local_vocab)
+        out = F.embedding(local.clamp(0, self.local_vocab - 1), self.weight) * inside.unsqueeze(-1)
+        return tp_all_reduce(out)
+
+
+class ParallelLMHead(_VocabSlice):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (float32) for the given rows."""
+        return tp_gather_logits(matmul(hidden, self.weight)).float()

@@ -1,0 +1,20 @@
+"""RMSNorm module over stepvox.kernels.rms_norm (optionally fusing the residual add)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stepvox.kernels import rms_norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype, device=device), requires_grad=False)
+
+    def load_shard(self, source, shard: int = 0) -> None:
+        self.weight.data.copy_(source[:])
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual)

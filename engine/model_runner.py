@@ -1,0 +1,270 @@
+"""Runs one scheduled step on one device: device inputs, the model, CUDA graphs for decode steps.
+
+The model runner owns the model, the KV cache and the captured graphs of one tensor-parallel rank.
+It turns a list of scheduled chunks into device tensors (tokens decodes first, then prefill chunks;
+slot mapping; block tables; sequence lengths), runs the model and returns the logits of the rows
+that sample. Pure-decode steps up to the largest captured batch replay a CUDA graph.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from stepvox.kernels import default_num_splits
+
+from .attention_metadata import AttentionMetadata
+from .checkpoint import CheckpointReader
+from .config import EngineConfig, Step1Config
+from .distributed.parallel_state import get_tp_group
+from .errors import ConfigError
+from .kv_cache import allocate_kv_cache, kv_page_bytes
+from .models.step1 import Step1ForCausalLM
+from .scheduler import ScheduledChunk
+
+log = logging.getLogger("stepvox")
+
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+CPU_DEFAULT_KV_TOKENS = 64 * 1024
+
+
+def _pad_tables(tables: list[list[int]], width: int | None = None) -> np.ndarray:
+    width = width or max((len(t) for t in tables), default=1) or 1
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = t
+    return out
+
+
+class ModelRunner:
+    def __init__(self, model_path: str, cfg: Step1Config, ecfg: EngineConfig, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int):
+        self.cfg, self.ecfg = cfg, ecfg
+        self.device, self.dtype = device, dtype
+        self.max_model_len = max_model_len
+        self.page_size = ecfg.page_size
+        self.max_pages_per_seq = -(-max_model_len // self.page_size)
+        tp = get_tp_group()
+        self.local_kv_heads = cfg.num_attention_groups // tp.size
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+        t0 = time.perf_counter()
+        self.model = Step1ForCausalLM(cfg, dtype, device)
+        with CheckpointReader(model_path, cfg) as reader:
+            self.model.load_weights(reader)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.load_seconds = time.perf_counter() - t0
+
+        self.num_pages = self._decide_num_pages()
+        self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, self.num_pages, self.local_kv_heads,
+                                          self.page_size, cfg.head_dim, dtype, device)
+        for layer, (k_cache, v_cache) in zip(self.model.attention_layers(), self.kv_cache):
+            layer.k_cache, layer.v_cache = k_cache, v_cache
+        self.graphs: dict[int, tuple] = {}
+        self.use_graphs = device.type == "cuda" and not ecfg.enforce_eager
+        if device.type == "cuda":
+            self._warmup()
+        if self.use_graphs:
+            self._capture_graphs()
+
+    # ---------------------------------------------------------------- KV cache sizing
+    def _decide_num_pages(self) -> int:
+        if self.ecfg.num_kv_pages is not None:
+            return self.ecfg.num_kv_pages
+        per_page = kv_page_bytes(self.cfg.num_hidden_layers, self.local_kv_heads, self.page_size,
+                                 self.cfg.head_dim, self.dtype)
+        if self.device.type != "cuda":
+            tokens = min(CPU_DEFAULT_KV_TOKENS, self.max_model_len * self.ecfg.max_num_seqs)
+            return max(-(-tokens // self.page_size), self.max_pages_per_seq)
+        peak_activations = self._profile_peak_activation_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = self.ecfg.gpu_memory_utilization * total - (total - free) - peak_activations
+        pages = int(budget // per_page)
+        if pages < 1:
+            raise ConfigError(f"no room for a KV cache: weights and activations leave {budget / 2**30:.2f} GiB of the "
+                              f"{self.ecfg.gpu_memory_utilization:.0%} allowed; raise gpu_memory_utilization or "
+                              f"lower max_num_batched_tokens")
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB)", pages, self.page_size, pages * per_page / 2**30)
+        return pages
+
+    @torch.inference_mode()
+    def _profile_peak_activation_bytes(self) -> int:
+        """Peak memory of the largest step (a prefill of max_num_batched_tokens tokens, no cache)."""
+        tokens = min(self.ecfg.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(slot_mapping=None, num_prefill_tokens=tokens,
+                                 prefill_cu_seqlens=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+                                 prefill_max_len=tokens)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        hidden = self.model(ids, meta)
+        self.model.compute_logits(hidden[-min(tokens, self.ecfg.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        """Compile the kernel variants of mixed steps now, not on the first requests: a step with
+        decodes (split and unsplit) and prefill chunks with and without cached context. Slots are
+        -1, so nothing is written to the cache."""
+        dev, ps = self.device, self.page_size
+        lens = [ps + 1, 2 * ps]                              # chunk lengths; the second has context
+        ctx = [0, 3 * ps]
+        for decodes, splits in ((1, 1), (2, 4)):
+            total = decodes + sum(lens)
+            meta = AttentionMetadata(
+                slot_mapping=torch.full((total,), -1, dtype=torch.long, device=dev), num_decode=decodes,
+                decode_block_table=torch.zeros(decodes, 8, dtype=torch.int32, device=dev),
+                decode_seq_lens=torch.full((decodes,), 3 * ps, dtype=torch.int32, device=dev),
+                decode_num_splits=splits, decode_max_seq_len=3 * ps, num_prefill_tokens=sum(lens),
+                prefill_cu_seqlens=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=dev),
+                prefill_max_len=max(lens), prefill_context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+                prefill_block_table=torch.zeros(2, 8, dtype=torch.int32, device=dev))
+            hidden = self.model(torch.zeros(total, dtype=torch.long, device=dev), meta)
+            self.model.compute_logits(hidden[-2:]).argmax(-1)
+            meta.prefill_context_lens = meta.prefill_block_table = None
+            self.model(torch.zeros(total, dtype=torch.long, device=dev), meta)
+        torch.cuda.synchronize(dev)
+
+    # ---------------------------------------------------------------- inputs
+    def _slots(self, table: list[int], start: int, length: int) -> list[int]:
+        ps = self.page_size
+        return [table[p // ps] * ps + p % ps for p in range(start, start + length)]
+
+    def prepare(self, chunks: list[ScheduledChunk]):
+        """Device inputs for a step: (input_ids, metadata, decode chunks, prefill chunks, sample rows)."""
+        decodes = [c for c in chunks if c.length == 1]
+        prefills = [c for c in chunks if c.length > 1]
+        ids, slots = [], []
+        for c in decodes:
+            ids.append(c.seq.token_ids[c.start])
+            slots += self._slots(c.seq.block_table, c.start, 1)
+        for c in prefills:
+            ids += c.seq.token_ids[c.start:c.start + c.length]
+            slots += self._slots(c.seq.block_table, c.start, c.length)
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                                 num_decode=len(decodes))
+        if decodes:
+            lens = [c.start + 1 for c in decodes]
+            meta.decode_seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+            meta.decode_block_table = torch.from_numpy(_pad_tables([c.seq.block_table for c in decodes])).to(dev)
+            meta.decode_max_seq_len = max(lens)
+            meta.decode_num_splits = default_num_splits(len(decodes), self.local_kv_heads, max(lens), self.num_sms)
+        if prefills:
+            cu = np.cumsum([0] + [c.length for c in prefills])
+            meta.num_prefill_tokens = int(cu[-1])
+            meta.prefill_cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=dev)
+            meta.prefill_max_len = max(c.length for c in prefills)
+            if any(c.start for c in prefills):
+                meta.prefill_context_lens = torch.tensor([c.start for c in prefills], dtype=torch.int32, device=dev)
+                meta.prefill_block_table = torch.from_numpy(_pad_tables([c.seq.block_table for c in prefills])).to(dev)
+        rows, pos = [], 0
+        for c in decodes + prefills:
+            pos += c.length
+            if c.samples:
+                rows.append(pos - 1)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        return input_ids, meta, decodes + prefills, rows
+
+    # ---------------------------------------------------------------- execution
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]):
+        """Run the step; returns (float32 logits [N, V], the N chunks that sample in row order,
+        their argmax ids [N] when the step computed them, else None)."""
+        if self.use_graphs and all(c.length == 1 for c in chunks):
+            size = self._graph_size(len(chunks))
+            if size is not None:
+                return self._replay(chunks, size)
+        input_ids, meta, ordered, rows = self.prepare(chunks)
+        hidden = self.model(input_ids, meta)
+        sampling = [c for c in ordered if c.samples]
+        if not rows:
+            return hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32), sampling, None
+        if len(rows) == hidden.shape[0]:
+            selected = hidden
+        else:
+            selected = hidden[torch.tensor(rows, device=self.device)]
+        return self.model.compute_logits(selected), sampling, None
+
+    # ---------------------------------------------------------------- CUDA graphs
+    def _graph_sizes(self) -> list[int]:
+        cap = min(self.ecfg.cuda_graph_max_batch, self.ecfg.max_num_seqs)
+        sizes = [s for s in GRAPH_BATCH_SIZES if s <= cap]
+        if not sizes or sizes[-1] < cap:
+            sizes.append(cap)
+        return sizes
+
+    def _graph_size(self, batch: int) -> int | None:
+        for s in self.graphs:
+            if s >= batch:
+                return s
+        return None
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """One graph per decode batch size; all read their inputs from shared static buffers:
+        `io` [3, B] int64 = token ids, cache slots, sequence lengths (copied in one transfer from a
+        pinned host buffer) and `tables` [B, max_pages] int32."""
+        t0 = time.perf_counter()
+        sizes = self._graph_sizes()
+        biggest = sizes[-1]
+        dev = self.device
+        self.host_io = torch.zeros(3, biggest, dtype=torch.long, pin_memory=True)
+        self.host_tables = torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, pin_memory=True)
+        self.io = torch.zeros(3, biggest, dtype=torch.long, device=dev)
+        self.io[1].fill_(-1)
+        self.tables = torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, device=dev)
+        pool = None
+        graphs = {}
+        for size in reversed(sizes):
+            meta = AttentionMetadata(
+                slot_mapping=self.io[1, :size], num_decode=size, decode_block_table=self.tables[:size],
+                decode_seq_lens=self.io[2, :size], decode_max_seq_len=self.max_model_len,
+                decode_num_splits=default_num_splits(size, self.local_kv_heads, self.max_model_len, self.num_sms))
+            ids = self.io[0, :size]
+            for _ in range(2):   # compile kernels and settle the allocator outside the capture
+                self.model.compute_logits(self.model(ids, meta)).argmax(-1)
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(ids, meta))
+                greedy = logits.argmax(-1)
+            pool = graph.pool()
+            graphs[size] = (graph, logits, greedy)
+        self.graphs = dict(sorted(graphs.items()))
+        torch.cuda.synchronize(dev)
+        self.graph_capture_seconds = time.perf_counter() - t0
+        log.info("captured %d decode graphs in %.1f s", len(sizes), self.graph_capture_seconds)
+
+    def _replay(self, chunks: list[ScheduledChunk], size: int):
+        n, ps = len(chunks), self.page_size
+        io = self.host_io.numpy()
+        tables = self.host_tables.numpy()
+        width = 1
+        for i, c in enumerate(chunks):
+            seq = c.seq
+            table = seq.block_table
+            io[0, i] = seq.token_ids[c.start]
+            io[1, i] = table[c.start // ps] * ps + c.start % ps
+            io[2, i] = c.start + 1
+            tables[i, :len(table)] = table
+            width = max(width, len(table))
+        io[0, n:size] = 0
+        io[1, n:size] = -1
+        io[2, n:size] = 0
+        self.io[:, :size].copy_(self.host_io[:, :size], non_blocking=True)
+        self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+        graph, logits, greedy = self.graphs[size]
+        graph.replay()
+        # the pinned buffers are refilled next step only after this step's results were read
+        # (the sampler synchronises), so the asynchronous copies above never race the host
+        return logits[:n], list(chunks), greedy[:n]

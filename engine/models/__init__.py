@@ -1,0 +1,1 @@
+"""stepvox.engine.models: the networks (Step1 LM, audio tokenizers, speech decoder)."""

@@ -1,0 +1,127 @@
+"""Token sampling on the model's device: one host transfer per step, for the chosen ids.
+
+Order as in HF/vLLM: logits processors (min_tokens stop masking, the Step-Audio repetition rule,
+user processors), then temperature, top-k, top-p, then a draw. Draws use the exponential-race form
+(argmax of p / E, E ~ Exp(1)), with a per-request generator when the request has a seed.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .sequence import Sequence
+
+REPETITION_WINDOW = 10
+
+
+def repetition_banned_token(token_ids: list[int]) -> int | None:
+    """Step-Audio's RepetitionAwareLogitsProcessor: with a full window of the last 10 tokens, the
+    last token is banned when it appears more than once (ratio > 0.1) in that window."""
+    if len(token_ids) < REPETITION_WINDOW:
+        return None
+    window = token_ids[-REPETITION_WINDOW:]
+    last = window[-1]
+    return last if window.count(last) >= 2 else None
+
+
+def _call_processor(fn, seq: Sequence, row: torch.Tensor) -> torch.Tensor:
+    params = len(inspect.signature(fn).parameters)
+    if params == 3:
+        return fn(seq.prompt_token_ids, seq.output_token_ids, row)
+    return fn(seq.output_token_ids, row)
+
+
+class Sampler:
+    def __init__(self, device: torch.device, eos_token_id: int, seed: int = 0):
+        self.device = device
+        self.eos_token_id = eos_token_id
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def _request_generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        if seq.sampler_state is None:
+            seq.sampler_state = torch.Generator(device=self.device)
+            seq.sampler_state.manual_seed(seq.params.seed)
+        return seq.sampler_state
+
+    def apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows, cols = [], []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                for t in p.stop_ids(self.eos_token_id):
+                    rows.append(i)
+                    cols.append(t)
+            if p.repetition_aware:
+                banned = repetition_banned_token(seq.token_ids)
+                if banned is not None:
+                    rows.append(i)
+                    cols.append(banned)
+        if rows:
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        for i, seq in enumerate(seqs):
+            for fn in seq.params.logits_processors:
+                logits[i] = _call_processor(fn, seq, logits[i])
+        return logits
+
+    def _plain_greedy(self, seqs: list[Sequence]) -> bool:
+        """True when every row is greedy with nothing that changes its logits this step."""
+        for s in seqs:
+            p = s.params
+            if not p.greedy or p.logits_processors or s.num_output_tokens < p.min_tokens:
+                return False
+            if p.repetition_aware and repetition_banned_token(s.token_ids) is not None:
+                return False
+        return True
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None) -> list[int]:
+        """logits [N, V] float32 (one row per sequence that samples this step) -> N token ids.
+        greedy_ids: the rows' argmax if the step already computed it (CUDA-graph decode steps)."""
+        if greedy_ids is not None and self._plain_greedy(seqs):
+            return greedy_ids.tolist()
+        logits = self.apply_processors(logits, seqs)
+        if all(s.params.greedy for s in seqs):
+            return logits.argmax(-1).tolist()
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        temps = torch.tensor([s.params.temperature if not s.params.greedy else 1.0 for s in seqs],
+                             device=logits.device, dtype=torch.float32)
+        greedy_ids = logits.argmax(-1)
+        scaled = logits / temps[:, None]
+        top_ks = [s.params.top_k if s.params.top_k > 0 else 0 for s in seqs]
+        if any(top_ks):
+            scaled = self._top_k(scaled, top_ks)
+        top_ps = [s.params.top_p for s in seqs]
+        if any(p < 1.0 for p in top_ps):
+            scaled = self._top_p(scaled, torch.tensor(top_ps, device=logits.device, dtype=torch.float32))
+        probs = scaled.softmax(-1)
+        noise = torch.empty_like(probs)
+        shared = [i for i, s in enumerate(seqs) if s.params.seed is None]
+        if shared:
+            noise[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(
+                generator=self.generator)
+        for i, seq in enumerate(seqs):
+            gen = self._request_generator(seq)
+            if gen is not None:
+                noise[i].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(-1)
+        return torch.where(greedy, greedy_ids, sampled).tolist()
+
+    @staticmethod
+    def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
+        kth = logits.topk(int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    @staticmethod
+    def _top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs              # mass strictly before each token
+        drop = before >= top_ps[:, None]               # keeps the smallest set reaching top_p (HF rule)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,117 @@
+"""Continuous batching with chunked prefill and preemption by recompute. Touches no tensors.
+
+Every step has a token budget. Running sequences come first, in admission order, each asking for
+all the tokens it has not computed yet (1 for a decoding sequence, the rest of its prompt for a
+prefilling one), cut to what the budget has left. Waiting sequences are admitted after them while
+budget, pages and the sequence limit allow, their cached prompt prefix attached first. When a
+running sequence needs a page and none is free, the most recently admitted sequence is preempted:
+its pages are released and it waits again at the front, to be recomputed (prompt + output so far).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from .kv_cache import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int          # first position computed this step (= tokens already in the cache)
+    length: int         # tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's end, so the step yields its next token."""
+        return self.start + self.length == self.seq.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.release(seq)
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            length = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.bm.grow(seq, seq.num_computed + length):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break                       # seq itself was the last one and got preempted
+            chunks.append(ScheduledChunk(seq, seq.num_computed, length))
+            budget -= length
+            i += 1
+        if preempted:
+            return SchedulerOutput(chunks, preempted)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.bm.cached_prefix_pages(seq)
+            start = len(cached) * self.bm.page_size
+            length = min(seq.num_tokens - start, budget)
+            # pages that are free but hold a cached prefix are not available for new data
+            reviving = sum(1 for p in cached if self.bm.ref_counts[p] == 0)
+            if self.bm.pages_for(start + length) - len(cached) > self.bm.num_free_pages - reviving:
+                break
+            self.waiting.popleft()
+            cached_tokens = self.bm.admit(seq)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached_tokens
+            grown = self.bm.grow(seq, start + length)
+            assert grown, "page accounting of admission went wrong"
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, start, length))
+            budget -= length
+        return SchedulerOutput(chunks, preempted)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished and release pages at once (also for aborts)."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
