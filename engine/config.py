@@ -93,6 +93,7 @@ class EngineConfig:
     enforce_eager: bool = False               # True: no CUDA graphs
     cuda_graph_max_batch: int = 256           # largest decode batch captured in a graph
     tensor_parallel_size: int = 1
+    distributed_executor: str = "auto"        # "auto": in-process for one rank; "mp": worker processes (any size)
     seed: int = 0
 
     def validate(self) -> None:
@@ -104,6 +105,8 @@ class EngineConfig:
             raise ConfigError(f"num_kv_pages must be positive, got {self.num_kv_pages}")
         if self.tensor_parallel_size < 1:
             raise ConfigError("tensor_parallel_size must be at least 1")
+        if self.distributed_executor not in ("auto", "mp"):
+            raise ConfigError(f"distributed_executor must be 'auto' or 'mp', got {self.distributed_executor!r}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

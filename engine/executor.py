@@ -20,7 +20,8 @@ class LocalExecutor:
         self.sampling_device = device
 
     def execute(self, sched: SchedulerOutput):
-        return self.runner.execute(sched.chunks)
+        logits, order, greedy = self.runner.execute([c.plan() for c in sched.chunks])
+        return logits, [sched.chunks[i] for i in order], greedy
 
     def shutdown(self) -> None:
         self.runner = None

@@ -35,8 +35,12 @@ class LLMEngine:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
         self.tokenizer = Step1Tokenizer.from_folder(model_path, self.cfg.vocab_size)
         if executor is None:
-            from .executor import LocalExecutor
-            executor = LocalExecutor(model_path, self.cfg, self.ecfg, self.device, self.dtype, self.max_model_len)
+            if self.ecfg.tensor_parallel_size > 1 or self.ecfg.distributed_executor == "mp":
+                from .distributed.executor import TensorParallelExecutor
+                executor = TensorParallelExecutor(model_path, self.ecfg)
+            else:
+                from .executor import LocalExecutor
+                executor = LocalExecutor(model_path, self.cfg, self.ecfg, self.device, self.dtype, self.max_model_len)
         self.executor = executor
         self.block_manager = BlockManager(executor.num_pages, self.ecfg.page_size, self.ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)

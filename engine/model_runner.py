@@ -18,11 +18,11 @@ from stepvox.kernels import default_num_splits
 from .attention_metadata import AttentionMetadata
 from .checkpoint import CheckpointReader
 from .config import EngineConfig, Step1Config
-from .distributed.parallel_state import get_tp_group
+from .distributed.parallel_state import get_tp_group, tp_min_int
 from .errors import ConfigError
 from .kv_cache import allocate_kv_cache, kv_page_bytes
 from .models.step1 import Step1ForCausalLM
-from .scheduler import ScheduledChunk
+from .scheduler import ChunkPlan
 
 log = logging.getLogger("stepvox")
 
@@ -58,7 +58,7 @@ class ModelRunner:
             torch.cuda.synchronize(device)
         self.load_seconds = time.perf_counter() - t0
 
-        self.num_pages = self._decide_num_pages()
+        self.num_pages = tp_min_int(self._decide_num_pages(), device)   # every rank holds the same pages
         self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, self.num_pages, self.local_kv_heads,
                                           self.page_size, cfg.head_dim, dtype, device)
         for layer, (k_cache, v_cache) in zip(self.model.attention_layers(), self.kv_cache):
@@ -139,54 +139,54 @@ class ModelRunner:
         ps = self.page_size
         return [table[p // ps] * ps + p % ps for p in range(start, start + length)]
 
-    def prepare(self, chunks: list[ScheduledChunk]):
-        """Device inputs for a step: (input_ids, metadata, decode chunks, prefill chunks, sample rows)."""
-        decodes = [c for c in chunks if c.length == 1]
-        prefills = [c for c in chunks if c.length > 1]
+    def prepare(self, plans: list[ChunkPlan]):
+        """Device inputs for a step: (input_ids, metadata, plan indices in token order, sample rows)."""
+        decodes = [i for i, c in enumerate(plans) if c.length == 1]
+        prefills = [i for i, c in enumerate(plans) if c.length > 1]
         ids, slots = [], []
-        for c in decodes:
-            ids.append(c.seq.token_ids[c.start])
-            slots += self._slots(c.seq.block_table, c.start, 1)
-        for c in prefills:
-            ids += c.seq.token_ids[c.start:c.start + c.length]
-            slots += self._slots(c.seq.block_table, c.start, c.length)
+        for i in decodes + prefills:
+            c = plans[i]
+            ids += c.tokens
+            slots += self._slots(c.block_table, c.start, c.length)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  num_decode=len(decodes))
         if decodes:
-            lens = [c.start + 1 for c in decodes]
+            lens = [plans[i].start + 1 for i in decodes]
             meta.decode_seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-            meta.decode_block_table = torch.from_numpy(_pad_tables([c.seq.block_table for c in decodes])).to(dev)
+            meta.decode_block_table = torch.from_numpy(_pad_tables([plans[i].block_table for i in decodes])).to(dev)
             meta.decode_max_seq_len = max(lens)
             meta.decode_num_splits = default_num_splits(len(decodes), self.local_kv_heads, max(lens), self.num_sms)
         if prefills:
-            cu = np.cumsum([0] + [c.length for c in prefills])
+            cu = np.cumsum([0] + [plans[i].length for i in prefills])
             meta.num_prefill_tokens = int(cu[-1])
             meta.prefill_cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=dev)
-            meta.prefill_max_len = max(c.length for c in prefills)
-            if any(c.start for c in prefills):
-                meta.prefill_context_lens = torch.tensor([c.start for c in prefills], dtype=torch.int32, device=dev)
-                meta.prefill_block_table = torch.from_numpy(_pad_tables([c.seq.block_table for c in prefills])).to(dev)
+            meta.prefill_max_len = max(plans[i].length for i in prefills)
+            if any(plans[i].start for i in prefills):
+                meta.prefill_context_lens = torch.tensor([plans[i].start for i in prefills], dtype=torch.int32,
+                                                         device=dev)
+                meta.prefill_block_table = torch.from_numpy(
+                    _pad_tables([plans[i].block_table for i in prefills])).to(dev)
         rows, pos = [], 0
-        for c in decodes + prefills:
-            pos += c.length
-            if c.samples:
+        for i in decodes + prefills:
+            pos += plans[i].length
+            if plans[i].samples:
                 rows.append(pos - 1)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         return input_ids, meta, decodes + prefills, rows
 
     # ---------------------------------------------------------------- execution
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]):
-        """Run the step; returns (float32 logits [N, V], the N chunks that sample in row order,
-        their argmax ids [N] when the step computed them, else None)."""
-        if self.use_graphs and all(c.length == 1 for c in chunks):
-            size = self._graph_size(len(chunks))
+    def execute(self, plans: list[ChunkPlan]):
+        """Run the step. Returns (float32 logits [N, V], the indices into `plans` of the N chunks
+        that sample, in row order, their argmax ids [N] when the step computed them, else None)."""
+        if self.use_graphs and all(c.length == 1 for c in plans):
+            size = self._graph_size(len(plans))
             if size is not None:
-                return self._replay(chunks, size)
-        input_ids, meta, ordered, rows = self.prepare(chunks)
+                return self._replay(plans, size)
+        input_ids, meta, order, rows = self.prepare(plans)
         hidden = self.model(input_ids, meta)
-        sampling = [c for c in ordered if c.samples]
+        sampling = [i for i in order if plans[i].samples]
         if not rows:
             return hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32), sampling, None
         if len(rows) == hidden.shape[0]:
@@ -245,15 +245,14 @@ class ModelRunner:
         self.graph_capture_seconds = time.perf_counter() - t0
         log.info("captured %d decode graphs in %.1f s", len(sizes), self.graph_capture_seconds)
 
-    def _replay(self, chunks: list[ScheduledChunk], size: int):
-        n, ps = len(chunks), self.page_size
+    def _replay(self, plans: list[ChunkPlan], size: int):
+        n, ps = len(plans), self.page_size
         io = self.host_io.numpy()
         tables = self.host_tables.numpy()
         width = 1
-        for i, c in enumerate(chunks):
-            seq = c.seq
-            table = seq.block_table
-            io[0, i] = seq.token_ids[c.start]
+        for i, c in enumerate(plans):
+            table = c.block_table
+            io[0, i] = c.tokens[0]
             io[1, i] = table[c.start // ps] * ps + c.start % ps
             io[2, i] = c.start + 1
             tables[i, :len(table)] = table
@@ -267,4 +266,8 @@ class ModelRunner:
         graph.replay()
         # the pinned buffers are refilled next step only after this step's results were read
         # (the sampler synchronises), so the asynchronous copies above never race the host
-        return logits[:n], list(chunks), greedy[:n]
+        rows = [i for i, c in enumerate(plans) if c.samples]
+        if len(rows) == n:
+            return logits[:n], rows, greedy[:n]
+        index = torch.tensor(rows, device=self.device)   # a 1-token prompt chunk that doesn't sample yet
+        return logits[index], rows, greedy[index]

@@ -17,6 +17,19 @@ from .sequence import Sequence, SequenceStatus
 
 
 @dataclasses.dataclass
+class ChunkPlan:
+    """What a model runner needs to compute one chunk: plain data, sent as is to other ranks."""
+    tokens: list[int]         # the chunk's token ids
+    start: int                # position of tokens[0] (= tokens already in the cache)
+    block_table: list[int]    # the sequence's KV pages
+    samples: bool             # the step yields the sequence's next token
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclasses.dataclass
 class ScheduledChunk:
     seq: Sequence
     start: int          # first position computed this step (= tokens already in the cache)
@@ -26,6 +39,10 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """The chunk reaches the sequence's end, so the step yields its next token."""
         return self.start + self.length == self.seq.num_tokens
+
+    def plan(self) -> ChunkPlan:
+        return ChunkPlan(self.seq.token_ids[self.start:self.start + self.length], self.start,
+                         self.seq.block_table, self.samples)
 
 
 @dataclasses.dataclass

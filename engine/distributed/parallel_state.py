@@ -46,3 +46,13 @@ def tp_gather_logits(local: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(g.size)]
     dist.all_gather(parts, local.contiguous(), group=g.group)
     return torch.cat(parts, dim=-1)
+
+
+def tp_min_int(value: int, device: torch.device) -> int:
+    """The smallest of an integer over the ranks (e.g. KV pages each rank has room for)."""
+    g = _GROUP
+    if g.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=g.group)
+    return int(t.item())

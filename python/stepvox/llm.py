@@ -29,11 +29,7 @@ class LLM:
     def __init__(self, model: str, *, dtype="auto", device: str = "auto", tensor_parallel_size: int = 1,
                  **engine_options):
         cfg = EngineConfig(device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size, **engine_options)
-        executor = None
-        if tensor_parallel_size > 1:
-            from stepvox.engine.distributed.executor import TensorParallelExecutor
-            executor = TensorParallelExecutor.create(model, cfg)
-        self.engine = LLMEngine(model, cfg, executor=executor)
+        self.engine = LLMEngine(model, cfg)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

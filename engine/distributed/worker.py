@@ -1,0 +1,76 @@
+"""A tensor-parallel worker process: one rank, one device, one shard of the model.
+
+It joins the process groups, builds its ModelRunner (reading only its slices of the checkpoint),
+reports readiness to the driver, then runs every step plan the driver broadcasts until told to
+stop. Any failure is reported to the driver (rank and traceback) before the process exits.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import signal
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from .parallel_state import TPGroup, set_tp_group
+
+CONTROL_TIMEOUT = datetime.timedelta(seconds=600)
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the driver dies, so no worker outlives it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def init_groups(rank: int, size: int, init_method: str, device: torch.device):
+    """The model's group (NCCL on GPUs, gloo on CPUs) and a gloo group for step plans."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=init_method, world_size=size, rank=rank,
+                            timeout=CONTROL_TIMEOUT, **kwargs)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if backend != "gloo" else dist.group.WORLD
+    set_tp_group(TPGroup(rank, size, dist.group.WORLD))
+    return control
+
+
+def receive_plan(control):
+    box = [None]
+    dist.broadcast_object_list(box, src=0, group=control)
+    return box[0]
+
+
+def worker_main(rank: int, size: int, init_method: str, model_path: str, ecfg, device_str: str,
+                dtype: torch.dtype, max_model_len: int, conn) -> None:
+    die_with_parent()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        from ..config import Step1Config
+        from ..model_runner import ModelRunner
+        device = torch.device(device_str)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        control = init_groups(rank, size, init_method, device)
+        cfg = Step1Config.from_folder(model_path)
+        runner = ModelRunner(model_path, cfg, ecfg, device, dtype, max_model_len)
+        conn.send(("ready", runner.num_pages))
+        while True:
+            kind, payload = receive_plan(control)
+            if kind == "stop":
+                break
+            runner.execute(payload)
+        conn.send(("stopped", None))
+    except BaseException:  # noqa: BLE001 - the driver must learn why this rank failed
+        try:
+            conn.send(("error", traceback.format_exc()))
+        finally:
+            os._exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
