@@ -1,0 +1,337 @@
+"""Speech decoder (flow matching + HiFT token2wav) benchmark on one GPU, random weights of the real config.
+
+Checks correctness on the device first (bf16 fused/graph flow against the float32 eager reference
+path, fused against unfused kernels, graphs against eager, each Triton kernel against its
+reference), then times with CUDA events (medians after warm-up):
+  flow only and HiFT only for 5 s and 10 s of audio (3 s speaker prompt), graphs on/off x fused on/off;
+  offline token2wav end to end (RTF); streaming first-chunk latency (first window = 35 tokens);
+  8 concurrent streams fed 5 tokens (120 ms) per tick; peak memory per section.
+Targets: 10 s of audio in <= 50 ms end to end, first streamed chunk <= 30 ms.
+A failing section is reported and the others still run. Prints a table last; JSON to $OUT/vocoder.json.
+
+  python bench/vocoder.py                      # full run on CUDA (random weights of the released config)
+  python bench/vocoder.py --model-dir DIR      # a real CosyVoice-300M-25Hz folder instead
+  python bench/vocoder.py --smoke              # tiny config on CPU, few reps: catches errors only
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from _util import device_name, guarded, print_table, write_json  # noqa: E402
+from fixtures_cosyvoice import FULL_SIZES, TINY_SIZES, yaml_text  # noqa: E402  (the released config's text)
+
+from stepvox.engine.cosyvoice_config import config_from_data, parse_inert_yaml  # noqa: E402
+from stepvox.engine.models.flow import FlowModel  # noqa: E402
+from stepvox.engine.models.hift import HiFTGenerator  # noqa: E402
+from stepvox.engine.speech_decoder import SpeakerPrompt, SpeechDecoder  # noqa: E402
+from stepvox.kernels.backend import use_backend  # noqa: E402
+
+TOKEN_RATE = 41.667
+SR = 22050
+
+# ----------------------------------------------------------------------------- setup
+def random_decoder(sizes, device, seed=0) -> SpeechDecoder:
+    """Modules of the config with PyTorch's default init, plus what default init leaves empty."""
+    cfg = config_from_data(parse_inert_yaml(yaml_text(sizes)))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        flow, hift = FlowModel(cfg.flow), HiFTGenerator(cfg.hift)
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if "pos_bias" in name:
+                p.normal_(0, 0.1)
+        hift.f0_predictor.classifier.bias.fill_(150.0)          # a voiced source, as in speech
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return SpeechDecoder(cfg, flow.to(dtype).eval(), hift.eval(), None, device, cuda_graphs=device.type == "cuda")
+
+
+def make_prompt(seconds: float, device, seed=1) -> SpeakerPrompt:
+    g = torch.Generator().manual_seed(seed)
+    frames = int(seconds * SR / 256)
+    return SpeakerPrompt(mel=torch.randn(frames, 80, generator=g) * 2 - 5, embedding=torch.randn(192, generator=g),
+                         tokens=torch.randint(0, 5120, (int(seconds * TOKEN_RATE),), generator=g))
+
+
+def tokens_for(seconds: float, seed=2) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 5120, (int(round(seconds * TOKEN_RATE)),), generator=g).tolist()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of fn(): CUDA events on the GPU (host overhead included, as a caller
+    sees it), perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1) if device.type == "cuda" else None
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+# ----------------------------------------------------------------------------- sections
+def check_kernels(device, res, rows):
+    """Each fused kernel against its reference on decoder-sized shapes."""
+    from stepvox.kernels.flow_fused import (add_layer_norm, add_layer_norm_reference, group_norm_mish,
+                                            group_norm_mish_reference)
+    from stepvox.kernels.flow_ode import cfg_euler_step, cfg_euler_step_reference
+    from stepvox.kernels.snake import snake, snake_reference
+    g = torch.Generator(device=device).manual_seed(0)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = {}
+    b, length = 2, 1120
+    v = torch.randn(2 * b, 80, length, generator=g, device=device).to(dt)
+    x = torch.randn(b, 80, length, generator=g, device=device).to(dt)
+    m = torch.ones(b, 1, length, device=device, dtype=dt)
+    m[1, :, 900:] = 0
+    step = float(torch.tensor(0.0432, dtype=dt))
+    out["ode_step_max_abs"] = (cfg_euler_step(v, x, m, step, 0.7).float()
+                               - cfg_euler_step_reference(v, x, m, step, 0.7).float()).abs().max().item()
+    h = torch.randn(4, 256, length, generator=g, device=device).to(dt)
+    w, bi = torch.randn(256, device=device, dtype=dt), torch.randn(256, device=device, dtype=dt)
+    mm = torch.ones(4, 1, length, device=device, dtype=dt)
+    mm[2:, :, 1000:] = 0
+    temb = torch.randn(256, device=device, dtype=dt)
+    ref = group_norm_mish_reference(h, w, bi, 8, 1e-5, mm, temb)
+    out["gn_mish_rel"] = rel_err(group_norm_mish(h, w, bi, 8, 1e-5, mm, temb), ref)
+    xs = torch.randn(4, length, 256, generator=g, device=device).to(dt)
+    rs = torch.randn(4, length, 256, generator=g, device=device).to(dt)
+    y1, r1 = add_layer_norm(xs, rs, w, bi)
+    y2, r2 = add_layer_norm_reference(xs, rs, w, bi, 1e-5)
+    out["add_ln_rel"] = rel_err(y1, y2)
+    out["add_ln_residual_equal"] = bool(torch.equal(r1, r2))
+    s = torch.randn(1, 128, 64 * 400, generator=g, device=device) * 3
+    a = torch.rand(128, generator=g, device=device) + 0.1
+    out["snake_rel"] = rel_err(snake(s, a), snake_reference(s, a))
+    ok = (out["ode_step_max_abs"] == 0.0 and out["gn_mish_rel"] < 1e-2 and out["add_ln_rel"] < 1e-2
+          and out["add_ln_residual_equal"] and out["snake_rel"] < 1e-5)
+    out["ok"] = ok
+    res["check_kernels"] = out
+    rows.append(dict(section="check kernels", config="bf16 shapes", note=f"ok={ok} gn={out['gn_mish_rel']:.1e}"))
+
+
+def check_model(dec, device, res, rows, prompt):
+    """Flow paths against each other and against the float32 eager path, same noise."""
+    toks = tokens_for(5.0)
+    mel_len = dec.config.flow.mel_frames(len(toks)) + prompt.mel.shape[0]
+    noise = torch.randn(80, mel_len, generator=torch.Generator().manual_seed(3)).to(device)
+    out = {}
+    dec.configure(fused=True, cuda_graphs=True)
+    fast = dec.token2mel(toks, prompt=prompt, noise=noise)
+    dec.configure(fused=True, cuda_graphs=False)
+    eager_fused = dec.token2mel(toks, prompt=prompt, noise=noise)
+    dec.configure(fused=False, cuda_graphs=False)
+    eager_unfused = dec.token2mel(toks, prompt=prompt, noise=noise)
+    dec.configure(fused=True, cuda_graphs=device.type == "cuda")
+    flow32, hift_copy = copy.deepcopy(dec.flow).float(), copy.deepcopy(dec.hift)   # leave `dec` untouched
+    ref = SpeechDecoder(dec.config, flow32, hift_copy, None, device, cuda_graphs=False, fused=False)
+    mel32 = ref.token2mel(toks, prompt=prompt, noise=noise)
+    out["graphs_vs_eager_rel"] = rel_err(fast, eager_fused)
+    out["fused_vs_unfused_rel"] = rel_err(eager_fused, eager_unfused)
+    out["bf16_vs_fp32_rel"] = rel_err(fast, mel32)
+    out["fp32_unfused_vs_fp32_fused_rel"] = rel_err(
+        SpeechDecoder(dec.config, flow32, hift_copy, None, device, cuda_graphs=False, fused=True)
+        .token2mel(toks, prompt=prompt, noise=noise), mel32)
+    del ref, flow32, hift_copy
+    wav = dec.mel2wav(mel32, seed=0)
+    dec.hift.set_fused(False)
+    wav_unfused = dec.mel2wav(mel32, seed=0)
+    dec.hift.set_fused(True)
+    out["hift_fused_vs_unfused_rel"] = rel_err(wav, wav_unfused)
+    out["hift_finite"] = bool(torch.isfinite(wav).all())
+    dt = dec.flow.dtype
+    tol = 0.08 if dt == torch.bfloat16 else 1e-4
+    out["ok"] = (out["bf16_vs_fp32_rel"] < tol and out["fused_vs_unfused_rel"] < tol
+                 and out["graphs_vs_eager_rel"] < tol
+                 and out["fp32_unfused_vs_fp32_fused_rel"] < 1e-3 and out["hift_fused_vs_unfused_rel"] < 1e-4
+                 and out["hift_finite"])
+    res["check_model"] = out
+    rows.append(dict(section="check model", config=str(dt).replace("torch.", ""),
+                     note=f"ok={out['ok']} bf16/fp32={out['bf16_vs_fp32_rel']:.1e} "
+                          f"fused/unfused={out['fused_vs_unfused_rel']:.1e}"))
+
+
+def time_offline(dec, device, res, rows, prompt, reps, seconds_list):
+    out = {}
+    combos = [(True, True), (True, False), (False, True), (False, False)] if device.type == "cuda" else [(True, False)]
+    for seconds in seconds_list:
+        toks = tokens_for(seconds)
+        audio_s = dec.config.flow.mel_frames(len(toks)) * 256 / SR
+        for fused, graphs in combos:
+            dec.configure(fused=fused, cuda_graphs=graphs)
+            reset_peak(device)
+            ms = timed(lambda: dec.token2mel(toks, prompt=prompt, seed=0), device, reps)
+            key = f"flow {seconds:g}s fused={int(fused)} graphs={int(graphs)}"
+            out[key] = dict(ms=ms, peak_mb=peak_mb(device))
+            rows.append(dict(section="flow", config=key[5:], ms=f"{ms:.2f}", rtf=f"{ms / 1e3 / audio_s:.4f}",
+                             peak_mb=peak_mb(device)))
+        dec.configure(fused=True, cuda_graphs=device.type == "cuda")
+        mel = dec.token2mel(toks, prompt=prompt, seed=0)
+        for fused in (True, False):
+            dec.hift.set_fused(fused)
+            reset_peak(device)
+            ms = timed(lambda: dec.mel2wav(mel, seed=0), device, reps)
+            key = f"hift {seconds:g}s fused={int(fused)}"
+            out[key] = dict(ms=ms, peak_mb=peak_mb(device))
+            rows.append(dict(section="hift", config=key[5:], ms=f"{ms:.2f}", rtf=f"{ms / 1e3 / audio_s:.4f}",
+                             peak_mb=peak_mb(device)))
+        dec.hift.set_fused(True)
+        reset_peak(device)
+        ms = timed(lambda: dec.token2wav(toks, prompt=prompt, seed=0), device, reps)
+        out[f"token2wav {seconds:g}s"] = dict(ms=ms, rtf=ms / 1e3 / audio_s, audio_s=audio_s, peak_mb=peak_mb(device))
+        rows.append(dict(section="token2wav", config=f"{seconds:g}s e2e", ms=f"{ms:.2f}",
+                         rtf=f"{ms / 1e3 / audio_s:.4f}", peak_mb=peak_mb(device),
+                         note=("target <= 50 ms" if seconds == 10 else "")))
+    res["offline"] = out
+
+
+def _run_stream(dec, device, prompt, toks, seed):
+    """Feed 5 tokens per tick; returns (first-chunk step ms, per-step ms list, audio samples)."""
+    st = dec.open_stream(prompt, seed=seed)
+    first, steps, samples = None, [], 0
+    for i in range(0, len(toks), 5):
+        dec.push(st, toks[i:i + 5])
+        sync(device)
+        t0 = time.perf_counter()
+        chunks = dec.step_streams([st])[0]
+        sync(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        if chunks:
+            steps.append(ms)
+            samples += sum(c.numel() for c in chunks)
+            if first is None:
+                first = ms
+    st.finish()
+    samples += sum(c.numel() for c in dec.step_streams([st])[0])
+    return first, steps, samples
+
+
+def time_stream(dec, device, res, rows, prompt, reps, seconds):
+    toks = tokens_for(seconds, seed=5)
+    _run_stream(dec, device, prompt, toks, seed=0)            # warm-up: captures the window buckets
+    firsts, worst = [], []
+    for r in range(reps):
+        first, steps, samples = _run_stream(dec, device, prompt, toks, seed=r)
+        firsts.append(first)
+        worst.append(max(steps))
+    out = dict(first_chunk_ms=statistics.median(firsts), worst_step_ms=statistics.median(worst),
+               audio_s=samples / SR)
+    res["stream"] = out
+    rows.append(dict(section="stream", config="first chunk (35 tok)", ms=f"{out['first_chunk_ms']:.2f}",
+                     note="target <= 30 ms"))
+    rows.append(dict(section="stream", config=f"worst window, {seconds:g}s", ms=f"{out['worst_step_ms']:.2f}"))
+
+
+def time_concurrent(dec, device, res, rows, prompt, n_streams, seconds):
+    toks = [tokens_for(seconds, seed=10 + i) for i in range(n_streams)]
+
+    def run(seed0):
+        streams = [dec.open_stream(prompt, seed=seed0 + i) for i in range(n_streams)]
+        sync(device)
+        t_start = time.perf_counter()
+        first, ticks, samples = None, [], 0
+        for i in range(0, len(toks[0]), 5):
+            for st, t in zip(streams, toks):
+                dec.push(st, t[i:i + 5])
+            t0 = time.perf_counter()
+            outs = dec.step_streams(streams)
+            sync(device)
+            ms = (time.perf_counter() - t0) * 1e3
+            n = sum(c.numel() for o in outs for c in o)
+            if n:
+                ticks.append(ms)
+                samples += n
+                if first is None:
+                    first = ms
+        for st in streams:
+            st.finish()
+        samples += sum(c.numel() for o in dec.step_streams(streams) for c in o)
+        sync(device)
+        return first, ticks, samples, (time.perf_counter() - t_start) * 1e3
+
+    run(100)                                               # warm-up (graphs for batch n_streams)
+    reset_peak(device)
+    first, ticks, samples, total = run(0)
+    audio_s = samples / SR
+    out = dict(streams=n_streams, first_chunk_ms=first, worst_tick_ms=max(ticks), total_ms=total,
+               audio_s=audio_s, aggregate_rtf=total / 1e3 / audio_s, peak_mb=peak_mb(device))
+    res["concurrent"] = out
+    rows.append(dict(section=f"{n_streams} streams", config="first chunk (batched)", ms=f"{first:.2f}",
+                     peak_mb=out["peak_mb"]))
+    rows.append(dict(section=f"{n_streams} streams", config=f"{seconds:g}s each, total", ms=f"{total:.1f}",
+                     rtf=f"{out['aggregate_rtf']:.4f}", note=f"worst tick {max(ticks):.1f} ms"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU, few reps")
+    ap.add_argument("--model-dir", default=None, help="a real CosyVoice folder instead of random weights")
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    reps = args.reps or (2 if args.smoke else 20)
+    res = dict(device=device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+               smoke=args.smoke, model=args.model_dir or "random weights, released config")
+    rows: list[dict] = []
+    backend = use_backend("reference") if device.type == "cpu" else use_backend("auto")
+    with backend, torch.inference_mode():
+        dec = guarded(res, "setup", lambda: SpeechDecoder.from_pretrained(args.model_dir, device=device)
+                      if args.model_dir else random_decoder(TINY_SIZES if args.smoke else FULL_SIZES, device))
+        if dec is None:
+            write_json("vocoder.json", res)
+            print(res["errors"])
+            return
+        prompt = make_prompt(1.0 if args.smoke else 3.0, device)
+        seconds = [1.0, 2.0] if args.smoke else [5.0, 10.0]
+        guarded(res, "check_kernels", lambda: check_kernels(device, res, rows))
+        guarded(res, "check_model", lambda: check_model(dec, device, res, rows, prompt))
+        guarded(res, "offline", lambda: time_offline(dec, device, res, rows, prompt, reps, seconds))
+        guarded(res, "stream", lambda: time_stream(dec, device, res, rows, prompt, max(3, reps // 4), seconds[-1]))
+        guarded(res, "concurrent", lambda: time_concurrent(dec, device, res, rows, prompt, 8, seconds[0]))
+    path = write_json("vocoder.json", res)
+    print(f"\nspeech decoder on {res['device']} ({res['model']}); JSON: {path}")
+    if res.get("errors"):
+        print("FAILED SECTIONS:", {k: v[:200] for k, v in res["errors"].items()})
+    print_table(rows, ["section", "config", "ms", "rtf", "peak_mb", "note"])
+
+
+if __name__ == "__main__":
+    main()

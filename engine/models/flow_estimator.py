@@ -1,0 +1,271 @@
+"""The flow-matching vector field: CosyVoice `ConditionalDecoder`, a 1-D U-Net (SPEC.md §3.3/§3.5).
+
+Input [x, mu, spks, cond] (4 x 80 channels) -> down blocks (ResnetBlock1D, transformer blocks,
+Downsample1D / Conv1d) -> mid blocks -> up blocks (skip concat, ResnetBlock1D, transformer blocks,
+Upsample1D / Conv1d) -> Block1D -> 1x1 conv -> * mask. Transformer blocks are diffusers'
+BasicTransformerBlock (LayerNorm, self-attention without q/k/v bias, LayerNorm, Linear-GELU-Linear);
+time enters through a sinusoidal embedding (scale 1000) and an MLP, then per ResnetBlock a
+Mish+Linear projection added after block1.
+
+Differences from the official module, none of which change the result on valid frames:
+- The time projections depend only on t, so `time_projections(t)` computes them once per step
+  value; the solver caches them for its fixed schedule.
+- Masks are honoured everywhere: GroupNorm statistics over valid frames and a key padding mask in
+  attention. The official model runs unpadded with an all-ones mask (which is the same thing); the
+  masked form lets a batch padded to a length bucket give each request its unpadded result.
+- `fused=True` routes the elementwise chains through stepvox.kernels.flow_fused (GroupNorm + Mish +
+  mask + time-embedding / residual, residual add + LayerNorm) and q/k/v through one matmul.
+Parameter names match the released flow.pt (`decoder.estimator.*`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...kernels.flow_fused import add_layer_norm, group_norm_mish, group_norm_mish_reference
+from ..cosyvoice_config import EstimatorConfig
+
+GN_GROUPS = 8
+TIME_SCALE = 1000
+
+
+def sinusoidal_time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """SinusoidalPosEmb: [N] -> [N, dim] = [sin(1000 t f), cos(1000 t f)], f_k = 1e4^(-k/(dim/2-1)).
+    `1000 * t` is rounded in t's dtype first, as in the official module; the rest in float32."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
+    arg = (TIME_SCALE * t)[:, None] * freqs[None, :]
+    return torch.cat((arg.sin(), arg.cos()), dim=-1).to(t.dtype)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Block1D(nn.Module):
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv1d(dim, dim_out, 3, padding=1), nn.GroupNorm(GN_GROUPS, dim_out), nn.Mish())
+
+    def conv(self, x):
+        return self.block[0](x)
+
+    def norm_act(self, h, mask, padded: bool, fused: bool, temb=None, residual=None):
+        """Mish(GroupNorm(h)) * mask (+ temb then * mask) (+ residual)."""
+        gn = self.block[1]
+        m = mask if padded else None
+        if fused:
+            return group_norm_mish(h, gn.weight, gn.bias, GN_GROUPS, gn.eps, m, temb, residual)
+        if padded:
+            # masked statistics have no eager PyTorch op: the plain-PyTorch reference is the unfused path
+            return group_norm_mish_reference(h, gn.weight, gn.bias, GN_GROUPS, gn.eps, m, temb, residual)
+        y = F.mish(gn(h)) * mask
+        if temb is not None:
+            y = (y + temb.reshape(-1, y.shape[1])[:, :, None]) * mask
+        return y if residual is None else y + residual
+
+    def forward(self, x, mask, padded: bool, fused: bool):
+        return self.norm_act(self.conv(x * mask), mask, padded, fused)
+
+
+class ResnetBlock1D(nn.Module):
+    def __init__(self, dim: int, dim_out: int, time_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_dim, dim_out))
+        self.block1 = Block1D(dim, dim_out)
+        self.block2 = Block1D(dim_out, dim_out)
+        self.res_conv = nn.Conv1d(dim, dim_out, 1)
+
+    def forward(self, x, mask, time_proj, padded: bool, fused: bool):
+        xm = x * mask
+        # block1 output (masked) + time projection, masked again as block2 masks its input
+        h = self.block1.norm_act(self.block1.conv(xm), mask, padded, fused, temb=time_proj)
+        res = self.res_conv(xm)
+        return self.block2.norm_act(self.block2.conv(h), mask, padded, fused, residual=res)
+
+
+class Attention(nn.Module):
+    """diffusers Attention (self-attention, no q/k/v bias, to_out = [Linear, Dropout])."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self._qkv = None
+
+    def fused_qkv_weight(self) -> torch.Tensor:
+        w = self._qkv
+        if w is None or w.device != self.to_q.weight.device or w.dtype != self.to_q.weight.dtype:
+            w = self._qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
+        return w
+
+    def forward(self, x, attn_mask, fused: bool):
+        n, length, _ = x.shape
+        if fused:
+            qkv = F.linear(x, self.fused_qkv_weight()).view(n, length, 3, self.heads, self.dim_head)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (proj(x).view(n, length, self.heads, self.dim_head).transpose(1, 2)
+                       for proj in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.to_out[0](out.transpose(1, 2).reshape(n, length, self.heads * self.dim_head))
+
+
+class GELUProj(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, attn_mask):
+        x = self.attn1(self.norm1(x), attn_mask, fused=False) + x
+        return self.ff(self.norm3(x)) + x
+
+
+def run_transformer_blocks(blocks, x: torch.Tensor, attn_mask, fused: bool) -> torch.Tensor:
+    """x: [N, L, C] residual stream through `blocks`; fused mode merges each residual add with the
+    LayerNorm that follows it."""
+    if not fused:
+        for blk in blocks:
+            x = blk(x, attn_mask)
+        return x
+    first = blocks[0].norm1
+    h = F.layer_norm(x, (x.shape[-1],), first.weight, first.bias, first.eps)
+    for i, blk in enumerate(blocks):
+        a = blk.attn1(h, attn_mask, fused=True)
+        h, x = add_layer_norm(a, x, blk.norm3.weight, blk.norm3.bias, blk.norm3.eps)
+        f = blk.ff(h)
+        if i + 1 < len(blocks):
+            nxt = blocks[i + 1].norm1
+            h, x = add_layer_norm(f, x, nxt.weight, nxt.bias, nxt.eps)
+        else:
+            x = f + x
+    return x
+
+
+class Downsample1D(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, 3, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample1D(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(dim, dim, 4, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _transformers(cfg: EstimatorConfig, dim: int) -> nn.ModuleList:
+    return nn.ModuleList(BasicTransformerBlock(dim, cfg.num_heads, cfg.attention_head_dim) for _ in range(cfg.n_blocks))
+
+
+class ConditionalDecoder(nn.Module):
+    def __init__(self, cfg: EstimatorConfig):
+        super().__init__()
+        self.cfg = cfg
+        channels = tuple(cfg.channels)
+        time_dim = channels[0] * 4
+        self.time_mlp = TimestepEmbedding(cfg.in_channels, time_dim)
+        self.down_blocks, self.mid_blocks, self.up_blocks = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        out_ch = cfg.in_channels
+        for i, ch in enumerate(channels):
+            in_ch, out_ch = out_ch, ch
+            last = i == len(channels) - 1
+            down = nn.Conv1d(out_ch, out_ch, 3, padding=1) if last else Downsample1D(out_ch)
+            self.down_blocks.append(nn.ModuleList([ResnetBlock1D(in_ch, out_ch, time_dim),
+                                                   _transformers(cfg, out_ch), down]))
+        for _ in range(cfg.num_mid_blocks):
+            self.mid_blocks.append(nn.ModuleList([ResnetBlock1D(channels[-1], out_ch, time_dim),
+                                                  _transformers(cfg, out_ch)]))
+        rev = channels[::-1] + (channels[0],)
+        for i in range(len(rev) - 1):
+            in_ch, out_ch = rev[i] * 2, rev[i + 1]
+            last = i == len(rev) - 2
+            up = nn.Conv1d(out_ch, out_ch, 3, padding=1) if last else Upsample1D(out_ch)
+            self.up_blocks.append(nn.ModuleList([ResnetBlock1D(in_ch, out_ch, time_dim),
+                                                 _transformers(cfg, out_ch), up]))
+        self.final_block = Block1D(rev[-1], rev[-1])
+        self.final_proj = nn.Conv1d(rev[-1], cfg.out_channels, 1)
+
+    def resnets(self) -> list[ResnetBlock1D]:
+        return [blk[0] for blk in list(self.down_blocks) + list(self.mid_blocks) + list(self.up_blocks)]
+
+    @torch.no_grad()
+    def time_projections(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """t: [1] (or [N]) in the model dtype -> per ResnetBlock the [N, C] time projection."""
+        temb = self.time_mlp(sinusoidal_time_embedding(t, self.cfg.in_channels))
+        return [r.mlp[1](F.mish(temb)) for r in self.resnets()]
+
+    def forward(self, inp: torch.Tensor, mask: torch.Tensor, time_proj: list[torch.Tensor],
+                padded: bool = False, fused: bool = True) -> torch.Tensor:
+        """inp: [N, 4*80, L] = concat(x, mu, spks, cond); mask: [N, 1, L] (0/1, model dtype);
+        time_proj: from time_projections; padded: whether any mask entry is 0 (key masks and masked
+        statistics are skipped otherwise). Returns the velocity [N, 80, L] (zero on masked frames)."""
+        projections = iter(time_proj)
+
+        def attn_mask(m):
+            return (m[:, :, None, :] > 0) if padded else None     # [N, 1, 1, L] key padding
+
+        def stage(resnet, blocks, x, m):
+            x = resnet(x, m, next(projections), padded, fused)
+            x = run_transformer_blocks(blocks, x.transpose(1, 2).contiguous(), attn_mask(m), fused)
+            return x.transpose(1, 2).contiguous()
+
+        masks, hiddens = [mask], []
+        x = inp
+        for resnet, blocks, down in self.down_blocks:
+            m = masks[-1]
+            x = stage(resnet, blocks, x, m)
+            hiddens.append(x)
+            x = down(x * m)
+            masks.append(m[:, :, ::2])
+        masks.pop()
+        m = masks[-1]
+        for resnet, blocks in self.mid_blocks:
+            x = stage(resnet, blocks, x, m)
+        for resnet, blocks, up in self.up_blocks:
+            m = masks.pop()
+            skip = hiddens.pop()
+            x = torch.cat([x[:, :, :skip.shape[-1]], skip], dim=1)
+            x = up(stage(resnet, blocks, x, m) * m)
+        x = self.final_block(x, m, padded, fused)          # already * m, which final_proj's input needs
+        return self.final_proj(x) * mask

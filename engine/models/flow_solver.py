@@ -1,0 +1,169 @@
+"""Euler solver of the conditional flow matching ODE with classifier-free guidance (SPEC.md §3.5 step 5).
+
+Schedule: t_span = linspace(0, 1, n+1) in the model dtype, cosine warp 1 - cos(t pi/2), and the
+official loop's own rounding (t += dt; dt = t_span[k+1] - t, all in the model dtype). Each step runs
+the estimator on [cond; uncond] (mu, spks, cond zeroed in the second half) and moves
+x += dt * ((1 + w) v_cond - w v_uncond) with w = inference_cfg_rate.
+
+The requests of a batch are right-padded to one length with a frame mask (the estimator then keeps
+padded frames out of every valid frame's result). On CUDA the whole n-step solve is captured as one
+CUDA graph per (batch size, length bucket, padded, fused); the length is rounded up to `bucket`
+frames so a few graphs serve all lengths. The constant parts (time projections of every step,
+dt values) are computed once, outside the graphs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels.flow_ode import cfg_euler_step, cfg_euler_step_reference
+from ..cosyvoice_config import CFMConfig
+from .flow_estimator import ConditionalDecoder
+
+
+def euler_schedule(n_steps: int, t_scheduler: str, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(t_k, dt_k)] as 0-d tensors of `dtype`, rounded exactly as the official loop rounds them."""
+    span = torch.linspace(0, 1, n_steps + 1, dtype=dtype)
+    if t_scheduler == "cosine":
+        span = 1 - torch.cos(span * 0.5 * torch.pi)
+    t, dt = span[0], span[1] - span[0]
+    steps = []
+    for k in range(1, n_steps + 1):
+        steps.append((t, dt))
+        t = t + dt
+        if k < n_steps:
+            dt = span[k + 1] - t
+    return steps
+
+
+def bucket_length(length: int, bucket: int) -> int:
+    return -(-length // bucket) * bucket
+
+
+class FlowSolver:
+    def __init__(self, estimator: ConditionalDecoder, cfm: CFMConfig, mel_channels: int,
+                 use_cuda_graphs: bool = True, fused: bool = True, bucket: int = 32):
+        self.estimator = estimator
+        self.cfg_rate = float(cfm.inference_cfg_rate)
+        self.n_steps = cfm.n_timesteps
+        self.t_scheduler = cfm.t_scheduler
+        self.channels = mel_channels
+        self.use_cuda_graphs = use_cuda_graphs
+        self.fused = fused
+        self.bucket = bucket
+        self.pad_to_bucket = False       # pad eager solves like graph solves (tests the graph inputs on CPU)
+        self._constants = None
+        self._graphs: dict = {}
+        self._pool = None
+
+    # ------------------------------------------------------------------ constants of the schedule
+    def _step_constants(self, device, dtype):
+        key = (str(device), dtype)
+        if self._constants is None or self._constants[0] != key:
+            steps = euler_schedule(self.n_steps, self.t_scheduler, dtype)
+            per_step = []
+            for t, dt in steps:
+                proj = self.estimator.time_projections(t.reshape(1).to(device))
+                per_step.append((proj, float(dt), dt.to(device)))
+            self._constants = (key, per_step)
+        return self._constants[1]
+
+    def reset(self) -> None:
+        """Drop cached schedule constants, fused q/k/v weights and graphs (after weights change)."""
+        self._constants, self._graphs, self._pool = None, {}, None
+        for m in self.estimator.modules():
+            if hasattr(m, "_qkv"):
+                m._qkv = None
+
+    # ------------------------------------------------------------------ the n-step solve
+    def _solve_buffers(self, z, mu, spks, cond, mask, out, padded: bool, fused: bool):
+        """All tensors batch-first and padded to one length: z, mu, cond [B, C, L]; spks [B, C];
+        mask [B, 1, L]; result written into `out` [B, C, L]. Graph-capturable."""
+        b, c, length = z.shape
+        inp = torch.zeros(2 * b, 4 * c, length, dtype=z.dtype, device=z.device)
+        inp[:b, c:2 * c] = mu
+        inp[:b, 2 * c:3 * c] = spks[:, :, None]
+        inp[:b, 3 * c:] = cond
+        inp[:b, :c] = z
+        inp[b:, :c] = z
+        mask2 = torch.cat([mask, mask])
+        x = z
+        steps = self._step_constants(z.device, z.dtype)
+        for k, (proj, dt, dt_tensor) in enumerate(steps):
+            v = self.estimator(inp, mask2, proj, padded=padded, fused=fused)
+            last = k == len(steps) - 1
+            if fused:
+                x = cfg_euler_step(v, x, mask, dt, self.cfg_rate, out=out, next_input=None if last else inp)
+            else:
+                x = cfg_euler_step_reference(v, x, mask, dt_tensor, self.cfg_rate, out=out)
+                if not last:
+                    inp[:b, :c] = x
+                    inp[b:, :c] = x
+        return out
+
+    def _graph(self, b: int, length: int, padded: bool, dtype, device):
+        key = (b, length, padded, self.fused, dtype)
+        if key not in self._graphs:
+            c = self.channels
+            static = {"z": torch.zeros(b, c, length, dtype=dtype, device=device),
+                      "mu": torch.zeros(b, c, length, dtype=dtype, device=device),
+                      "spks": torch.zeros(b, c, dtype=dtype, device=device),
+                      "cond": torch.zeros(b, c, length, dtype=dtype, device=device),
+                      "mask": torch.ones(b, 1, length, dtype=dtype, device=device),
+                      "out": torch.zeros(b, c, length, dtype=dtype, device=device)}
+            args = [static[k] for k in ("z", "mu", "spks", "cond", "mask", "out")]
+            self._step_constants(device, dtype)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):       # warm-up: Triton compiles, cuBLAS/SDPA pick kernels
+                self._solve_buffers(*args, padded=padded, fused=self.fused)
+            torch.cuda.current_stream(device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._solve_buffers(*args, padded=padded, fused=self.fused)
+            self._graphs[key] = (graph, static)
+        return self._graphs[key]
+
+    @torch.no_grad()
+    def capture(self, batch: int, length: int, padded: bool, dtype, device) -> None:
+        """Capture the graph of one (batch, bucketed length) ahead of time (no-op off CUDA)."""
+        if self.use_cuda_graphs and torch.device(device).type == "cuda":
+            self._graph(batch, bucket_length(length, self.bucket), padded, dtype, torch.device(device))
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
+
+    @torch.no_grad()
+    def solve(self, noises: list[torch.Tensor], mus: list[torch.Tensor], spks: torch.Tensor,
+              conds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per request z, mu, cond [C, L_i] and spks [B, C] -> x(1) [C, L_i] per request."""
+        lengths = [m.shape[1] for m in mus]
+        device, dtype = mus[0].device, mus[0].dtype
+        graphs = self.use_cuda_graphs and device.type == "cuda"
+        length = bucket_length(max(lengths), self.bucket) if graphs or self.pad_to_bucket else max(lengths)
+        b, c = len(mus), self.channels
+        padded = any(n < length for n in lengths)
+
+        def stack(items):
+            out = torch.zeros(b, c, length, dtype=dtype, device=device)
+            for i, t in enumerate(items):
+                out[i, :, :t.shape[1]] = t
+            return out
+
+        mask = torch.zeros(b, 1, length, dtype=dtype, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, :, :n] = 1
+        z, mu, cond = stack(noises), stack(mus), stack(conds)
+        spks = spks.to(dtype)
+        if graphs:
+            graph, static = self._graph(b, length, padded, dtype, device)
+            for name, value in (("z", z), ("mu", mu), ("spks", spks), ("cond", cond), ("mask", mask)):
+                static[name].copy_(value)
+            graph.replay()
+            result = static["out"].clone()
+        else:
+            result = torch.empty_like(z)
+            self._solve_buffers(z, mu, spks, cond, mask, result, padded=padded, fused=self.fused)
+        return [result[i, :, :n] for i, n in enumerate(lengths)]

@@ -1,0 +1,233 @@
+"""HiFT vocoder: mel -> 22.05 kHz waveform (SPEC.md §3.4, §3.5 step 7; GH hifigan/generator.py).
+
+  f0 = |Linear(ELU-conv stack(mel))|          per mel frame (ConvRNNF0Predictor)
+  source = tanh(Linear(SineGen(f0 upsampled x256)))   9 harmonics, random start phases, noise
+  s = STFT(source) (n_fft 16, hop 4, periodic Hann, reflect-centred) -> 18 channels
+  x = conv_pre(mel); per stage: lrelu 0.1, ConvTranspose up, (reflect pad (1,0) on the last),
+      + source_resblock(source_down(s)), mean of the stage's resblocks (Snake activations)
+  x = conv_post(lrelu 0.01 (x)); wav = iSTFT(exp(x[:9]) clipped at 100, sin(x[9:])), clamp +-0.99
+
+Weights are plain (weight norm folded at load). The randomness of SineGen is explicit: start
+phases [B, 9] and noise [B, 9, N] are arguments, so callers can seed it, and `phase_offset` lets a
+stream continue each harmonic's phase across chunks. STFT and iSTFT are matmuls with a DFT basis
+plus overlap-add (torch.istft's arithmetic), which keeps the vocoder free of cuFFT plans.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...kernels.snake import snake, snake_reference
+from ..audio.mel import periodic_hann
+from ..cosyvoice_config import HiftConfig
+
+
+def _weight_normed(module: nn.Module) -> nn.Module:
+    """Mark a layer whose released weights are stored as weight_g / weight_v."""
+    module.stepvox_weight_norm = True
+    return module
+
+
+def get_padding(kernel: int, dilation: int = 1) -> int:
+    return (kernel * dilation - dilation) // 2
+
+
+class Snake(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(channels))
+        self.fused = True
+
+    def forward(self, x):
+        return snake(x, self.alpha) if self.fused else snake_reference(x, self.alpha)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, kernel: int, dilations):
+        super().__init__()
+        self.convs1 = nn.ModuleList(_weight_normed(nn.Conv1d(channels, channels, kernel, 1, dilation=d,
+                                                             padding=get_padding(kernel, d))) for d in dilations)
+        self.convs2 = nn.ModuleList(_weight_normed(nn.Conv1d(channels, channels, kernel, 1, dilation=1,
+                                                             padding=get_padding(kernel, 1))) for _ in dilations)
+        self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
+        self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
+
+    def forward(self, x):
+        for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
+            x = c2(a2(c1(a1(x)))) + x
+        return x
+
+
+class F0Predictor(nn.Module):
+    """ConvRNNF0Predictor: 5 x (Conv1d k3 + ELU), Linear to one value per frame, abs."""
+
+    def __init__(self, in_channels: int, cond_channels: int):
+        super().__init__()
+        layers = []
+        for i in range(5):
+            layers += [_weight_normed(nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)),
+                       nn.ELU()]
+        self.condnet = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cond_channels, 1)
+
+    def forward(self, mel):
+        return torch.abs(self.classifier(self.condnet(mel).transpose(1, 2)).squeeze(-1))
+
+
+class SourceModule(nn.Module):
+    def __init__(self, harmonics: int):
+        super().__init__()
+        self.l_linear = nn.Linear(harmonics, 1)
+
+
+class HiFTGenerator(nn.Module):
+    def __init__(self, cfg: HiftConfig):
+        super().__init__()
+        self.cfg = cfg
+        base, n_up = cfg.base_channels, len(cfg.upsample_rates)
+        self.m_source = SourceModule(cfg.nb_harmonics + 1)
+        self.conv_pre = _weight_normed(nn.Conv1d(cfg.in_channels, base, 7, 1, padding=3))
+        self.ups = nn.ModuleList(
+            _weight_normed(nn.ConvTranspose1d(base // 2 ** i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2))
+            for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)))
+        self.source_downs, self.source_resblocks = nn.ModuleList(), nn.ModuleList()
+        down_rates = np.cumprod([1] + list(cfg.upsample_rates[::-1][:-1]))[::-1]
+        spec_ch = cfg.n_fft + 2
+        for i, (u, k, d) in enumerate(zip(down_rates, cfg.source_resblock_kernel_sizes,
+                                          cfg.source_resblock_dilation_sizes)):
+            ch, u = base // 2 ** (i + 1), int(u)
+            self.source_downs.append(nn.Conv1d(spec_ch, ch, 1, 1) if u == 1 else
+                                     nn.Conv1d(spec_ch, ch, u * 2, u, padding=u // 2))
+            self.source_resblocks.append(ResBlock(ch, k, d))
+        self.resblocks = nn.ModuleList()
+        for i in range(n_up):
+            ch = base // 2 ** (i + 1)
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes):
+                self.resblocks.append(ResBlock(ch, k, d))
+        self.conv_post = _weight_normed(nn.Conv1d(base // 2 ** n_up, spec_ch, 7, 1, padding=3))
+        self.f0_predictor = F0Predictor(cfg.f0_in_channels, cfg.f0_cond_channels)
+        self._dft = {}
+        # dtype of the running phase sum: float32 as the official SineGen (its rounding is ~1e-3
+        # cycle at 10 s on the 9th harmonic); float64 is available for exactness studies.
+        self.phase_dtype = torch.float32
+
+    # ------------------------------------------------------------------ settings
+    def set_fused(self, fused: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Snake):
+                m.fused = fused
+
+    @property
+    def harmonics(self) -> int:
+        return self.cfg.nb_harmonics + 1
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.cfg.samples_per_frame
+
+    # ------------------------------------------------------------------ source (SineGen + merge)
+    def f0(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel [B, 80, T] -> f0 [B, T] in Hz."""
+        return self.f0_predictor(mel)
+
+    def source(self, f0: torch.Tensor, start_phase: torch.Tensor, noise: torch.Tensor,
+               phase_offset: torch.Tensor | None = None, phase_anchor: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """f0 [B, T]; start_phase [B, H] (the fundamental's entry is ignored: always 0); noise
+        [B, H, T*256] standard normal. Each harmonic's phase (in cycles) is the running sum of
+        f0 * k / sr; `phase_offset` [B, H] with `phase_anchor` [B] (sample index, default 0) pins the
+        cycles accumulated before the anchor sample to the offset (streams continue phases this way).
+        Returns (source [B, 1, T*256], wrapped cycles [B, H, T*256] in `phase_dtype`)."""
+        c = self.cfg
+        f0_up = f0.repeat_interleave(self.samples_per_frame, dim=-1)[:, None, :]          # nearest x256
+        order = torch.arange(1, self.harmonics + 1, device=f0.device, dtype=f0.dtype)[None, :, None]
+        cycles = torch.cumsum((f0_up * order / c.sampling_rate).to(self.phase_dtype), dim=-1)
+        if phase_offset is not None:
+            shift = phase_offset.to(self.phase_dtype)
+            if phase_anchor is not None:
+                anchor = torch.as_tensor(phase_anchor, device=f0.device).long().reshape(-1, 1, 1)
+                before = torch.gather(cycles, 2, (anchor - 1).clamp(min=0).expand(-1, cycles.shape[1], 1))[..., 0]
+                shift = shift - torch.where(anchor[:, :, 0] > 0, before, torch.zeros_like(before))
+            cycles = cycles + shift[:, :, None]
+        cycles = cycles % 1
+        phase = start_phase.clone()
+        phase[:, 0] = 0
+        sine = c.nsf_alpha * torch.sin(2 * np.pi * cycles.to(f0.dtype) + phase[:, :, None])
+        uv = (f0_up > c.nsf_voiced_threshold).float()
+        noise_amp = uv * c.nsf_sigma + (1 - uv) * c.nsf_alpha / 3
+        sine = sine * uv + noise_amp * noise
+        merged = torch.tanh(self.m_source.l_linear(sine.transpose(1, 2))).transpose(1, 2)
+        return merged, cycles
+
+    # ------------------------------------------------------------------ STFT / iSTFT (n_fft 16)
+    def _bases(self, device):
+        key = str(device)
+        if key not in self._dft:
+            n = self.cfg.n_fft
+            win = torch.from_numpy(periodic_hann(n)).double()
+            k = torch.arange(n // 2 + 1, dtype=torch.float64)[:, None]
+            t = torch.arange(n, dtype=torch.float64)[None, :]
+            ang = 2 * math.pi * k * t / n
+            analysis = torch.cat([win * torch.cos(ang), -win * torch.sin(ang)]).T          # [n, 2(n/2+1)]
+            scale = torch.full((n // 2 + 1, 1), 2.0 / n, dtype=torch.float64)
+            scale[0], scale[-1] = 1.0 / n, 1.0 / n
+            synthesis = torch.cat([scale * torch.cos(ang), -scale * torch.sin(ang)]) * win  # [2(n/2+1), n]
+            self._dft[key] = (analysis.float().to(device), synthesis.float().to(device), win.float().to(device))
+        return self._dft[key]
+
+    def stft(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N] -> [B, n_fft + 2, N // hop + 1]: real parts then imaginary parts (torch.stft, center)."""
+        n, hop = self.cfg.n_fft, self.cfg.hop_len
+        analysis, _, _ = self._bases(x.device)
+        frames = F.pad(x[:, None], (n // 2, n // 2), mode="reflect")[:, 0].unfold(-1, n, hop)
+        return torch.matmul(frames, analysis).transpose(1, 2)
+
+    def istft(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        """[B, n/2+1, F] each -> [B, hop * (F - 1)] (torch.istft with center, periodic Hann)."""
+        n, hop = self.cfg.n_fft, self.cfg.hop_len
+        _, synthesis, win = self._bases(magnitude.device)
+        magnitude = torch.clip(magnitude, max=1e2)
+        spec = torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
+        frames = torch.matmul(spec.transpose(1, 2), synthesis)                             # [B, F, n]
+        count = frames.shape[1]
+        full = (count - 1) * hop + n
+        ola = F.fold(frames.transpose(1, 2), (1, full), (1, n), stride=(1, hop))[:, 0, 0]
+        env = F.fold((win * win)[None, :, None].expand(1, n, count), (1, full), (1, n), stride=(1, hop))[0, 0, 0]
+        return (ola / env)[:, n // 2: n // 2 + hop * (count - 1)]
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """mel [B, 80, T], source [B, 1, T*256] -> waveform [B, T*256]."""
+        c = self.cfg
+        s = self.stft(source[:, 0])
+        x = self.conv_pre(mel)
+        n_up, n_k = len(self.ups), len(c.resblock_kernel_sizes)
+        for i in range(n_up):
+            x = self.ups[i](F.leaky_relu(x, c.lrelu_slope))
+            if i == n_up - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+            x = x + self.source_resblocks[i](self.source_downs[i](s))
+            xs = self.resblocks[i * n_k](x)
+            for j in range(1, n_k):
+                xs = xs + self.resblocks[i * n_k + j](x)
+            x = xs / n_k
+        x = self.conv_post(F.leaky_relu(x))
+        half = c.n_fft // 2 + 1
+        wav = self.istft(torch.exp(x[:, :half]), torch.sin(x[:, half:]))
+        return torch.clamp(wav, -c.audio_limit, c.audio_limit)
+
+    @torch.no_grad()
+    def forward(self, mel: torch.Tensor, start_phase: torch.Tensor, noise: torch.Tensor,
+                phase_offset: torch.Tensor | None = None, phase_anchor: torch.Tensor | None = None,
+                cache_source: torch.Tensor | None = None):
+        """Offline/streaming vocoding. cache_source [B, 1, K] overrides the first K source samples
+        (the upstream v1 streaming recipe). Returns (waveform [B, T*256], source [B, 1, T*256], cycles)."""
+        src, cycles = self.source(self.f0(mel), start_phase, noise, phase_offset, phase_anchor)
+        if cache_source is not None and cache_source.shape[-1] > 0:
+            src = src.clone()
+            src[:, :, :cache_source.shape[-1]] = cache_source
+        return self.decode(mel, src), src, cycles

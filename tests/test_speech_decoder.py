@@ -1,0 +1,129 @@
+"""SpeechDecoder API: loading, speaker prompts from real speech, token validation, typed errors."""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_cosyvoice import reference_kernels, speech_wav, tiny_decoder, tiny_dir  # noqa: F401 - fixtures
+from stepvox.engine.audio.decoder_errors import (AudioError, PromptError, SampleRateError, SpeechDecoderError,
+                                                 StreamStateError, TokenError)
+from stepvox.engine.audio.io import read_wav
+from stepvox.engine.audio.kaldi_fbank import campplus_features
+from stepvox.engine.speech_decoder import SpeakerPrompt, SpeechDecoder, flow_tokens_from_llm_ids
+
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+
+def test_prompt_from_speech_and_resampled_copies(tiny_decoder, speech_wav, tmp_path):
+    wav, sr = read_wav(speech_wav)
+    prompt = tiny_decoder.make_prompt(wav, sr, tokens=list(range(40)))
+    assert prompt.mel.shape == (wav.shape[1] // 256, 80) and prompt.embedding.shape == (192,)
+    assert prompt.tokens.tolist() == list(range(40))
+    # the embedding is the (fixture) CAM++ ONNX of the mean-normalised 16 kHz fbank
+    import onnxruntime
+    sess = onnxruntime.InferenceSession(f"{tiny_decoder.campplus.path}", providers=["CPUExecutionProvider"])
+    from stepvox.engine.audio.io import resample
+    feats = campplus_features(resample(torch.from_numpy(wav[0]), sr, 16000))[None].numpy()
+    np.testing.assert_allclose(prompt.embedding.numpy(), sess.run(None, {"feats": feats})[0][0], rtol=1e-5, atol=1e-6)
+    # the same speech at 16 kHz / 44.1 kHz (sox) gives nearly the same prompt (documented resampling)
+    for rate in (16000, 44100):
+        other = str(tmp_path / f"p{rate}.wav")
+        subprocess.run(["sox", speech_wav, "-r", str(rate), other], check=True, capture_output=True)
+        w2, sr2 = read_wav(other)
+        p2 = tiny_decoder.make_prompt(w2, sr2, tokens=[1, 2, 3])
+        n = min(p2.mel.shape[0], prompt.mel.shape[0])
+        assert abs(p2.mel.shape[0] - prompt.mel.shape[0]) <= 1
+        assert (p2.mel[:n] - prompt.mel[:n]).abs().median() < 0.3
+        assert torch.nn.functional.cosine_similarity(p2.embedding, prompt.embedding, dim=0) > 0.98
+    # stereo in, mono mean out; a path works as well
+    stereo = np.stack([wav[0], wav[0]])
+    torch.testing.assert_close(tiny_decoder.make_prompt(stereo, sr, tokens=[1]).mel, prompt.mel)
+    torch.testing.assert_close(tiny_decoder.make_prompt(speech_wav, tokens=[1]).embedding, prompt.embedding)
+    with pytest.raises(SampleRateError):
+        tiny_decoder.make_prompt(speech_wav, 16000)
+    with pytest.raises(SampleRateError):
+        tiny_decoder.make_prompt(wav)
+
+
+def test_decode_with_speech_prompt(tiny_decoder, speech_wav):
+    wav, sr = read_wav(speech_wav)
+    prompt = tiny_decoder.make_prompt(wav, sr).with_tokens(list(range(100, 150)))
+    audio = tiny_decoder.token2wav(list(range(2000, 2050)), prompt=prompt, seed=0)
+    assert audio.shape == (int(50 / 41.667 * 22050 / 256) * 256,) and audio.dtype == torch.float32
+    assert torch.isfinite(audio).all() and audio.abs().max() <= 0.99 and audio.std() > 1e-4
+    assert tiny_decoder.sample_rate == 22050
+
+
+def test_token_errors(tiny_decoder):
+    with pytest.raises(TokenError, match="empty"):
+        tiny_decoder.token2wav([])
+    with pytest.raises(TokenError, match="vocabulary"):
+        tiny_decoder.token2wav([1, 2, 5120])
+    with pytest.raises(TokenError, match="subtract 65536"):
+        tiny_decoder.token2wav([65536 + 3, 65536 + 4])
+    with pytest.raises(TokenError, match="integers"):
+        tiny_decoder.token2wav([1.5, 2.0])
+    with pytest.raises(TokenError, match="integers"):
+        tiny_decoder.token2wav(torch.tensor([1.0, 2.0]))
+    with pytest.raises(TokenError, match="1-D"):
+        tiny_decoder.token2wav(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TokenError):
+        tiny_decoder.token2wav("12 13")
+    with pytest.raises(TokenError, match="-1"):
+        tiny_decoder.token2wav([-1, 3])
+    assert flow_tokens_from_llm_ids([65536, 65536 + 5119]) == [0, 5119]
+    with pytest.raises(TokenError):
+        flow_tokens_from_llm_ids([3, 65536])
+    assert tiny_decoder.token2mel(torch.tensor([[7, 8, 9]])).shape[0] == 80      # [1, N] accepted
+
+
+def test_prompt_errors(tiny_decoder, speech_wav):
+    wav, sr = read_wav(speech_wav)
+    no_tokens = tiny_decoder.make_prompt(wav, sr)
+    with pytest.raises(PromptError, match="no prompt tokens"):
+        tiny_decoder.token2wav([1, 2, 3], prompt=no_tokens)
+    with pytest.raises(PromptError, match="mel"):
+        tiny_decoder.token2wav([1, 2, 3], prompt=SpeakerPrompt(torch.zeros(10, 40), torch.zeros(192), torch.tensor([1])))
+    with pytest.raises(PromptError, match="embedding"):
+        tiny_decoder.token2wav([1], prompt=SpeakerPrompt(torch.zeros(10, 80), torch.zeros(100), torch.tensor([1])))
+    with pytest.raises(PromptError):
+        tiny_decoder.token2wav([1], prompt="Tingting")
+    with pytest.raises(PromptError, match="at least"):
+        tiny_decoder.make_prompt(wav[:, :1000], sr)
+    with pytest.raises(SampleRateError):
+        tiny_decoder.make_prompt(wav, 4000)
+    with pytest.raises(AudioError):
+        tiny_decoder.make_prompt(np.full(30000, np.nan, np.float32), sr)
+    with pytest.raises(SpeechDecoderError, match="noise"):
+        tiny_decoder.token2wav([1, 2, 3], noise=torch.zeros(80, 2))
+
+
+def test_campplus_missing_or_broken(tiny_dir, tmp_path, speech_wav):
+    import shutil
+    d = str(tmp_path / "nocamp")
+    shutil.copytree(tiny_dir, d)
+    (tmp_path / "nocamp" / "campplus.onnx").write_bytes(b"garbage")
+    from stepvox.engine.audio.decoder_errors import DecoderCheckpointError
+    with pytest.raises(DecoderCheckpointError, match="ONNX"):
+        SpeechDecoder.from_pretrained(d, device="cpu")
+    dec = SpeechDecoder.from_pretrained(d, device="cpu", load_campplus=False)
+    wav, sr = read_wav(speech_wav)
+    with pytest.raises(PromptError, match="campplus"):
+        dec.make_prompt(wav, sr)
+
+
+def test_stream_misuse(tiny_decoder):
+    st = tiny_decoder.open_stream(None, seed=0)
+    st.finish()
+    with pytest.raises(StreamStateError):
+        tiny_decoder.push(st, [1, 2])
+    with pytest.raises(TokenError, match="without any tokens"):
+        tiny_decoder.step_streams([st])
+    with pytest.raises(TokenError):
+        tiny_decoder.push(tiny_decoder.open_stream(), [99999])
+    with pytest.raises(SpeechDecoderError, match="multiple of 5"):
+        from stepvox.engine.speech_decoder_stream import StreamConfig
+        tiny_decoder.open_stream(config=StreamConfig(first_hop_tokens=7))
