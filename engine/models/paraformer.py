@@ -1,0 +1,442 @@
+"""The linguistic (vq02) encoder: FunASR's streaming Paraformer SAN-M encoder, run the way
+Step-Audio runs it (SPEC.md §4.3-4.4), from the released FunASR folder.
+
+Step-Audio computes the encoder in streaming chunk mode even for whole files
+(`infer_encoder` with chunk_size [0, 4, 5], encoder look-back 4). Each call sees a window of
+5 carried rows (the last 5 input rows of the previous window; zeros at first) plus the call's new
+LFR rows (4, or fewer in a final call). Every layer attends over the window plus a per-layer K/V
+look-back of 16 rows: the K/V computed, in earlier windows, for each window's first rows (all but
+the last 5). The FSMN memory sees only the window. Kept output: the window's new rows. So a frame
+sees at most ~20 frames of the past and none of the future, and its code is NOT the one a single
+full-sequence pass would give: "offline" in stepvox means this chunked computation over the
+whole utterance, and a live stream reproduces it row for row.
+
+Offline, all windows of all utterances are computed at once, layer by layer: a window's
+look-back at layer l only needs layer-l K/V of earlier windows, which the same batched layer
+produces, so no window waits for another. Streaming keeps the look-back in a per-session cache.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ..audio.kaldi_features import FbankConfig, ParaformerFeatures, load_am_mvn
+from ..audio.tokenizer_errors import TokenizerCheckpointError
+from ...kernels.sanm import sanm_attention
+
+PARAFORMER_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
+LAYER_NORM_EPS = 1e-12      # FunASR's LayerNorm
+
+
+@dataclass(frozen=True)
+class ParaformerEncoderConfig:
+    input_size: int = 560
+    output_size: int = 512
+    attention_heads: int = 4
+    linear_units: int = 2048
+    num_blocks: int = 50
+    kernel_size: int = 11
+    sanm_shift: int = 0
+    # Step-Audio's streaming settings (tokenizer.py): chunk_size [0, 4, 5], encoder look-back 4
+    chunk_frames: int = 4
+    carried_frames: int = 5
+    look_back_chunks: int = 4
+
+    @property
+    def window_rows(self) -> int:
+        return self.carried_frames + self.chunk_frames
+
+    @property
+    def look_back_rows(self) -> int:
+        return self.look_back_chunks * self.chunk_frames
+
+    @property
+    def fsmn_left_pad(self) -> int:
+        return (self.kernel_size - 1) // 2 + self.sanm_shift
+
+
+class _PlainDataLoader(yaml.SafeLoader):
+    """safe_load that turns any tagged node (e.g. `!new:...`) into plain data instead of failing."""
+
+
+def _plain(loader, suffix, node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_PlainDataLoader.add_multi_constructor("!", _plain)
+_PlainDataLoader.add_multi_constructor("tag:", _plain)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_PlainDataLoader)  # noqa: S506 - SafeLoader subclass
+    except (OSError, yaml.YAMLError) as exc:
+        raise TokenizerCheckpointError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TokenizerCheckpointError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def parse_paraformer_config(data: dict, where: str = "config.yaml") -> tuple[ParaformerEncoderConfig, FbankConfig]:
+    enc = data.get("encoder_conf") or {}
+    fe = data.get("frontend_conf") or {}
+    encoder_name = str(data.get("encoder", "SANMEncoderChunkOpt"))
+    problems = []
+    if encoder_name != "SANMEncoderChunkOpt":
+        problems.append(f"encoder {encoder_name!r} (expected SANMEncoderChunkOpt)")
+    if enc.get("input_layer", "pe_online") != "pe_online":
+        problems.append(f"input_layer {enc.get('input_layer')!r} (expected pe_online)")
+    if enc.get("selfattention_layer_type", "sanm") != "sanm":
+        problems.append(f"selfattention_layer_type {enc.get('selfattention_layer_type')!r} (expected sanm)")
+    if not enc.get("normalize_before", True):
+        problems.append("normalize_before false (expected true)")
+    if str(fe.get("window", "hamming")) != "hamming":
+        problems.append(f"frontend window {fe.get('window')!r} (expected hamming)")
+    if int(fe.get("fs", 16000)) != 16000:
+        problems.append(f"frontend fs {fe.get('fs')} (expected 16000)")
+    if problems:
+        raise TokenizerCheckpointError(f"{where}: unsupported Paraformer variant: " + "; ".join(problems))
+    fbank = FbankConfig(n_mels=int(fe.get("n_mels", 80)), frame_length_ms=float(fe.get("frame_length", 25)),
+                        frame_shift_ms=float(fe.get("frame_shift", 10)), lfr_m=int(fe.get("lfr_m", 7)),
+                        lfr_n=int(fe.get("lfr_n", 6)))
+    encoder = ParaformerEncoderConfig(
+        input_size=fbank.feature_dim, output_size=int(enc.get("output_size", 512)),
+        attention_heads=int(enc.get("attention_heads", 4)), linear_units=int(enc.get("linear_units", 2048)),
+        num_blocks=int(enc.get("num_blocks", 50)), kernel_size=int(enc.get("kernel_size", 11)),
+        sanm_shift=int(enc.get("sanm_shfit", enc.get("sanm_shift", 0))))
+    return encoder, fbank
+
+
+@functools.lru_cache(maxsize=8)
+def _inv_timescales(depth: int, device: str) -> torch.Tensor:
+    # computed on the CPU in float32 exactly as FunASR does, then moved (same bits everywhere)
+    increment = torch.log(torch.tensor([10000.0])) / (depth / 2 - 1)
+    return torch.exp(torch.arange(depth // 2).float() * -increment).to(device)
+
+
+def sinusoid_positions(positions: torch.Tensor, depth: int) -> torch.Tensor:
+    """FunASR's (Stream)SinusoidalPositionEncoder rows for 1-based float32 positions:
+    [sin(p * inv), cos(p * inv)] with inv_k = exp(-k * ln(1e4) / (depth/2 - 1))."""
+    inv = _inv_timescales(depth, str(positions.device))
+    scaled = positions.float()[:, None] * inv[None, :]
+    return torch.cat([torch.sin(scaled), torch.cos(scaled)], dim=1)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, in_size: int, size: int, kernel_size: int):
+        super().__init__()
+        self.linear_q_k_v = torch.nn.Linear(in_size, 3 * size)
+        self.linear_out = torch.nn.Linear(size, size)
+        self.fsmn_block = torch.nn.Conv1d(size, size, kernel_size, groups=size, bias=False)
+
+
+class _FeedForward(torch.nn.Module):
+    def __init__(self, size: int, hidden: int):
+        super().__init__()
+        self.w_1 = torch.nn.Linear(size, hidden)
+        self.w_2 = torch.nn.Linear(hidden, size)
+
+
+class SANMLayer(torch.nn.Module):
+    def __init__(self, in_size: int, cfg: ParaformerEncoderConfig):
+        super().__init__()
+        size = cfg.output_size
+        self.norm1 = torch.nn.LayerNorm(in_size, eps=LAYER_NORM_EPS)
+        self.self_attn = _SelfAttention(in_size, size, cfg.kernel_size)
+        self.norm2 = torch.nn.LayerNorm(size, eps=LAYER_NORM_EPS)
+        self.feed_forward = _FeedForward(size, cfg.linear_units)
+        self.residual = in_size == size     # FunASR skips the attention residual for encoders0
+
+
+class StreamState:
+    """One live stream's encoder state: the 5 carried input rows and the per-layer K/V look-back."""
+
+    def __init__(self, cfg: ParaformerEncoderConfig, num_layers: int, device, dtype):
+        self.carry = torch.zeros(cfg.carried_frames, cfg.input_size, device=device, dtype=dtype)
+        shape = (num_layers, 1, cfg.look_back_rows, cfg.output_size)
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.look_back = 0        # valid look-back rows (right-aligned in the cache)
+        self.rows_done = 0        # LFR rows encoded so far (for the positional encoding)
+
+
+class ParaformerEncoder(torch.nn.Module):
+    """SANMEncoderChunkOpt's streaming-chunk forward; module names follow model.pt (`encoder.*`)."""
+
+    def __init__(self, cfg: ParaformerEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoders0 = torch.nn.ModuleList([SANMLayer(cfg.input_size, cfg)])
+        self.encoders = torch.nn.ModuleList([SANMLayer(cfg.output_size, cfg) for _ in range(cfg.num_blocks - 1)])
+        self.after_norm = torch.nn.LayerNorm(cfg.output_size, eps=LAYER_NORM_EPS)
+
+    @property
+    def layers(self) -> list[SANMLayer]:
+        return list(self.encoders0) + list(self.encoders)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.after_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.after_norm.weight.device
+
+    def embed(self, feats: torch.Tensor, first_position: int) -> torch.Tensor:
+        """x * sqrt(output_size) + positional rows (1-based, continuing the stream), float32."""
+        pos = torch.arange(first_position + 1, first_position + 1 + feats.shape[0], device=feats.device)
+        return feats.float() * self.cfg.output_size ** 0.5 + sinusoid_positions(pos, feats.shape[1])
+
+    def _layer(self, layer: SANMLayer, h, n_rows, lb_len, look_back):
+        """One SAN-M layer on windows h [W, R, in]. `look_back(k, v)` returns the [W, L, D]
+        look-back keys/values for this layer given the windows' own k, v. Returns (h, k, v)."""
+        cfg = self.cfg
+        d = cfg.output_size
+        attn = layer.self_attn
+        x = F.layer_norm(h, (h.shape[-1],), layer.norm1.weight, layer.norm1.bias, LAYER_NORM_EPS)
+        q, k, v = F.linear(x, attn.linear_q_k_v.weight, attn.linear_q_k_v.bias).split(d, dim=-1)
+        lb_k, lb_v = look_back(k, v)
+        ctx, mem = sanm_attention(q, k, v, lb_k, lb_v, lb_len, n_rows, attn.fsmn_block.weight,
+                                  cfg.attention_heads, cfg.fsmn_left_pad)
+        out = F.linear(ctx, attn.linear_out.weight, attn.linear_out.bias) + mem
+        h = h + out if layer.residual else out
+        ff = layer.feed_forward
+        x = F.layer_norm(h, (d,), layer.norm2.weight, layer.norm2.bias, LAYER_NORM_EPS)
+        h = h + F.linear(F.relu(F.linear(x, ff.w_1.weight, ff.w_1.bias)), ff.w_2.weight, ff.w_2.bias)
+        return h, k, v
+
+    # ------------------------------------------------------------------ offline (whole utterances)
+    def encode_offline(self, feats: list[torch.Tensor], counts: list[list[int]]) -> list[torch.Tensor]:
+        """Encoder outputs [N_i, D] of utterances given their CMVN'd LFR rows [N_i, in] and rows per
+        call (`kaldi_features.chunk_row_counts`); every utterance equals its own streamed run."""
+        cfg = self.cfg
+        step, carry, r = cfg.chunk_frames, cfg.carried_frames, cfg.window_rows
+        windows, n_rows, lb_len, lb_index, spans = [], [], [], [], []
+        first = 0
+        for x, calls in zip(feats, counts):
+            if sum(calls) != x.shape[0]:
+                raise ValueError(f"encode_offline: {x.shape[0]} rows but calls sum to {sum(calls)}")
+            if any(c != step for c in calls[:-1]) or (calls and not 0 < calls[-1] <= step):
+                raise ValueError(f"encode_offline: calls must be {step} rows each but the last, got {calls}")
+            c = len(calls)
+            spans.append((first, c, x.shape[0]))
+            if c == 0:
+                continue
+            y = self.embed(x, 0)
+            z = F.pad(y, (0, 0, carry, step * c + r - carry - y.shape[0]))      # 5 zero rows in front
+            windows.append(z.unfold(0, r, step)[:c].transpose(1, 2))          # [c, R, in]
+            n_rows.append(torch.tensor(calls) + carry)
+            idx = torch.arange(c)
+            lb_len.append(torch.clamp(idx * step, max=cfg.look_back_rows))
+            # look-back slot m of window w holds row m % step of window w - L/step + m // step
+            slot = torch.arange(cfg.look_back_rows)
+            src_win = idx[:, None] - cfg.look_back_chunks + slot[None, :] // step
+            src = (first + src_win.clamp(min=0)) * r + slot[None, :] % step
+            lb_index.append(src)
+            first += c
+        outs = []
+        if windows:
+            dev = self.device
+            h = torch.cat(windows).to(dev, self.dtype)
+            n_rows_t = torch.cat(n_rows).to(dev, torch.int32)
+            lb_len_t = torch.cat(lb_len).to(dev, torch.int32)
+            index = torch.cat(lb_index).to(dev)
+
+            def gather(k, v):
+                d = k.shape[-1]
+                return k.reshape(-1, d)[index], v.reshape(-1, d)[index]
+
+            for layer in self.layers:
+                h = self._layer(layer, h, n_rows_t, lb_len_t, gather)[0]
+            h = F.layer_norm(h, (cfg.output_size,), self.after_norm.weight, self.after_norm.bias, LAYER_NORM_EPS)
+            new_rows = h[:, carry:carry + step]                                 # [W, step, D]
+        for first_win, c, n in spans:
+            if c == 0:
+                outs.append(torch.zeros(0, cfg.output_size, device=self.device, dtype=self.dtype))
+            else:
+                outs.append(new_rows[first_win:first_win + c].reshape(-1, cfg.output_size)[:n])
+        return outs
+
+    # ------------------------------------------------------------------ streaming (one call)
+    def new_stream(self) -> StreamState:
+        return StreamState(self.cfg, len(self.layers), self.device, self.dtype)
+
+    def window_for(self, state: StreamState, feats: torch.Tensor) -> torch.Tensor:
+        """The [1, R, in] window of one call: carried rows + the call's embedded rows, zero-padded."""
+        y = self.embed(feats.to(self.device), state.rows_done).to(self.dtype)
+        window = torch.cat([state.carry, y])
+        return F.pad(window, (0, 0, 0, self.cfg.window_rows - window.shape[0]))[None]
+
+    def stream_step(self, window: torch.Tensor, new: int, look_back: int, cache_k: torch.Tensor,
+                    cache_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode one call's window [1, R, in] holding `new` new rows with the look-back caches
+        [layers, 1, L, D] (`look_back` valid rows, right-aligned). Returns the after_norm output
+        [1, R, D] (new rows at [carried: carried + new]) and the advanced caches: each layer's
+        cache drops its oldest `new` rows and takes the K/V of the window's first `new` rows."""
+        cfg = self.cfg
+        dev = window.device
+        n_rows = torch.full((1,), cfg.carried_frames + new, device=dev, dtype=torch.int32)
+        lb_len = torch.full((1,), look_back, device=dev, dtype=torch.int32) if isinstance(look_back, int) \
+            else look_back
+        h = window
+        next_k, next_v = [], []
+        for i, layer in enumerate(self.layers):
+            h, k, v = self._layer(layer, h, n_rows, lb_len, lambda k, v, i=i: (cache_k[i], cache_v[i]))
+            next_k.append(torch.cat([cache_k[i][:, new:], k[:, :new]], dim=1))
+            next_v.append(torch.cat([cache_v[i][:, new:], v[:, :new]], dim=1))
+        out = F.layer_norm(h, (cfg.output_size,), self.after_norm.weight, self.after_norm.bias, LAYER_NORM_EPS)
+        return out, torch.stack(next_k), torch.stack(next_v)
+
+    def advance(self, state: StreamState, window: torch.Tensor, new: int) -> None:
+        state.carry = window[0, new:new + self.cfg.carried_frames]
+        state.look_back = min(self.cfg.look_back_rows, state.look_back + new)
+        state.rows_done += new
+
+
+class StreamStepGraph:
+    """A CUDA graph of one full streaming call (`chunk_frames` new rows) plus a post-processing
+    function of its new output rows (the vq02 code search), replayed for every live stream: a
+    stream's cache is copied in and the advanced cache copied out, so one graph serves all."""
+
+    def __init__(self, encoder: ParaformerEncoder, post):
+        cfg = encoder.cfg
+        dev, dt = encoder.device, encoder.dtype
+        self.encoder, self.post = encoder, post
+        self.lock = threading.Lock()
+        self.window = torch.zeros(1, cfg.window_rows, cfg.input_size, device=dev, dtype=dt)
+        self.look_back = torch.zeros(1, device=dev, dtype=torch.int32)
+        shape = (len(encoder.layers), 1, cfg.look_back_rows, cfg.output_size)
+        self.cache_k = torch.zeros(shape, device=dev, dtype=dt)
+        self.cache_v = torch.zeros(shape, device=dev, dtype=dt)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):                       # compile the Triton kernels outside capture
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self._run()
+
+    def _run(self):
+        cfg = self.encoder.cfg
+        out, k, v = self.encoder.stream_step(self.window, cfg.chunk_frames, self.look_back, self.cache_k, self.cache_v)
+        rows = out[0, cfg.carried_frames:cfg.carried_frames + cfg.chunk_frames]
+        return rows, self.post(rows), k, v
+
+    def __call__(self, window, look_back: int, cache_k, cache_v):
+        with self.lock:                             # one set of static buffers for all streams
+            self.window.copy_(window)
+            self.look_back.fill_(look_back)
+            self.cache_k.copy_(cache_k)
+            self.cache_v.copy_(cache_v)
+            self.graph.replay()
+            return tuple(t.clone() for t in self.outputs)
+
+
+class EncoderStream:
+    """Encoder side of one live stream: LFR rows in (one block per front-end call), new output
+    rows and their post-processed values (codes) out."""
+
+    def __init__(self, encoder: ParaformerEncoder, post, graph: StreamStepGraph | None = None):
+        self.encoder, self.post, self.graph = encoder, post, graph
+        self.state = encoder.new_stream()
+
+    def step(self, rows: torch.Tensor):
+        enc, st, cfg = self.encoder, self.state, self.encoder.cfg
+        new = rows.shape[0]
+        window = enc.window_for(st, rows)
+        if self.graph is not None and new == cfg.chunk_frames:
+            out, codes, st.cache_k, st.cache_v = self.graph(window, st.look_back, st.cache_k, st.cache_v)
+        else:
+            full, st.cache_k, st.cache_v = enc.stream_step(window, new, st.look_back, st.cache_k, st.cache_v)
+            out = full[0, cfg.carried_frames:cfg.carried_frames + new]
+            codes = self.post(out)
+        enc.advance(st, window, new)
+        return out, codes
+
+
+# ---------------------------------------------------------------------------------- loading
+def _load_state_dict(path: str) -> dict:
+    if not os.path.exists(path):
+        raise TokenizerCheckpointError(f"missing Paraformer checkpoint {path}")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
+    except Exception as exc:  # noqa: BLE001 - unpickling refusals and IO errors have many types
+        raise TokenizerCheckpointError(f"cannot load {path} as a plain tensor state dict "
+                                       f"(torch.load weights_only=True): {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise TokenizerCheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+def encoder_state_dict(sd: dict, where: str) -> dict[str, torch.Tensor]:
+    """The `encoder.*` tensors of a full Paraformer state dict, prefix removed (decoder,
+    predictor and anything else are ignored)."""
+    out = {}
+    for key, value in sd.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if name.startswith("encoder."):
+            if not isinstance(value, torch.Tensor):
+                raise TokenizerCheckpointError(f"{where}: {key} is not a tensor")
+            out[name[len("encoder."):]] = value
+    if not out:
+        raise TokenizerCheckpointError(f"{where}: no encoder.* tensors found")
+    return out
+
+
+def check_and_load(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load that names every missing, unexpected and mis-shaped tensor."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+           for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k].shape]
+    if missing or extra or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if extra:
+            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+        if bad:
+            parts.append(f"mis-shaped {len(bad)}: {'; '.join(bad[:8])}")
+        raise TokenizerCheckpointError(f"{where}: tensors do not match the model: " + " | ".join(parts))
+    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+
+
+def load_paraformer(folder: str | os.PathLike, device="cpu", dtype=torch.float32
+                    ) -> tuple[ParaformerEncoder, ParaformerFeatures]:
+    """Encoder and front end from a FunASR model folder (config.yaml, am.mvn, model.pt)."""
+    folder = os.fspath(folder)
+    enc_cfg, fbank_cfg = parse_paraformer_config(read_yaml(os.path.join(folder, "config.yaml")),
+                                                 os.path.join(folder, "config.yaml"))
+    shift, scale = load_am_mvn(os.path.join(folder, "am.mvn"), fbank_cfg.feature_dim)
+    ckpt = os.path.join(folder, "model.pt")
+    tensors = encoder_state_dict(_load_state_dict(ckpt), ckpt)
+    blocks = 1 + len({k.split(".")[1] for k in tensors if k.startswith("encoders.")})
+    if blocks != enc_cfg.num_blocks:
+        raise TokenizerCheckpointError(
+            f"{ckpt}: has {blocks} encoder blocks but config.yaml says num_blocks {enc_cfg.num_blocks}")
+    with torch.device("meta"):
+        encoder = ParaformerEncoder(enc_cfg)
+    encoder = encoder.to_empty(device="cpu")
+    check_and_load(encoder, tensors, ckpt)
+    encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return encoder, ParaformerFeatures(fbank_cfg, shift, scale).to(device)

@@ -1,0 +1,198 @@
+"""AudioTokenizer end to end on real (espeak-ng) speech: equals an independent replay of the
+official wav2token path; batched equals unbatched; a live stream equals offline; interleave and
+string form; bad audio handling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import stepvox.kernels as K
+from stepvox.engine.audio.tokenizer_errors import AudioInputError, AudioTooShortError, StreamClosedError
+from stepvox.engine.audio.tokenizer_frontend import StreamingResampler, energy_normalize, resample, trim_silence
+from stepvox.engine.audio_tokenizer import AudioTokenizer, interleave, ids_to_text, num_groups
+from stepvox.engine.special_tokens import AUDIO_TOKEN_OFFSET, VQ06_OFFSET
+
+from fixtures_tokenizer import TINY, espeak_wav, official_wav2token, write_tokenizer_dir
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there, how are you today?",
+         "Streaming tokens arrive every two hundred and forty milliseconds."]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    fixture = write_tokenizer_dir(str(root), TINY, seed=5)
+    with K.use_backend("reference"):
+        tok = AudioTokenizer.from_pretrained(str(root))
+    speech = [espeak_wav(str(root), t, f"s{i}") for i, t in enumerate(TEXTS)]
+    return tok, fixture, speech
+
+
+@pytest.mark.parametrize("which", range(len(TEXTS)))
+def test_encode_equals_official_path(setup, which):
+    tok, fixture, speech = setup
+    wav, sr = speech[which]
+    assert sr == 22050
+    with K.use_backend("reference"):
+        out = tok.tokenize(wav, sr)
+    vq02, vq06, ids = official_wav2token(wav, sr, fixture, TINY)
+    assert out.vq02 == vq02 and out.vq06 == vq06 and out.ids == ids
+    assert len(ids) == 5 * num_groups(len(vq02), len(vq06)) > 0
+    assert abs(len(vq02) - len(wav) / sr * 16000 / 960) <= 2 and abs(len(vq06) - len(wav) / sr * 25) <= 2
+
+
+def test_encode_batch_equals_unbatched(setup):
+    tok, _, speech = setup
+    wavs = [speech[0][0], speech[1][0][:9000], speech[2][0]]
+    rates = [22050, 22050, 22050]
+    wavs.append(resample(torch.from_numpy(speech[1][0]), 22050, 16000).numpy())
+    rates.append(16000)
+    with K.use_backend("reference"):
+        batched = tok.tokenize_batch(wavs, rates)
+        single = [tok.tokenize(w, r) for w, r in zip(wavs, rates)]
+    for b, s in zip(batched, single):
+        assert (b.vq02, b.vq06, b.ids) == (s.vq02, s.vq06, s.ids)
+    assert len({len(b.ids) for b in batched}) == len(batched)          # really different lengths
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_stream_equals_offline(setup, rate):
+    tok, _, speech = setup
+    wav22, _ = speech[2]
+    wav = resample(torch.from_numpy(wav22), 22050, rate)
+    with K.use_backend("reference"):
+        offline = tok.tokenize(wav, rate, energy_norm=False)
+        stream = tok.stream("call-1", sample_rate=rate)
+        assert tok.stream("call-1") is stream                        # sessions are looked up by id
+        with pytest.raises(AudioInputError, match="open at"):
+            tok.stream("call-1", sample_rate=rate + 1)
+        got = {"vq02": [], "vq06": [], "ids": []}
+        rng = np.random.default_rng(rate)
+        i, first_code_at = 0, None
+        while i < wav.numel():
+            n = int(rng.integers(50, rate // 5))
+            upd = stream.feed(wav[i:i + n])
+            i += n
+            if upd.vq02 and first_code_at is None:
+                first_code_at = i
+            for k in got:
+                got[k] += getattr(upd, k)
+        upd = stream.finish()
+        for k in got:
+            got[k] += getattr(upd, k)
+    assert got["vq02"] == offline.vq02 and got["vq06"] == offline.vq06 and got["ids"] == offline.ids
+    assert first_code_at <= rate * 0.24 + rate // 5 + 1                # codes arrive with the first 240 ms
+    assert "call-1" not in tok.open_sessions()                          # finished sessions are forgotten
+    with pytest.raises(StreamClosedError):
+        stream.feed(wav[:100])
+
+
+def test_stream_vq06_and_ids_flush_per_30s_piece(setup):
+    tok, _, _ = setup
+    g = torch.Generator().manual_seed(0)
+    wav = 0.2 * torch.randn(16000 * 31, generator=g)
+    with K.use_backend("reference"):
+        stream = tok.stream()
+        first = stream.feed(wav[:480000 - 1])
+        second = stream.feed(wav[480000 - 1:480000])
+        rest = stream.feed(wav[480000:])
+        last = stream.finish()
+    assert first.vq06 == [] and first.ids == [] and len(first.vq02) > 100
+    assert len(second.vq06) == 750 and len(second.ids) > 0             # the first 30 s piece is complete
+    assert rest.vq06 == [] and len(last.vq06) == 25
+
+
+def test_interleave_and_text_form():
+    vq02 = [1, 2, 3, 4, 5]
+    vq06 = [10, 11, 12, 13, 14, 15, 16]
+    ids = interleave(vq02, vq06)
+    assert ids == [AUDIO_TOKEN_OFFSET + 1, AUDIO_TOKEN_OFFSET + 2, VQ06_OFFSET + 10, VQ06_OFFSET + 11,
+                   VQ06_OFFSET + 12, AUDIO_TOKEN_OFFSET + 3, AUDIO_TOKEN_OFFSET + 4, VQ06_OFFSET + 13,
+                   VQ06_OFFSET + 14, VQ06_OFFSET + 15]                 # remainder (5, 16) dropped
+    assert ids_to_text(ids[:5]) == "<audio_1><audio_2><audio_1034><audio_1035><audio_1036>"
+    assert interleave(vq02, vq06, start_group=1) == ids[5:]
+    assert interleave([1], [1, 2, 3]) == []
+
+
+def test_energy_norm_and_trim_follow_step_audio():
+    wav = torch.tensor([0.0, 0.5, -0.25])
+    torch.testing.assert_close(energy_normalize(wav), wav / 0.5 * 0.999)
+    quiet = torch.full((4,), 0.001)
+    torch.testing.assert_close(energy_normalize(quiet), quiet / 0.01 * 0.999)
+    # 1 s silence, 0.5 s tone, 1 s silence at 16 kHz
+    t = torch.arange(8000) / 16000
+    wav = torch.cat([torch.zeros(16000), 0.5 * torch.sin(2 * np.pi * 440 * t), torch.zeros(16000)])
+    out = trim_silence(wav)
+    # loud frames (hop 128, centred 512 frames) start 2 frames before the tone and end 2 after it
+    start, end = 16000 - 256, 24000 + 256
+    hops = int(np.ceil((end - start) / 240))
+    assert out.numel() == hops * 240 + 4320
+    torch.testing.assert_close(out[:200], wav[start - 800:start - 600])
+    # all-zero audio: every frame is 0 dB below the (zero) peak, so librosa keeps it all
+    silent = trim_silence(torch.zeros(5000))
+    assert silent.numel() == int(np.ceil(5000 / 240)) * 240 + 4320 and silent.abs().max() == 0
+
+
+def test_bad_audio(setup):
+    tok, _, speech = setup
+    wav, sr = speech[1]
+    with K.use_backend("reference"):
+        with pytest.raises(AudioInputError, match="empty"):
+            tok.encode(np.zeros(0, np.float32), 16000)
+        with pytest.raises(AudioTooShortError, match="too short"):
+            tok.encode(wav[:800], sr)
+        assert tok.tokenize(wav[:800], sr, allow_empty=True).ids == []
+        bad = wav.copy()
+        bad[100] = np.nan
+        with pytest.raises(AudioInputError, match="NaN"):
+            tok.encode(bad, sr)
+        with pytest.raises(AudioInputError, match="below 16000"):
+            tok.encode(wav, 8000)
+        with pytest.raises(AudioInputError, match="sample_rate"):
+            tok.encode(wav, 22050.5)
+        with pytest.raises(AudioInputError, match="dtype"):
+            tok.encode((wav * 100).astype(np.uint8), sr)
+        with pytest.raises(AudioInputError, match="channels"):
+            tok.encode(np.stack([wav, wav], axis=1), sr)            # (samples, channels)
+        with pytest.raises(AudioInputError, match="peaks"):
+            tok.encode(wav * 32768, sr)                             # int-scaled floats
+        with pytest.raises(AudioInputError, match="#1"):
+            tok.encode_batch([wav, wav[:0]], sr)
+        # documented handling
+        ref = tok.encode(wav, sr)
+        assert tok.encode(np.stack([wav, wav]), sr) == ref                         # stereo: channel mean
+        assert tok.encode((wav * 32767).astype(np.int16), sr) == \
+            tok.encode(np.round(wav * 32767) / 32768, sr)                          # int16: / 2**15
+        assert tok.encode(torch.from_numpy(wav).double(), sr) == ref               # float64 accepted
+        clipped = np.clip(wav * 4, -1, 1)
+        assert len(tok.encode(clipped, sr)) == len(ref)                            # clipped: tokenized as is
+
+
+def test_streaming_resampler_matches_offline():
+    g = torch.Generator().manual_seed(0)
+    x = 0.1 * torch.randn(44100, generator=g)
+    rs = StreamingResampler(44100)
+    pieces, i = [], 0
+    for n in [1, 7, 1000, 5000, 13, 20000, 30000]:
+        pieces.append(rs.push(x[i:i + n]))
+        i += n
+    pieces.append(rs.finish())
+    torch.testing.assert_close(torch.cat(pieces), resample(x, 44100), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_stream_with_graphs_equals_offline(tmp_path, dtype):
+    write_tokenizer_dir(str(tmp_path), TINY, seed=5)
+    tok = AudioTokenizer.from_pretrained(str(tmp_path), device="cuda", dtype=dtype)
+    wav, sr = espeak_wav(str(tmp_path), TEXTS[2])
+    offline = tok.tokenize(wav, sr, energy_norm=False)
+    stream = tok.stream(sample_rate=sr)
+    got = []
+    for i in range(0, wav.size, 1234):
+        got += stream.feed(wav[i:i + 1234]).ids
+    got += stream.finish().ids
+    assert got == offline.ids
+    batched = tok.tokenize_batch([wav, wav[:30000]], sr)
+    assert batched[1].ids == tok.tokenize(wav[:30000], sr).ids
