@@ -31,6 +31,7 @@ from stepvox.kernels.attention_decode import default_num_splits  # noqa: E402
 
 DEV = "cuda"
 NO_PEERS = False
+SWEEP = False
 DT = torch.bfloat16
 
 PREFILL_CASES = [
@@ -155,30 +156,24 @@ def check_correctness(results):
 
 
 # ---------------------------------------------------------------- prefill timings
-def prefill_variants(d, quick):
-    """Launch configurations to time; the first is the module's default."""
+def prefill_variants(d, quick, sweep=False):
+    """The module's default first; then neighbours that show what each choice buys (the pointer
+    path instead of TMA, the exact square root everywhere, other tiles). --sweep times the grid
+    the defaults were chosen from."""
     from stepvox.kernels.attention_prefill import PREFILL_CONFIGS
-    base = [dict(PREFILL_CONFIGS[d])]
+    base = dict(PREFILL_CONFIGS[d])
     if quick:
-        return base
-    if d == 64:
-        more = [dict(BLOCK_M=bm, BLOCK_N=64, num_warps=4, num_stages=st, POLY_DIST=pd, POLY_DEGREE=deg, TMA=tma)
-                for bm in (64, 128) for st in (3, 4) for tma in (False, True)
-                for pd, deg in ((192, 3), (384, 2))]
-        more += [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, POLY_DIST=0, POLY_DEGREE=3, TMA=True)]
-    else:
-        more = [dict(BLOCK_M=128, BLOCK_N=bn, num_warps=8, num_stages=st, POLY_DIST=3 * bn, POLY_DEGREE=3, TMA=tma)
-                for bn in (64, 128) for st in (2, 3, 4) for tma in (False, True)]
-        more += [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, POLY_DIST=192, POLY_DEGREE=3, TMA=True)]
-    seen, out = set(), []
-    for v in base + more:
-        v.setdefault("POLY_DEGREE", 3)
-        v.setdefault("TMA", False)
-        key = tuple(sorted(v.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(v)
-    return out
+        return [base]
+    if sweep:
+        if d == 64:
+            grid = [dict(BLOCK_M=bm, BLOCK_N=64, num_warps=4, num_stages=st, POLY_DIST=pd, POLY_DEGREE=deg, TMA=tma)
+                    for bm in (64, 128) for st in (3, 4) for tma in (False, True) for pd, deg in ((192, 3), (384, 2))]
+        else:
+            grid = [dict(BLOCK_M=128, BLOCK_N=bn, num_warps=8, num_stages=st, POLY_DIST=3 * bn, POLY_DEGREE=3, TMA=tma)
+                    for bn in (64, 128) for st in (2, 3, 4) for tma in (False, True)]
+        return [base] + grid
+    return [base, dict(base, TMA=False), dict(base, POLY_DIST=0),
+            dict(base, BLOCK_M=128, num_warps=8 if d == 128 else 4)]
 
 
 def time_prefill_case(c, quick, rows, results):
@@ -197,7 +192,7 @@ def time_prefill_case(c, quick, rows, results):
         return flops / ms / 1e9
 
     best = None
-    for cfg in prefill_variants(d, quick):
+    for cfg in prefill_variants(d, quick, SWEEP):
         name = "stepvox " + ",".join(f"{k_}={v_}" for k_, v_ in cfg.items())
 
         def run(cfg=cfg):
@@ -372,9 +367,10 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["prefill", "decode", "correctness", "small"], default=None)
     ap.add_argument("--no-peers", action="store_true", help="time stepvox only (tuning runs)")
+    ap.add_argument("--sweep", action="store_true", help="time the configuration grid the defaults came from")
     args = ap.parse_args()
-    global NO_PEERS
-    NO_PEERS = args.no_peers
+    global NO_PEERS, SWEEP
+    NO_PEERS, SWEEP = args.no_peers, args.sweep
     results = {"device": device_name(), "torch": torch.__version__}
     import triton
     results["triton"] = triton.__version__

@@ -132,12 +132,13 @@ def main():
     results["write_checkpoint_s"] = time.perf_counter() - t0
     print(f"checkpoint written in {results['write_checkpoint_s']:.1f} s", flush=True)
     rows = []
-    for graphs in (True, False):
-        tag = "graphs" if graphs else "eager"
+    runs = [("graphs", {}), ("eager", {"enforce_eager": True}), ("tp1-worker-path", {"distributed_executor": "mp"})]
+    for tag, opts in runs:
+        graphs = tag == "graphs"
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         llm = LLM(folder, max_num_batched_tokens=4096, max_num_seqs=64, cuda_graph_max_batch=64,
-                  enforce_eager=not graphs, gpu_memory_utilization=0.85)
+                  gpu_memory_utilization=0.85, **opts)
         load = time.perf_counter() - t0
         runner = llm.engine.executor.runner
         r = results[tag] = dict(init_s=load, weights_s=runner.load_seconds,
@@ -146,6 +147,8 @@ def main():
         print(f"{tag}: init {load:.1f} s (weights {runner.load_seconds:.1f} s)", flush=True)
         r["decode_b1_ms"] = guarded(results, f"{tag} decode", lambda: decode_ms_per_token(llm))
         print(f"{tag}: decode b1 {r['decode_b1_ms']} ms/token", flush=True)
+        if tag == "tp1-worker-path":
+            r["batch16"] = guarded(results, "worker batch 16", lambda: throughput(llm, 16))
         if graphs:
             r["graph_replay_b1_ms"] = guarded(results, "replay", lambda: graph_replay_ms(llm))
             for n in (400, 4000):
@@ -157,7 +160,7 @@ def main():
         del llm, runner
         gc.collect()
         torch.cuda.empty_cache()
-    g, e = results["graphs"], results.get("eager", {})
+    g, e, w = results["graphs"], results.get("eager", {}), results.get("tp1-worker-path", {})
 
     def f(v, fmt="{:.2f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
@@ -172,6 +175,9 @@ def main():
         t = g.get(f"batch{b}")
         if t:
             rows.append(dict(metric=f"batch {b}, 400+256 tokens: generated tokens/s", value=f(t["generated_tok_s"], "{:.0f}")))
+    rows += [dict(metric="TP=1 worker path: decode batch 1 (ms/token)", value=f(w.get("decode_b1_ms"))),
+             dict(metric="TP=1 worker path: batch 16 generated tokens/s",
+                  value=f((w.get("batch16") or {}).get("generated_tok_s"), "{:.0f}"))]
     rows += [dict(metric="load: LLM() total / weights / graph capture (s)",
                   value=f"{g['init_s']:.1f} / {g['weights_s']:.1f} / {g['graph_capture_s']:.1f}"),
              dict(metric="checkpoint write (s)", value=f(results["write_checkpoint_s"], "{:.1f}"))]

@@ -31,3 +31,7 @@ class EngineDeadError(StepvoxError, RuntimeError):
 
 class KVCacheExhaustedError(StepvoxError):
     """A request needs more KV-cache pages than the whole cache holds."""
+
+
+class AudioInputError(InvalidRequestError):
+    """Audio that cannot be used as given: shape, dtype, values, sample rate, length."""
