@@ -118,7 +118,7 @@ class ModelRunner:
         dev, ps = self.device, self.page_size
         lens = [ps + 1, 2 * ps]                              # chunk lengths; the second has context
         ctx = [0, 3 * ps]
-        for decodes, splits in ((1, 1), (2, 4)):
+        for decodes, splits in ((1, 1), (2, 2), (2, 4)):     # the decode kernel's tile depends on the split count
             total = decodes + sum(lens)
             meta = AttentionMetadata(
                 slot_mapping=torch.full((total,), -1, dtype=torch.long, device=dev), num_decode=decodes,

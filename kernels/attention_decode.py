@@ -35,7 +35,8 @@ def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slope
     return out
 
 
-@triton.jit(do_not_specialize=["num_splits"])   # one binary whatever the split count
+# one binary whatever the split count and block-table width (they change from step to step)
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
                    qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
@@ -158,13 +159,17 @@ def default_num_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int
     return max(1, min(want, most, 64))
 
 
-def default_tile(head_dim: int, num_splits: int, on_cpu: bool) -> tuple[int, int]:
-    """(BLOCK_N, num_stages): long unsplit ranges at d 64 stream best in 256-key tiles."""
+def default_tile(head_dim: int, num_splits: int, on_cpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_stages, num_warps), from bench/attention.py on an H100: at d 64, long unsplit
+    ranges (big batches) and the many short splits of a small batch both stream best in 256-key
+    tiles (the latter with 8 warps); otherwise 128-key tiles."""
     if on_cpu:
-        return 16, 1
+        return 16, 1, 4
     if head_dim <= 64 and num_splits == 1:
-        return 256, 2
-    return 128, 3
+        return 256, 2, 4
+    if head_dim <= 64 and num_splits >= 4:
+        return 256, 2, 8
+    return 128, 3, 4
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -184,7 +189,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
                      new_slots: torch.Tensor | None = None, num_splits: int | None = None,
                      max_seq_len: int | None = None, out: torch.Tensor | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q [B, Hq, D] at position seq_lens[b] - 1 of sequence b; keys 0..seq_lens[b]-1.
 
     Without k_new, every key must already be in the cache. With k_new/v_new [B, Hkv, D] and
@@ -222,7 +227,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         cap = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
         num_splits = default_num_splits(batch, hkv, cap, _num_sms(q.device))
-    tile_n, tile_stages = default_tile(dim, num_splits, not q.is_cuda)
+    tile_n, tile_stages, tile_warps = default_tile(dim, num_splits, not q.is_cuda)
+    num_warps = num_warps or tile_warps
     block_n = block_n or tile_n
     num_stages = num_stages or tile_stages
     split = num_splits > 1

@@ -64,7 +64,7 @@ def _load_new_kv(k_base, v_base, q_start, n0, kvh, offs_n, offs_d, q_len, stride
     return k, v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])   # the block-table width changes from step to step
 def _prefill_kernel(Q, K, V, O, Slopes, CuSeqlens, KC, VC, BlockTable, ContextLens, qk_scale,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_cp, stride_ch, stride_cs, stride_bt,
