@@ -16,27 +16,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import device_name, print_table, write_json  # noqa: E402
-from llm import prompt_ids, write_checkpoint  # noqa: E402
+from llm import graph_replay_ms, prompt_ids, write_checkpoint  # noqa: E402
 
 import stepvox.engine.layers.linear as linear_mod  # noqa: E402
 from stepvox import LLM, SamplingParams  # noqa: E402
 from stepvox.engine.random_checkpoint import TTS_3B  # noqa: E402
 
 BATCHES = [1, 4, 8, 16, 32, 64]
-
-
-def replay_ms(runner, size):
-    graph = runner.graphs[size][0]
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(20):
-        graph.replay()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / 20
 
 
 def step_ms(llm, batch):
@@ -92,7 +78,7 @@ def main():
         if gemv:
             results["generate16_s"] = profile_generate(llm)
         for b in BATCHES:
-            r = dict(gemv=gemv, batch=b, step_ms=step_ms(llm, b), replay_ms=replay_ms(runner, runner._graph_size(b)))
+            r = dict(gemv=gemv, batch=b, step_ms=step_ms(llm, b), replay_ms=graph_replay_ms(llm, runner._graph_size(b)))
             results["rows"].append(r)
             rows.append({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()})
             print(rows[-1], flush=True)

@@ -79,11 +79,12 @@ def decode_ms_per_token(llm, new_tokens: int = 256) -> float:
     return statistics.median(times)
 
 
-def graph_replay_ms(llm) -> float | None:
+def graph_replay_ms(llm, size: int | None = None) -> float | None:
+    """Mean over 50 back-to-back replays of the decode graph for `size` (default: the smallest)."""
     runner = llm.engine.executor.runner
     if not runner.graphs:
         return None
-    graph = runner.graphs[min(runner.graphs)][0]
+    graph = runner.graphs[size if size is not None else min(runner.graphs)][0]
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()
