@@ -8,6 +8,7 @@ that sample. Pure-decode steps up to the largest captured batch replay a CUDA gr
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import numpy as np
@@ -28,6 +29,27 @@ log = logging.getLogger("stepvox")
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
 CPU_DEFAULT_KV_TOKENS = 64 * 1024
+
+
+class _LoadProgress:
+    """A one-line progress bar on stderr for weight loading (rank 0 speaks for every rank: they
+    load their slices in parallel at about the same pace)."""
+
+    def __init__(self, rank: int, size: int):
+        self.enabled = rank == 0 and sys.stderr.isatty()
+        self.size = size
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tensors"
+                         f" ({self.size} rank{'s' if self.size > 1 else ''}, {time.perf_counter() - self.t0:.0f} s)")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def _pad_tables(tables: list[list[int]], width: int | None = None) -> np.ndarray:
@@ -53,7 +75,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.model = Step1ForCausalLM(cfg, dtype, device)
         with CheckpointReader(model_path, cfg) as reader:
-            self.model.load_weights(reader)
+            self.model.load_weights(reader, progress=_LoadProgress(tp.rank, tp.size))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.load_seconds = time.perf_counter() - t0
