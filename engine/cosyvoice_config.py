@@ -47,26 +47,23 @@ def _node_value(loader, node):
     return "scalar", loader.construct_scalar(node)
 
 
-def _construct_new(loader, suffix, node):
-    kind, value = _node_value(loader, node)
-    out = {"__class__": suffix}
+def _tagged(tag_key: str, suffix: str, kind: str, value, scalar_is_arg: bool) -> dict:
+    out = {tag_key: suffix}
     if kind == "mapping":
         out.update(value)
     elif kind == "sequence":
         out["__args__"] = value
-    elif value not in ("", None):
+    elif scalar_is_arg and value not in ("", None):
         out["__args__"] = [value]
     return out
 
 
+def _construct_new(loader, suffix, node):
+    return _tagged("__class__", suffix, *_node_value(loader, node), scalar_is_arg=True)
+
+
 def _construct_name(loader, suffix, node):
-    kind, value = _node_value(loader, node)
-    out = {"__function__": suffix}
-    if kind == "mapping":
-        out.update(value)
-    elif kind == "sequence":
-        out["__args__"] = value
-    return out
+    return _tagged("__function__", suffix, *_node_value(loader, node), scalar_is_arg=False)
 
 
 class _Ref:

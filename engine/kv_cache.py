@@ -49,11 +49,11 @@ class BlockManager:
         return self.pages_for(num_tokens) - len(seq.block_table) <= len(self.free)
 
     # ---------------------------------------------------------------- prefix cache
-    def _chain(self, seq: Sequence, upto_pages: int):
-        """(key, tokens) of the sequence's first `upto_pages` full pages."""
-        key = None
+    def _chain(self, seq: Sequence, upto_pages: int, first: int = 0, key: int | None = None):
+        """(key, tokens) of the sequence's full pages first..upto_pages-1; `key` is the key of page
+        first-1 (None at the start), so a caller that kept it does not rehash the prefix."""
         ps = self.page_size
-        for i in range(upto_pages):
+        for i in range(first, upto_pages):
             tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
             key = hash((key, tokens))
             yield key, tokens
@@ -66,7 +66,7 @@ class BlockManager:
         for page in hits:
             self._ref(page)
         seq.block_table = hits
-        seq.num_hashed_pages = len(hits)
+        seq.page_keys = [self.page_key[p] for p in hits]
         seq.num_computed = len(hits) * self.page_size
         return seq.num_computed
 
@@ -87,17 +87,17 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = min(seq.num_computed, seq.num_tokens) // self.page_size
-        if full <= seq.num_hashed_pages:
+        done = len(seq.page_keys)
+        if full <= done:
             return
-        for i, (key, tokens) in enumerate(self._chain(seq, full)):
-            if i < seq.num_hashed_pages:
-                continue
+        last = seq.page_keys[-1] if done else None
+        for i, (key, tokens) in enumerate(self._chain(seq, full, done, last), start=done):
             page = seq.block_table[i]
             if key not in self.key_to_page and self.page_key[page] is None:
                 self.key_to_page[key] = page
                 self.page_key[page] = key
                 self.page_tokens[page] = tokens
-        seq.num_hashed_pages = full
+            seq.page_keys.append(key)
 
     # ---------------------------------------------------------------- allocation
     def _ref(self, page: int) -> None:
@@ -132,4 +132,4 @@ class BlockManager:
                 self.free[page] = None
         seq.block_table = []
         seq.num_computed = 0
-        seq.num_hashed_pages = 0
+        seq.page_keys = []

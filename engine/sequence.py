@@ -28,7 +28,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []             # KV pages in position order
         self.num_computed = 0                        # tokens whose K/V sit in the cache
-        self.num_hashed_pages = 0                    # leading full pages registered for prefix reuse
+        self.page_keys: list[int] = []               # prefix-cache keys of the leading full, computed pages
         self.num_cached_tokens = 0                   # prompt tokens served from the prefix cache at admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None        # "stop", "length", "abort", "error"
