@@ -1,5 +1,6 @@
 """Skinny products of a decode step (M = 1..16 rows) on the TTS-3B weight shapes: stepvox's
-Triton GEMV configurations against torch (cuBLAS) F.linear, timed as CUDA-graph replays.
+Triton GEMV configurations (tiles, K splits) against torch (cuBLAS) F.linear, timed as CUDA-graph
+replays of 20 back-to-back products (the default configuration also with PDL off).
 Prints GB/s of weight bytes; JSON to $OUT/gemv.json.
 
   python bench/gemv.py
@@ -16,12 +17,39 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import bench_graph, device_name, guarded, print_table, write_json  # noqa: E402
 
 from stepvox.kernels.gemv import gemv_config, linear_small_m  # noqa: E402
+from stepvox.kernels.pdl import set_pdl  # noqa: E402
 
 SHAPES = {"qkv": (3584, 3072), "o_proj": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192),
           "lm_head": (74752, 3072)}
-CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-           for bn in (16, 32, 64) for bk in (128, 256, 512) for w, st in ((4, 3), (4, 5), (8, 4))
-           if not (bn == 64 and bk == 512)]
+CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
+           for bn in (32, 64) for bk in (128, 256) for sk in (1, 3, 6) for st in (3, 5)]
+
+
+def layer_chain(layers: int = 32) -> list[dict]:
+    """The weight products of a whole batch-1 decode step (32 layers of qkv, o, gate|up, down,
+    then the LM head; distinct weights per layer), replayed as one CUDA graph, PDL on and off."""
+    n_q, hid, inter, vocab = 3584, 3072, 8192, 74752
+    ws = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+           for n, k in ((n_q, hid), (hid, hid), (2 * inter, hid), (hid, inter))] for _ in range(layers)]
+    head = torch.randn(vocab, hid, device="cuda", dtype=torch.bfloat16) / hid ** 0.5
+    x = torch.randn(1, hid, device="cuda", dtype=torch.bfloat16)
+    xi = torch.randn(1, inter, device="cuda", dtype=torch.bfloat16)
+    gb = (sum(w.numel() for layer in ws for w in layer) + head.numel()) * 2 / 1e9
+    rows = []
+    for tag, pdl in (("pdl", True), ("plain", False)):
+        def step():
+            for wq, wo, wgu, wd in ws:
+                linear_small_m(x, wq)
+                linear_small_m(x, wo)
+                linear_small_m(x, wgu)
+                linear_small_m(xi, wd)
+            linear_small_m(x, head)
+        set_pdl(pdl)
+        t = bench_graph(step, iters=3, reps=10)
+        rows.append(dict(variant=tag, ms=round(t, 3), gbs=round(gb / t * 1e3)))
+        print(rows[-1], flush=True)
+    set_pdl(True)
+    return rows
 
 
 def main():
@@ -43,8 +71,13 @@ def main():
             ref = F.linear(x, w)
             gb = n * k * 2 / 1e9
             t_torch = bench_graph(lambda: F.linear(x, nxt()))
+            default = gemv_config(n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+            set_pdl(False)
+            t_nopdl = bench_graph(lambda: linear_small_m(x, nxt(), config=default))
+            set_pdl(True)
             best = None
-            for cfg in [gemv_config(n, k)] + CONFIGS:
+            sweep = [c for c in CONFIGS if c["SPLIT_K"] == 1 or n < 8192] if m == 1 else []
+            for cfg in [default] + sweep:
                 out = linear_small_m(x, w, config=cfg)
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 if err > 2e-2:
@@ -60,13 +93,15 @@ def main():
             rows.append(dict(shape=f"{name} {n}x{k}", m=m, torch=f"{gb / t_torch * 1e3:.0f} GB/s ({t_torch * 1e3:.1f} us)",
                              stepvox=f"{gb / best[0] * 1e3:.0f} GB/s ({best[0] * 1e3:.1f} us)",
                              default=f"{[r['gbs'] for r in results['rows'] if r['shape'] == name and r['m'] == m][0]:.0f} GB/s",
+                             default_no_pdl=f"{gb / t_nopdl * 1e3:.0f} GB/s",
                              best_cfg=",".join(f"{v}" for v in best[1].values())))
             print(rows[-1], flush=True)
             del ws
     results["table"] = rows
+    results["chain"] = guarded(results, "chain", layer_chain)
     write_json("gemv.json", results)
     print(f"\ndevice: {results['device']}")
-    print_table(rows, ["shape", "m", "torch", "stepvox", "default", "best_cfg"])
+    print_table(rows, ["shape", "m", "torch", "stepvox", "default", "default_no_pdl", "best_cfg"])
 
 
 if __name__ == "__main__":

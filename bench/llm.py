@@ -28,6 +28,7 @@ from stepvox import LLM, SamplingParams  # noqa: E402
 from stepvox.engine.checkpoint import INDEX_FILE, expected_shapes  # noqa: E402
 from stepvox.engine.config import Step1Config  # noqa: E402
 from stepvox.engine.random_checkpoint import TTS_3B, build_tokenizer_model, config_dict  # noqa: E402
+from stepvox.kernels.pdl import set_pdl  # noqa: E402
 
 
 def write_checkpoint(folder: str, shape: dict, shard_bytes: int = 2 << 30) -> None:
@@ -97,6 +98,22 @@ def graph_replay_ms(llm, size: int | None = None) -> float | None:
     return start.elapsed_time(end) / 50
 
 
+def graph_launch_us(llm, size: int | None = None) -> float | None:
+    """Median host time of one decode-graph launch call (all segments) on an idle GPU."""
+    runner = llm.engine.executor.runner
+    if not runner.graphs:
+        return None
+    graph = runner.graphs[size if size is not None else min(runner.graphs)][0]
+    times = []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def prefill_tokens_per_s(llm, n: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     rates = []
@@ -122,6 +139,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="batch-1 decode only: CUDA graphs with and without PDL, eager")
     args = ap.parse_args()
     shape = dict(TTS_3B)
     if args.layers:
@@ -134,8 +153,11 @@ def main():
     print(f"checkpoint written in {results['write_checkpoint_s']:.1f} s", flush=True)
     rows = []
     runs = [("graphs", {}), ("eager", {"enforce_eager": True}), ("tp1-worker-path", {"distributed_executor": "mp"})]
+    if args.decode_only:
+        runs = [("graphs", {}), ("graphs-no-pdl", {}), ("eager", {"enforce_eager": True})]
     for tag, opts in runs:
-        graphs = tag == "graphs"
+        graphs = tag == "graphs" and not args.decode_only
+        pdl_before = set_pdl(tag != "graphs-no-pdl")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         llm = LLM(folder, max_num_batched_tokens=4096, max_num_seqs=64, cuda_graph_max_batch=64,
@@ -148,15 +170,19 @@ def main():
         print(f"{tag}: init {load:.1f} s (weights {runner.load_seconds:.1f} s)", flush=True)
         r["decode_b1_ms"] = guarded(results, f"{tag} decode", lambda: decode_ms_per_token(llm))
         print(f"{tag}: decode b1 {r['decode_b1_ms']} ms/token", flush=True)
+        if not opts.get("enforce_eager") and tag != "tp1-worker-path":
+            r["graph_replay_b1_ms"] = guarded(results, f"{tag} replay", lambda: graph_replay_ms(llm))
+            r["graph_launch_b1_us"] = guarded(results, f"{tag} launch", lambda: graph_launch_us(llm))
+            print(f"{tag}: replay {r['graph_replay_b1_ms']} ms, launch call {r['graph_launch_b1_us']} us", flush=True)
         if tag == "tp1-worker-path":
             r["batch16"] = guarded(results, "worker batch 16", lambda: throughput(llm, 16))
         if graphs:
-            r["graph_replay_b1_ms"] = guarded(results, "replay", lambda: graph_replay_ms(llm))
             for n in (400, 4000):
                 r[f"prefill_{n}_tok_s"] = guarded(results, f"prefill {n}", lambda n=n: prefill_tokens_per_s(llm, n))
             for b in ((16,) if args.quick else (16, 64)):
                 r[f"batch{b}"] = guarded(results, f"batch {b}", lambda b=b: throughput(llm, b))
                 print(f"batch {b}: {r[f'batch{b}']}", flush=True)
+        set_pdl(pdl_before)
         llm.shutdown()
         del llm, runner
         gc.collect()
@@ -165,6 +191,16 @@ def main():
 
     def f(v, fmt="{:.2f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
+    if args.decode_only:
+        rows = [dict(metric=f"{tag}: decode b1 ms/token | replay ms | launch call us",
+                     value=" | ".join(f(results[tag].get(k)) for k in ("decode_b1_ms", "graph_replay_b1_ms",
+                                                                       "graph_launch_b1_us")))
+                for tag, _ in runs if tag in results]
+        results["table"] = rows
+        write_json("llm_decode.json", results)
+        print(f"\ndevice: {results['device']}")
+        print_table(rows, ["metric", "value"])
+        return
     rows = [
         dict(metric="decode batch 1, CUDA graphs (ms/token)", value=f(g.get("decode_b1_ms"))),
         dict(metric="decode batch 1, eager (ms/token)", value=f(e.get("decode_b1_ms"))),

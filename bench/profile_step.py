@@ -35,15 +35,17 @@ def profile_decode(llm, tag, steps=20):
     while engine.has_unfinished_requests():
         engine.step()
     prof.export_chrome_trace(os.path.join(out_dir(), f"trace_{tag}.json"))
-    print(f"\n===== {tag}: host ops (self CPU), {steps} steps")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    if tag == "eager":
+        print(f"\n===== {tag}: host ops (self CPU), {steps} steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     print(f"\n===== {tag}: device kernels")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--graphs-only", action="store_true")
     args = ap.parse_args()
     shape = dict(TTS_3B)
     if args.layers:
@@ -51,7 +53,7 @@ def main():
     folder = os.path.join(tempfile.gettempdir(), "stepvox-bench-tts3b")
     if not os.path.isfile(os.path.join(folder, "tokenizer.model")):
         write_checkpoint(folder, shape)
-    for eager in (True, False):
+    for eager in ((False,) if args.graphs_only else (True, False)):
         llm = LLM(folder, max_num_seqs=8, cuda_graph_max_batch=8, enforce_eager=eager, gpu_memory_utilization=0.5)
         profile_decode(llm, "eager" if eager else "graphs")
         llm.shutdown()

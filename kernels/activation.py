@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
+from .pdl import pdl_enabled
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -15,8 +17,11 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:                      # kernels/pdl.py: wait for the kernel that wrote x
+        gdc_wait()
+        gdc_launch_dependents()
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -38,5 +43,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(n), 1024)
     grid = (x2.shape[0], triton.cdiv(n, block))
-    _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4)
+    use_pdl = pdl_enabled(x2)
+    _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, USE_PDL=use_pdl, num_warps=4,
+                               **({"launch_pdl": True} if use_pdl else {}))
     return out.view(*x.shape[:-1], n)

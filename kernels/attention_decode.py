@@ -1,8 +1,9 @@
 """Decode attention over the paged KV cache: one new query per sequence, sqrt-ALiBi, GQA.
 
-Split-KV (flash-decoding): the keys of a sequence are cut into `num_splits` ranges handled by
-separate programs, whose partial results a second kernel merges, so that a batch of one still
-fills the GPU. One program serves all query heads of a KV group, so each K/V page is read once
+Split-KV (flash-decoding): the keys of a sequence are cut into up to `num_splits` ranges handled
+by separate programs, so that a batch of one still fills the GPU; the last program of a sequence
+and KV head to finish merges the partial results (an atomic counter tells which), so there is no
+second kernel. One program serves all query heads of a KV group, so each K/V page is read once
 per group, and the square root of each key distance is computed once and reused by those heads.
 The query of sequence b sits at position seq_lens[b] - 1; its own K/V must already be written.
 """
@@ -13,11 +14,13 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .alibi import sqrt_alibi_bias
 from .attention_common import LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, softmax_update
 from .backend import use_triton
 from .kv_cache import check_cache_pair, gather_pages, write_kv_reference
+from .pdl import pdl_enabled
 
 
 def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale):
@@ -36,18 +39,39 @@ def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slope
 
 
 # one binary whatever the split count and block-table width (they change from step to step)
-@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+@triton.jit(do_not_specialize=["num_splits", "min_keys", "stride_bt"])
 def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
-                   qk_scale, num_splits,
+                   qk_scale, num_splits, min_keys,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
                    stride_nb, stride_nh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seq_len = tl.load(SeqLens + seq)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # a CUDA graph fixes num_splits for the longest context it serves; a shorter sequence uses
+    # only as many ranges as it has MIN_KEYS-key pieces, and the other programs leave at once
+    active = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_keys)), 1)
+    if split < active:
+        _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
+                        qk_scale, num_splits, seq, kvh, split, seq_len, active,
+                        stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
+                        stride_nb, stride_nh, GROUP, GROUP_PAD, D, BLOCK_N, PAGE, SPLIT, HAS_NEW, DOT_PRECISION)
+
+
+@triton.jit
+def _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
+                    qk_scale, num_splits, seq, kvh, split, seq_len, active,
+                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
+                    stride_nb, stride_nh,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    chunk = tl.cdiv(tl.cdiv(seq_len, active), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
     cached_end = end
@@ -99,39 +123,42 @@ def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, Lo
             acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
             m_i = m_new
 
+    o = acc / tl.maximum(l_i, 1e-30)[:, None]     # an empty range (padding row) gives 0
     if SPLIT:
-        # partial result of this key range; the last program of the (sequence, KV head) to finish
-        # merges all ranges, so no second kernel is launched
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-        part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
-        tl.store(LsePart + part, lse, mask=hmask)
-        tl.store(OPart + part[:, None] * D + offs_d[None, :], o, mask=hmask[:, None])
-        tl.debug_barrier()
-        lock = Locks + seq * tl.num_programs(1) + kvh
-        done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-        if done == num_splits - 1:
-            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")     # ready for the next launch
-            base_part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits
-            m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-            w_sum = tl.zeros([GROUP_PAD], tl.float32)
-            o_all = tl.zeros([GROUP_PAD, D], tl.float32)
-            for sp in range(0, num_splits):
-                lse_s = tl.load(LsePart + base_part + sp, mask=hmask, other=float("-inf"), cache_modifier=".cg")
-                o_s = tl.load(OPart + (base_part + sp)[:, None] * D + offs_d[None, :], mask=hmask[:, None],
-                              other=0.0, cache_modifier=".cg")
-                m_next = tl.maximum(m_all, lse_s)
-                m_safe = tl.where(m_next == float("-inf"), 0.0, m_next)
-                scale_old = tl.math.exp2(m_all - m_safe)
-                w = tl.math.exp2(lse_s - m_safe)
-                w_sum = w_sum * scale_old + w
-                o_all = o_all * scale_old[:, None] + w[:, None] * o_s
-                m_all = m_next
-            o_all = o_all / tl.maximum(w_sum, 1e-30)[:, None]
+        if active > 1:
+            # partial result of this key range; the last program of the (sequence, KV head) to finish
+            # merges all ranges, so no second kernel is launched
+            lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+            part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
+            tl.store(LsePart + part, lse, mask=hmask)
+            tl.store(OPart + part[:, None] * D + offs_d[None, :], o, mask=hmask[:, None])
+            tl.debug_barrier()
+            lock = Locks + seq * tl.num_programs(1) + kvh
+            done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+            if done == active - 1:
+                tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")     # ready for the next launch
+                base_part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits
+                m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+                w_sum = tl.zeros([GROUP_PAD], tl.float32)
+                o_all = tl.zeros([GROUP_PAD, D], tl.float32)
+                for sp in range(0, active):
+                    lse_s = tl.load(LsePart + base_part + sp, mask=hmask, other=float("-inf"), cache_modifier=".cg")
+                    o_s = tl.load(OPart + (base_part + sp)[:, None] * D + offs_d[None, :], mask=hmask[:, None],
+                                  other=0.0, cache_modifier=".cg")
+                    m_next = tl.maximum(m_all, lse_s)
+                    m_safe = tl.where(m_next == float("-inf"), 0.0, m_next)
+                    scale_old = tl.math.exp2(m_all - m_safe)
+                    w = tl.math.exp2(lse_s - m_safe)
+                    w_sum = w_sum * scale_old + w
+                    o_all = o_all * scale_old[:, None] + w[:, None] * o_s
+                    m_all = m_next
+                o_all = o_all / tl.maximum(w_sum, 1e-30)[:, None]
+                tl.store(O + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                         o_all.to(O.dtype.element_ty), mask=hmask[:, None])
+        else:
             tl.store(O + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     o_all.to(O.dtype.element_ty), mask=hmask[:, None])
+                     o.to(O.dtype.element_ty), mask=hmask[:, None])
     else:
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]     # an empty range (padding row) gives 0
         tl.store(O + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(O.dtype.element_ty), mask=hmask[:, None])
 
@@ -189,14 +216,16 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
                      new_slots: torch.Tensor | None = None, num_splits: int | None = None,
                      max_seq_len: int | None = None, out: torch.Tensor | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int | None = None,
+                     min_keys_per_split: int = MIN_KEYS_PER_SPLIT) -> torch.Tensor:
     """q [B, Hq, D] at position seq_lens[b] - 1 of sequence b; keys 0..seq_lens[b]-1.
 
     Without k_new, every key must already be in the cache. With k_new/v_new [B, Hkv, D] and
     new_slots [B] (-1: don't write), the newest key of each sequence comes from them and the
     kernel also writes them to their cache slots (one launch instead of a KV write + attention).
     num_splits is fixed by the caller for CUDA-graph capture; otherwise it is chosen from the batch
-    and max_seq_len (an upper bound of seq_lens; defaults to the block table's capacity).
+    and max_seq_len (an upper bound of seq_lens; defaults to the block table's capacity). It is an
+    upper bound: sequence b uses min(num_splits, ceil(seq_lens[b] / min_keys_per_split)) ranges.
     A sequence with seq_lens[b] == 0 (padding) gets a zero output.
     """
     check_cache_pair(k_cache, v_cache)
@@ -245,12 +274,13 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         new_args = (q, q, seq_lens, 0, 0)
     kn, vn, ns, stride_nb, stride_nh = new_args
+    use_pdl = pdl_enabled(q)
     _decode_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, slopes, out, o_part, lse_part, locks, kn, vn, ns,
-        scale * LOG2E_HOST, num_splits,
+        scale * LOG2E_HOST, num_splits, max(1, int(min_keys_per_split)),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), stride_nb, stride_nh,
         GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=dim, BLOCK_N=block_n, PAGE=page,
-        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype), USE_PDL=use_pdl,
+        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if use_pdl else {}))
     return out

@@ -1,8 +1,19 @@
 """Skinny matrix products for decode steps: out[M, N] = x[M, K] @ W[N, K]^T with M <= 16.
 
 A decode step of a batch of one reads every weight once for a handful of rows; the product is
-bound by streaming W. Each program owns BLOCK_N output rows of W and walks K in BLOCK_K chunks,
-keeping the few input rows (padded to 16 for the tensor-core dot) beside them.
+bound by streaming W. Each program owns BLOCK_N output rows of W and walks a range of K in BLOCK_K
+chunks, keeping the few input rows (padded to 16 for the tensor-core dot) beside them.
+
+Split K: a layer of 3072 output rows gives only ~100 programs of 32 rows, fewer than the 132 SMs of
+an H100, so those shapes also cut K into SPLIT_K ranges. Each program adds its float32 partial
+into a shared workspace with atomics; the last program of a row block (an atomic counter tells)
+writes the sum in the output dtype and zeroes the workspace and counter for the next product.
+Nothing is launched beside the kernel, so it stays one node in a CUDA graph.
+
+With PDL (kernels/pdl.py) each program requests its first weight tile before it waits for the
+previous kernel: weights are never written during a step, so that load may overlap the previous
+kernel's end. (Prefetching more tiles into L2 that way, and folding SiLU-and-mul into the down
+projection's input load, both measured slower on an H100; see bench/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -10,10 +21,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
+from .pdl import pdl_enabled
 
 MAX_M = 16
+WORKSPACE_ELEMENTS = 16 * 65536       # float32 partial sums: M * N must fit to split K
+MAX_ROW_BLOCKS = 8192                 # counters, one per BLOCK_N rows
 
 
 def linear_small_m_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -21,36 +36,96 @@ def linear_small_m_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(X, W, Out, M, N, K, stride_xm, stride_wn, stride_om,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, EVEN_K: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_kernel(X, W, Out, Work, Counters, M, N, K, stride_xm, stride_wn, stride_om, k_range,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr,
+                 SPLIT: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    k_begin = tl.program_id(1) * k_range
+    k_end = tl.minimum(k_begin + k_range, K)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.arange(0, M_PAD)
     cols = tl.arange(0, BLOCK_K)
     rmask = rows < N
-    w_ptrs = W + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
-    x_ptrs = X + ms[:, None] * stride_xm + cols[None, :]
-    acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    mmask = ms < M
+    w_base = W + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+    x_base = X + ms[:, None] * stride_xm + cols[None, :]
+    # the first weight tile does not depend on any earlier kernel: ask for it before waiting
+    if EVEN_K:
+        w = tl.load(w_base + k_begin, mask=rmask[:, None], other=0.0)
+    else:
+        kmask = (k_begin + cols) < k_end
+        w = tl.load(w_base + k_begin, mask=rmask[:, None] & kmask[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    if EVEN_K:
+        x = tl.load(x_base + k_begin, mask=mmask[:, None], other=0.0)
+    else:
+        x = tl.load(x_base + k_begin, mask=mmask[:, None] & kmask[None, :], other=0.0)
+    acc = tl.dot(x, tl.trans(w), tl.zeros([M_PAD, BLOCK_N], tl.float32))
+    for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
         if EVEN_K:
-            w = tl.load(w_ptrs, mask=rmask[:, None], other=0.0)
-            x = tl.load(x_ptrs, mask=(ms < M)[:, None], other=0.0)
+            w = tl.load(w_base + k0, mask=rmask[:, None], other=0.0)
+            x = tl.load(x_base + k0, mask=mmask[:, None], other=0.0)
         else:
-            kmask = (k0 + cols) < K
-            w = tl.load(w_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=(ms < M)[:, None] & kmask[None, :], other=0.0)
+            kmask = (k0 + cols) < k_end
+            w = tl.load(w_base + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_base + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+    omask = mmask[:, None] & rmask[None, :]
     out_ptrs = Out + ms[:, None] * stride_om + rows[None, :]
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(ms < M)[:, None] & rmask[None, :])
+    if SPLIT:
+        work = Work + ms[:, None] * N + rows[None, :]
+        tl.atomic_add(work, acc, mask=omask, sem="relaxed", scope="gpu")
+        tl.debug_barrier()
+        done = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(1) - 1:
+            total = tl.load(work, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(Out.dtype.element_ty), mask=omask)
+            tl.store(work, tl.zeros([M_PAD, BLOCK_N], tl.float32), mask=omask)
+            tl.atomic_xchg(Counters + pid_n, 0, sem="relaxed", scope="gpu")
+    else:
+        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=omask)
 
 
-def gemv_config(n: int, k: int) -> dict:
-    """Per weight shape, from bench/gemv.py on an H100 (weights rotated so they come from HBM)."""
-    if 8192 < n < 32768:                    # fused gate|up
-        return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5)   # qkv, o, down, LM head
+_WORK: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 partial sums and counters, allocated once per device (CUDA graphs keep their
+    addresses, so they are never reallocated); every split product leaves them zero again."""
+    buf = _WORK.get(device)
+    if buf is None:
+        buf = (torch.zeros(WORKSPACE_ELEMENTS, dtype=torch.float32, device=device),
+               torch.zeros(MAX_ROW_BLOCKS, dtype=torch.int32, device=device))
+        _WORK[device] = buf
+    return buf
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def gemv_config(n: int, k: int, num_sms: int = 132) -> dict:
+    """Tile and K split per weight shape (bench/gemv.py on an H100, weights streamed from HBM,
+    products back to back as in a decode step)."""
+    if n > 8192:                            # fused gate|up and the LM head fill the GPU already
+        return dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3 if n < 32768 else 5)
+    cfg = dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=5)
+    blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    if k >= 8192 and blocks < num_sms:
+        # down_proj (K = 8192, ~100 row blocks): six K ranges beat one (18.8 vs 20.4 us); for
+        # qkv and o_proj (K = 3072) the merge costs more than the extra programs bring
+        cfg.update(SPLIT_K=min(k // (4 * cfg["BLOCK_K"]), triton.cdiv(4 * num_sms, blocks)), num_stages=3)
+    return cfg
 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
@@ -66,9 +141,21 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | No
         x = x.contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    cfg = dict(config or gemv_config(n, k))
-    block_n = cfg.pop("BLOCK_N")
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_N=block_n, M_PAD=16, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+    if m == 0:
+        return out
+    cfg = dict(config or gemv_config(n, k, _num_sms(x.device)))
+    block_n, block_k = cfg.pop("BLOCK_N"), cfg["BLOCK_K"]
+    blocks = triton.cdiv(n, block_n)
+    split = cfg.pop("SPLIT_K", 1)
+    if m * n > WORKSPACE_ELEMENTS or blocks > MAX_ROW_BLOCKS:
+        split = 1
+    # each K range is a whole number of tiles, and none is empty
+    k_range = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_range)
+    work, counters = _workspace(x.device) if split > 1 else (out, out)
+    use_pdl = pdl_enabled(x)
+    extra = {"launch_pdl": True} if use_pdl else {}
+    _gemv_kernel[(blocks, split)](
+        x, weight, out, work, counters, m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_range,
+        BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0, USE_PDL=use_pdl, **cfg, **extra)
     return out

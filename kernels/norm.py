@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
+from .pdl import pdl_enabled
 
 
 def rms_norm_reference(x, weight, eps, residual=None):
@@ -26,8 +28,11 @@ def rms_norm_reference(x, weight, eps, residual=None):
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Out, stride_x, stride_r, stride_o, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:                      # kernels/pdl.py: wait for the kernel that wrote x
+        gdc_wait()
+        gdc_launch_dependents()
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
@@ -54,9 +59,11 @@ def _rms_norm_triton(x, weight, eps, residual):
         r2 = residual.view(-1, n)  # updated in place: must be a view of the caller's tensor
     block = triton.next_power_of_2(n)
     num_warps = min(max(block // 256, 1), 16)
+    use_pdl = pdl_enabled(x2)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+        HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=use_pdl, num_warps=num_warps,
+        **({"launch_pdl": True} if use_pdl else {}))
     out = out.view(x.shape)
     return out if residual is None else (out, residual)
 

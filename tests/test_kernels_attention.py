@@ -135,9 +135,12 @@ def test_decode_paged_matches_reference(page, hq, hkv, dim, dtype):
     q = torch.randn(len(seq_lens), hq, dim, generator=gen).to(dtype)
     slopes = alibi_slopes(hq)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    for splits in (1, 3, None):
+    # (launched ranges, keys per range at least): with 64 a 17-key sequence uses one of the three
+    # launched ranges and a 301-key one all three, in the same launch
+    for splits, min_keys in ((1, 256), (3, 16), (3, 64), (3, 256), (None, 256)):
         out = torch.full_like(q, float("nan"))
-        attention_decode(q, k_cache, v_cache, table, lens, slopes, num_splits=splits, out=out)
+        attention_decode(q, k_cache, v_cache, table, lens, slopes, num_splits=splits, out=out,
+                         min_keys_per_split=min_keys)
         for b, n in enumerate(seq_lens):
             if n == 0:
                 assert torch.equal(out[b], torch.zeros_like(out[b]))
@@ -146,7 +149,7 @@ def test_decode_paged_matches_reference(page, hq, hkv, dim, dtype):
             keys = torch.stack([k_cache[pages[j // page], :, j % page] for j in range(n)])
             values = torch.stack([v_cache[pages[j // page], :, j % page] for j in range(n)])
             ref = attention_f64(q[b:b + 1], keys, values, torch.tensor([n - 1]), torch.arange(n), slopes)
-            assert rel_err(out[b:b + 1], ref) < TOL[dtype], (splits, b, n)
+            assert rel_err(out[b:b + 1], ref) < TOL[dtype], (splits, min_keys, b, n)
 
 
 def test_decode_tile_spanning_several_pages():
@@ -158,7 +161,7 @@ def test_decode_tile_spanning_several_pages():
     q = torch.randn(1, 6, 32, generator=gen)
     slopes = alibi_slopes(6)
     out = attention_decode(q, k_cache, v_cache, table, torch.tensor([200], dtype=torch.int32), slopes,
-                           num_splits=2, block_n=64)
+                           num_splits=2, block_n=64, min_keys_per_split=64)
     pages = table[0].tolist()
     keys = torch.stack([k_cache[pages[j // 16], :, j % 16] for j in range(200)])
     values = torch.stack([v_cache[pages[j // 16], :, j % 16] for j in range(200)])
@@ -186,7 +189,8 @@ def test_decode_with_new_key_writes_cache_and_attends_to_it(splits):
         k_cache.copy_(before)
         out = torch.full_like(q, float("nan"))
         attention_decode(q, k_cache, v_cache, table, torch.tensor(seq_lens, dtype=torch.int32), slopes,
-                         k_new=k_new, v_new=v_new, new_slots=slots, num_splits=splits, out=out)
+                         k_new=k_new, v_new=v_new, new_slots=slots, num_splits=splits, out=out,
+                         min_keys_per_split=16)
         for b, n in enumerate(seq_lens):
             if n == 0:
                 assert torch.equal(out[b], torch.zeros_like(out[b]))

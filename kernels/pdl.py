@@ -1,0 +1,40 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) for the kernels of a decode step.
+
+A decode step at batch 1 is a chain of ~260 short kernels; between two of them the GPU drains one
+grid and ramps up the next. Launched with PDL, a kernel's programs may be scheduled while the
+kernel before it is still finishing: they run their prologue (a GEMV starts streaming its weights,
+which no earlier kernel writes), then block in `griddepcontrol.wait` until the previous grid has
+completed and its writes are visible. Every kernel launched this way must therefore wait before
+it reads anything an earlier kernel wrote or writes anything an earlier kernel reads; the kernels
+here wait at the top, before any such access. Waiting is transitive (the previous kernel itself
+waited for its predecessor before finishing), and a kernel launched without PDL after one with it
+waits as usual.
+
+STEPVOX_PDL=0 turns it off (the kernels then launch plainly and the wait compiles away).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_ENABLED = os.environ.get("STEPVOX_PDL", "1").strip().lower() not in ("0", "false", "no", "off")
+_CAPABLE: dict[int, bool] = {}
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Whether kernels working on `t` launch with PDL: a CUDA tensor on compute capability >= 9."""
+    if not _ENABLED or not t.is_cuda:
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    capable = _CAPABLE.get(index)
+    if capable is None:
+        capable = _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return capable
+
+
+def set_pdl(enabled: bool) -> bool:
+    """Switch PDL on or off for later launches (benchmarks compare both); returns the old value."""
+    global _ENABLED
+    old, _ENABLED = _ENABLED, bool(enabled)
+    return old
