@@ -25,9 +25,21 @@ CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
            for bn in (32, 64) for bk in (128, 256) for sk in (1, 3, 6) for st in (3, 5)]
 
 
-def layer_chain(layers: int = 32) -> list[dict]:
+CHAIN_VARIANTS = {
+    "defaults": {},
+    "small st3": {"small": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3)},
+    "small bk128 st4": {"small": dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=4)},
+    "small bn16": {"small": dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=4)},
+    "down split4": {"down": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3)},
+    "down nosplit st5": {"down": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=5)},
+    "gate_up bk128 st4": {"gate_up": dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=4)},
+}
+
+
+def layer_chain(layers: int = 32, variants=("defaults",)) -> list[dict]:
     """The weight products of a whole batch-1 decode step (32 layers of qkv, o, gate|up, down,
-    then the LM head; distinct weights per layer), replayed as one CUDA graph, PDL on and off."""
+    then the LM head; distinct weights per layer), replayed as one CUDA graph: the default
+    configurations with PDL on and off, then other configurations (with PDL) if asked."""
     n_q, hid, inter, vocab = 3584, 3072, 8192, 74752
     ws = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
            for n, k in ((n_q, hid), (hid, hid), (2 * inter, hid), (hid, inter))] for _ in range(layers)]
@@ -36,13 +48,16 @@ def layer_chain(layers: int = 32) -> list[dict]:
     xi = torch.randn(1, inter, device="cuda", dtype=torch.bfloat16)
     gb = (sum(w.numel() for layer in ws for w in layer) + head.numel()) * 2 / 1e9
     rows = []
-    for tag, pdl in (("pdl", True), ("plain", False)):
+    runs = [("defaults", True), ("defaults, no PDL", False)] + [(v, True) for v in variants if v != "defaults"]
+    for tag, pdl in runs:
+        over = CHAIN_VARIANTS.get(tag, {})
+
         def step():
             for wq, wo, wgu, wd in ws:
-                linear_small_m(x, wq)
-                linear_small_m(x, wo)
-                linear_small_m(x, wgu)
-                linear_small_m(xi, wd)
+                linear_small_m(x, wq, config=over.get("small"))
+                linear_small_m(x, wo, config=over.get("small"))
+                linear_small_m(x, wgu, config=over.get("gate_up"))
+                linear_small_m(xi, wd, config=over.get("down"))
             linear_small_m(x, head)
         set_pdl(pdl)
         t = bench_graph(step, iters=3, reps=10)
@@ -53,7 +68,15 @@ def layer_chain(layers: int = 32) -> list[dict]:
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chain-only", action="store_true", help="only the whole-step chain, all variants")
+    args = ap.parse_args()
     results = {"device": device_name(), "rows": []}
+    if args.chain_only:
+        results["chain"] = layer_chain(variants=tuple(CHAIN_VARIANTS))
+        write_json("gemv_chain.json", results)
+        return
     rows = []
     for m in (1, 8):
         for name, (n, k) in SHAPES.items():

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from stepvox.kernels import default_num_splits
+from stepvox.kernels.argmax import argmax_rows
 
 from .attention_metadata import AttentionMetadata
 from .checkpoint import CheckpointReader
@@ -151,7 +152,7 @@ class ModelRunner:
                 prefill_max_len=max(lens), prefill_context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
                 prefill_block_table=torch.zeros(2, 8, dtype=torch.int32, device=dev))
             hidden = self.model(torch.zeros(total, dtype=torch.long, device=dev), meta)
-            self.model.compute_logits(hidden[-2:]).argmax(-1)
+            argmax_rows(self.model.compute_logits_raw(hidden[-2:]))
             meta.prefill_context_lens = meta.prefill_block_table = None
             self.model(torch.zeros(total, dtype=torch.long, device=dev), meta)
         torch.cuda.synchronize(dev)
@@ -254,12 +255,12 @@ class ModelRunner:
                 decode_num_splits=default_num_splits(size, self.local_kv_heads, self.max_model_len, self.num_sms))
             ids = self.io[0, :size]
             for _ in range(2):   # compile kernels and settle the allocator outside the capture
-                self.model.compute_logits(self.model(ids, meta)).argmax(-1)
+                argmax_rows(self.model.compute_logits_raw(self.model(ids, meta)))
             torch.cuda.synchronize(dev)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.compute_logits(self.model(ids, meta))
-                greedy = logits.argmax(-1)
+                logits = self.model.compute_logits_raw(self.model(ids, meta))   # model dtype
+                greedy = argmax_rows(logits)
             pool = graph.pool()
             graphs[size] = (graph, logits, greedy)
         self.graphs = dict(sorted(graphs.items()))

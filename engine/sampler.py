@@ -79,11 +79,12 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None) -> list[int]:
-        """logits [N, V] float32 (one row per sequence that samples this step) -> N token ids.
-        greedy_ids: the rows' argmax if the step already computed it (CUDA-graph decode steps)."""
+        """logits [N, V] (one row per sequence that samples this step; any float dtype, sampled in
+        float32) -> N token ids. greedy_ids: the rows' argmax if the step already computed it
+        (CUDA-graph decode steps)."""
         if greedy_ids is not None and self._plain_greedy(seqs):
             return greedy_ids.tolist()
-        logits = self.apply_processors(logits, seqs)
+        logits = self.apply_processors(logits.float(), seqs)
         if all(s.params.greedy for s in seqs):
             return logits.argmax(-1).tolist()
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)

@@ -107,3 +107,23 @@ def test_linear_small_m_rejects_mismatched_weight():
     with pytest.raises(ValueError):
         linear_small_m(torch.randn(2, 8), torch.randn(4, 9))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_argmax_rows_first_maximum_across_chunks(dtype):
+    """Rows wider than one chunk; ties inside a block, across blocks and across chunks all go to
+    the lowest index, as torch.argmax does; NaN is never chosen."""
+    from stepvox.kernels.argmax import CHUNK, argmax_rows
+    gen = torch.Generator().manual_seed(3)
+    v = 2 * CHUNK + 777
+    x = torch.randn(5, v, generator=gen).to(dtype)
+    x[1, [10, CHUNK + 5, 2 * CHUNK + 3]] = 9.0           # tie across chunks: first wins
+    x[2, [2 * CHUNK + 700, 2 * CHUNK + 701]] = 9.0       # tie in the last, partial chunk
+    x[3, [1500, 1100]] = 9.0                             # tie inside one chunk, across blocks
+    x[4, 7] = float("nan")
+    x[4, 8] = 9.0
+    for _ in range(2):                                   # the counters must be reset by a launch
+        got = argmax_rows(x)
+        expected = x.float().nan_to_num(nan=float("-inf")).argmax(-1)
+        assert got.dtype == torch.int64 and torch.equal(got, expected)
+    assert got[1] == 10 and got[2] == 2 * CHUNK + 700 and got[3] == 1100 and got[4] == 8

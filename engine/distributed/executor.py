@@ -91,7 +91,9 @@ class TensorParallelExecutor:
         except BaseException as exc:
             failure = self._collect_failure()
             self.shutdown()
-            if failure and not isinstance(exc, WorkerFailedError):
+            # rank 0's own typed error (a bad config or checkpoint, which every rank meets alike)
+            # is the cause; anything else on rank 0 may be a consequence of a worker's failure
+            if failure and not isinstance(exc, StepvoxError):
                 raise WorkerFailedError(failure) from exc
             raise
         self.num_pages = self.runner.num_pages

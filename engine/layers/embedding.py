@@ -38,5 +38,5 @@ class VocabParallelEmbedding(_VocabSlice):
 
 class ParallelLMHead(_VocabSlice):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits (float32) for the given rows."""
-        return tp_gather_logits(matmul(hidden, self.weight)).float()
+        """Full-vocabulary logits (model dtype) for the given rows."""
+        return tp_gather_logits(matmul(hidden, self.weight))

@@ -70,6 +70,13 @@ class Step1ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits, float32."""
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def compute_logits_raw(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits in the model dtype (what the LM head produces; float32 adds nothing
+        but a cast, so the decode graph's argmax reads these)."""
         return self.lm_head(hidden)
 
     def attention_layers(self):
