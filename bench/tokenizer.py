@@ -3,22 +3,29 @@ weights of the released sizes written in the released formats (Paraformer folder
 S3 v1 ONNX built with onnx.helper; codebooks drawn from the models' own outputs so that code
 agreement rates mean something).
 
-Sections, each reported and skipped on failure without stopping the others:
+Sections (--sections picks some), each reported and skipped on failure without stopping the others:
   correctness  fp32 GPU vs the independent eager CPU replay of the official path (3 s), bf16/fp16
                vs fp32 code agreement, batched vs unbatched, live stream vs offline, ORT vs native
+  graphs       offline CUDA graphs vs the eager path padded alike (equal codes) and unpadded, and
+               the screened (TF32 + exact re-score) code search vs the all-IEEE one on the
+               encoders' real outputs (equal codes expected)
   offline      tokens/s and latency for 3 / 10 / 30 s utterances at batch 1 and 16 (fp32, bf16),
-               plus a per-stage split of the 10 s batch-1 case
+               with CUDA graphs on (the default) and off
+  stages       per-stage split of the 10 s batch-1 case (eager stages, the two graph replays,
+               both code searches)
   streaming    time from the end of a 240 ms chunk to its codes (feed() wall time, steady state)
   onnxruntime  the same S3 ONNX file under ORT (CPU EP, and CUDA EP when installed), 10 s
 Targets: 10 s utterance <= 15 ms at batch 1; streaming chunk latency <= 5 ms.
 Prints a short table last and writes $OUT/tokenizer.json (default ./out).
 
   pip install --no-deps --no-build-isolation --use-pep517 -e . && python bench/tokenizer.py
+  python bench/tokenizer.py --sections graphs,offline,stages --dtypes fp32,bf16
   python bench/tokenizer.py --smoke      # tiny sizes, few reps; runs on a CPU too
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -41,9 +48,12 @@ from stepvox.engine.audio.tokenizer_whisper_mel import whisper_log_mel  # noqa: 
 from stepvox.engine.audio.kaldi_features import FbankConfig, ParaformerFeatures  # noqa: E402
 from stepvox.engine.models.paraformer import ParaformerEncoder, parse_paraformer_config, read_yaml  # noqa: E402
 from stepvox.engine.models.s3tokenizer import S3Config, S3Tokenizer, split_pieces  # noqa: E402
+from stepvox.kernels.nearest_centroid import nearest_centroid_exhaustive, nearest_centroid_screened  # noqa: E402
 
 SR = 16000
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp32tf32": torch.float32}       # fp32 weights, GEMMs on TF32 tensor cores (opt-in `tf32=True`)
+TIMED = ("bf16", "fp32", "fp32tf32")      # dtypes the offline / stages / streaming sections time
 SENTENCES = [
     "The tokenizer turns speech into two streams of discrete codes.",
     "One stream follows the words, the other follows how they sound.",
@@ -228,27 +238,69 @@ def section_onnxruntime(res, root, toks, audio, dev, smoke):
         out[prov] = {"ms_s3_only": statistics.median(times), "agreement_with_native_fp32": agreement(codes, native)}
 
 
-def section_offline(res, toks, audio, dev, smoke):
+def section_graphs(res, toks, audio, dev, smoke):
+    """Graph replays vs the eager path (padded alike: equal codes; unpadded: agreement), and the
+    screened code search vs the all-IEEE search on the encoders' real outputs."""
+    out = res.setdefault("graphs", {})
+    lengths = [3.0, 10.0, 31.0] if not smoke else [1.0, 2.5]
+    wavs = [np.roll(audio, 4000 * i)[: int(s_ * SR)] for i, s_ in enumerate(lengths)]
+    for name, tok in toks.items():
+        if dev.type != "cuda":
+            break
+        with_graphs = tok.tokenize_batch(wavs, SR) + [tok.tokenize(w, SR) for w in wavs]
+        tok.use_cuda_graphs, tok.pad_to_bucket = False, True
+        padded = tok.tokenize_batch(wavs, SR) + [tok.tokenize(w, SR) for w in wavs]
+        tok.pad_to_bucket = False
+        plain = tok.tokenize_batch(wavs, SR) + [tok.tokenize(w, SR) for w in wavs]
+        tok.use_cuda_graphs = True
+        out[f"{name}_graphs_equal_padded_eager"] = all(
+            (a.vq02, a.vq06) == (b.vq02, b.vq06) for a, b in zip(with_graphs, padded))
+        out[f"{name}_graphs_vs_unpadded_eager_agreement"] = {
+            "vq02": agreement(sum((a.vq02 for a in with_graphs), []), sum((b.vq02 for b in plain), [])),
+            "vq06": agreement(sum((a.vq06 for a in with_graphs), []), sum((b.vq06 for b in plain), []))}
+        out[f"{name}_graphs_held"] = tok.graph_count
+    tok = toks.get("fp32") or next(iter(toks.values()))
+    wav = prepare_waveform(audio[: SR * (3 if smoke else 30)], SR, device=dev)
+    with torch.inference_mode():
+        rows, counts = tok.features.offline(wav)
+        enc = tok.paraformer.encode_offline([rows], [counts])[0].float()
+        mel = whisper_log_mel(split_pieces(wav)[0])
+        hidden = tok.s3.encode_mel(mel[None], torch.tensor([mel.shape[1]], device=dev), False)[0]
+        hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    if dev.type == "cuda":
+        for tag, x, cb in (("vq02", enc, tok.vq02_codebook), ("vq06", hidden, tok.s3.quantizer._codebook.embed)):
+            sq = cb.float().pow(2).sum(-1)
+            a = nearest_centroid_screened(x, cb, sq)
+            b = nearest_centroid_exhaustive(x, cb, sq)
+            out[f"{tag}_screened_vs_exhaustive_mismatches"] = int((a != b).sum())
+            out[f"{tag}_search_rows"] = int(x.shape[0])
+
+
+def section_offline(res, toks, audio, dev, smoke, durations=None, batches=None):
     rows = res.setdefault("offline", [])
-    durations = [1, 3] if smoke else [3, 10, 30]
-    batches = [1, 2] if smoke else [1, 16]
-    for name in ("fp32", "bf16"):
+    durations = durations or ([1, 3] if smoke else [3, 10, 30])
+    batches = batches or ([1, 2] if smoke else [1, 16])
+    for name in TIMED:
         tok = toks.get(name)
         if tok is None:
             continue
-        for dur in durations:
-            for b in batches:
-                wavs = [np.roll(audio, 7919 * i)[: dur * SR] for i in range(b)]
-                n_tokens = sum(len(o.vq02) + len(o.vq06) for o in tok.tokenize_batch(wavs, SR))
-                ms = time_ms(lambda: tok.tokenize_batch(wavs, SR), dev, reps=3 if smoke else 20)
-                rows.append({"dtype": name, "seconds": dur, "batch": b, "ms": round(ms, 2),
-                             "codes_per_s": round(n_tokens / ms * 1e3), "x_realtime": round(dur * b / ms * 1e3)})
+        for graphs in ((True, False) if dev.type == "cuda" else (False,)):
+            tok.use_cuda_graphs = graphs
+            for dur in durations:
+                for b in batches:
+                    wavs = [np.roll(audio, 7919 * i)[: dur * SR] for i in range(b)]
+                    n_tokens = sum(len(o.vq02) + len(o.vq06) for o in tok.tokenize_batch(wavs, SR))   # + capture
+                    ms = time_ms(lambda: tok.tokenize_batch(wavs, SR), dev, reps=3 if smoke else 20)
+                    rows.append({"dtype": name, "graphs": graphs, "seconds": dur, "batch": b, "ms": round(ms, 2),
+                                 "codes_per_s": round(n_tokens / ms * 1e3), "x_realtime": round(dur * b / ms * 1e3)})
+                    write_json("tokenizer.json", res)
+        tok.use_cuda_graphs = dev.type == "cuda"
 
 
 def section_stages(res, toks, audio, dev, smoke):
     """Where the 10 s batch-1 time goes (device-synchronised stage by stage)."""
     out = res.setdefault("stages_10s_b1", {})
-    for name in ("fp32", "bf16"):
+    for name in TIMED:
         tok = toks.get(name)
         if tok is None:
             continue
@@ -263,21 +315,40 @@ def section_stages(res, toks, audio, dev, smoke):
         mel = mels[0][None]
         reps = 3 if smoke else 20
         with torch.inference_mode():
-            out[name] = {
+            hidden = torch.nn.functional.normalize(tok.s3.encode_mel(mel, lens[:1], False)[0].float(), dim=-1)
+            r = {
                 "prepare_ms": time_ms(lambda: prepare_waveform(wav_np, SR, device=dev), dev, reps=reps),
                 "fbank_lfr_cmvn_ms": time_ms(lambda: tok.features.offline(wav), dev, reps=reps),
-                "paraformer_encoder_ms": time_ms(lambda: tok.paraformer.encode_offline([rows], [counts]), dev, reps=reps),
-                "vq02_search_ms": time_ms(lambda: tok.vq02_of_rows(enc), dev, reps=reps),
                 "whisper_mel_ms": time_ms(lambda: whisper_log_mel(pieces[0]), dev, reps=reps),
-                "s3_encoder_and_search_ms": time_ms(lambda: tok.s3(mel, lens[:1]), dev, reps=reps),
+                "paraformer_eager_ms": time_ms(lambda: tok.paraformer.encode_offline([rows], [counts]), dev, reps=reps),
+                "vq02_search_ms": time_ms(lambda: tok.vq02_of_rows(enc), dev, reps=reps),
+                "s3_eager_encoder_and_search_ms": time_ms(lambda: tok.s3(mel, lens[:1], False), dev, reps=reps),
+                "vq06_search_ms": time_ms(lambda: tok.s3.quantize(hidden), dev, reps=reps),
             }
+            if dev.type == "cuda":
+                cb = tok.s3.quantizer._codebook.embed
+                sq = cb.float().pow(2).sum(-1)
+                r["vq06_search_exhaustive_ms"] = time_ms(lambda: nearest_centroid_exhaustive(hidden, cb, sq), dev,
+                                                         reps=reps)
+                r["vq02_search_exhaustive_ms"] = time_ms(
+                    lambda: nearest_centroid_exhaustive(enc.float(), tok.vq02_codebook, tok.vq02_sqnorm), dev, reps=reps)
+                tok._vq02_launch([rows], [counts])                    # capture outside the timing
+                tok._vq06_pieces(pieces, mels)
+                r["paraformer_graph_ms"] = time_ms(lambda: tok._vq02_launch([rows], [counts]), dev, reps=reps)
+                r["s3_graph_ms"] = time_ms(lambda: tok._vq06_pieces(pieces, mels), dev, reps=reps)
+                r["both_graphs_concurrent_ms"] = time_ms(lambda: tok.codes([wav]), dev, reps=reps)
+            for graphs in ((True, False) if dev.type == "cuda" else (False,)):
+                tok.use_cuda_graphs = graphs
+                r[f"tokenize_graphs={graphs}_ms"] = time_ms(lambda: tok.tokenize(wav_np, SR), dev, reps=reps)
+            tok.use_cuda_graphs = dev.type == "cuda"
+        out[name] = {k: round(v, 3) for k, v in r.items()}
 
 
 def section_streaming(res, toks, audio, dev, smoke):
     out = res.setdefault("streaming", {})
     chunk = 3840
     n_chunks = 12 if smoke else 100          # < 30 s: no S3 piece flush inside the timed feeds
-    for name in ("fp32", "bf16"):
+    for name in TIMED:
         tok = toks.get(name)
         if tok is None:
             continue
@@ -298,22 +369,35 @@ def section_streaming(res, toks, audio, dev, smoke):
                                              "p90_ms": float(np.percentile(steady, 90)), "max_ms": max(steady),
                                              "first_chunk_ms": lat[0]}
         tok.use_cuda_graphs = dev.type == "cuda"
-        # the feed that completes a 30 s piece also runs the S3 encoder on it
-        st = tok.stream()
-        st.feed(audio[: 480000 - chunk])
-        sync(dev)
-        t0 = time.perf_counter()
-        st.feed(audio[480000 - chunk:480000])
-        out[f"{name}_30s_piece_flush_ms"] = (time.perf_counter() - t0) * 1e3
-        st.finish()
+        # the feed that completes a 30 s piece also runs the S3 encoder on it (the second time:
+        # the first one captures the S3 graph of a whole piece)
+        for _ in range(2):
+            st = tok.stream()
+            st.feed(audio[: 480000 - chunk])
+            sync(dev)
+            t0 = time.perf_counter()
+            st.feed(audio[480000 - chunk:480000])
+            out[f"{name}_30s_piece_flush_ms"] = (time.perf_counter() - t0) * 1e3
+            st.finish()
 
 
 # ------------------------------------------------------------------------------------ main
+def ints(text: str | None) -> list[int] | None:
+    return [int(v) for v in text.split(",")] if text else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and few reps (CPU ok)")
     ap.add_argument("--keep", help="write the random tokenizer folder here and keep it")
+    ap.add_argument("--sections", default="correctness,graphs,offline,stages,streaming,onnxruntime",
+                    help="comma-separated subset of the sections to run")
+    ap.add_argument("--dtypes", default="fp32,bf16,fp16",
+                    help="comma-separated model dtypes to load (fp32, bf16, fp16, fp32tf32)")
+    ap.add_argument("--durations", help="offline section: seconds per utterance, e.g. 3,10,30")
+    ap.add_argument("--batches", help="offline section: batch sizes, e.g. 1,16")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = fx.TINY if args.smoke else fx.FULL
     res = {"device": device_name(), "smoke": args.smoke, "sizes": sizes.__dict__, "torch": torch.__version__}
@@ -326,20 +410,32 @@ def main():
     if fixture is not None:
         res["write_folder_s"] = round(fixture["write_s"], 1)
         for name, dt in DTYPES.items():
+            if name not in args.dtypes.split(","):
+                continue
             if dev.type == "cpu" and name != "fp32":
                 continue                                  # CPU smoke: fp32 only
             t0 = time.perf_counter()
-            tok = guarded(res, f"load_{name}", lambda dt=dt: AudioTokenizer.from_pretrained(root, device=dev, dtype=dt))
+            tok = guarded(res, f"load_{name}", lambda dt=dt, tf32=name == "fp32tf32":
+                          AudioTokenizer.from_pretrained(root, device=dev, dtype=dt, tf32=tf32))
             if tok is not None:
                 toks[name] = tok
                 res[f"load_{name}_s"] = round(time.perf_counter() - t0, 2)
-    if toks:
-        guarded(res, "correctness", lambda: section_correctness(res, toks, sizes, audio, fixture, dev, args.smoke))
-        guarded(res, "offline", lambda: section_offline(res, toks, audio, dev, args.smoke))
-        guarded(res, "stages", lambda: section_stages(res, toks, audio, dev, args.smoke))
-        guarded(res, "streaming", lambda: section_streaming(res, toks, audio, dev, args.smoke))
-        # last: ORT's CPU thread pool keeps spinning after a run and would slow what follows
-        guarded(res, "onnxruntime", lambda: section_onnxruntime(res, root, toks, audio, dev, args.smoke))
+    runs = [("correctness", lambda: section_correctness(res, toks, sizes, audio, fixture, dev, args.smoke)),
+            ("graphs", lambda: section_graphs(res, toks, audio, dev, args.smoke)),
+            ("offline", lambda: section_offline(res, toks, audio, dev, args.smoke, ints(args.durations),
+                                                ints(args.batches))),
+            ("stages", lambda: section_stages(res, toks, audio, dev, args.smoke)),
+            ("streaming", lambda: section_streaming(res, toks, audio, dev, args.smoke)),
+            # last: ORT's CPU thread pool keeps spinning after a run and would slow what follows
+            ("onnxruntime", lambda: section_onnxruntime(res, root, toks, audio, dev, args.smoke))]
+    for name, fn in runs:
+        if toks and name in sections:
+            t0 = time.perf_counter()
+            guarded(res, name, fn)
+            res.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 1)
+            write_json("tokenizer.json", res)          # partial results survive a time limit
+            key = {"stages": "stages_10s_b1"}.get(name, name)
+            print(f"[{name}] {res['section_s'][name]} s: {json.dumps(res.get(key), default=str)}", flush=True)
     path = write_json("tokenizer.json", res)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -347,7 +443,8 @@ def main():
     # ---------------------------------------------------------------- summary table (last)
     table = []
     for r in res.get("offline", []):
-        table.append({"case": f"offline {r['dtype']} {r['seconds']}s b{r['batch']}", "ms": r["ms"],
+        table.append({"case": f"offline {r['dtype']} {'graphs' if r['graphs'] else 'eager'} {r['seconds']}s "
+                              f"b{r['batch']}", "ms": r["ms"],
                       "codes/s": r["codes_per_s"], "note": f"{r['x_realtime']}x realtime" +
                       (" (target <=15 ms)" if r["seconds"] == 10 and r["batch"] == 1 else "")})
     for k, v in res.get("streaming", {}).items():
@@ -357,7 +454,10 @@ def main():
     for k, v in res.get("onnxruntime", {}).items():
         table.append({"case": f"ORT {k} S3 10s", "ms": round(v["ms_s3_only"], 1), "codes/s": "",
                       "note": f"agree w/ native {v['agreement_with_native_fp32']:.3f}"})
-    for k, v in res.get("correctness", {}).items():
+    for name, st in res.get("stages_10s_b1", {}).items():
+        for k, v in st.items():
+            table.append({"case": f"stage {name} {k[:-3]}", "ms": v, "codes/s": "", "note": ""})
+    for k, v in list(res.get("correctness", {}).items()) + list(res.get("graphs", {}).items()):
         table.append({"case": f"check {k}", "ms": "", "codes/s": "", "note": str(v)})
     for k, v in res.get("errors", {}).items():
         table.append({"case": f"ERROR {k}", "ms": "", "codes/s": "", "note": v[:100]})

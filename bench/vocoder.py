@@ -1,16 +1,22 @@
 """Speech decoder (flow matching + HiFT token2wav) benchmark on one GPU, random weights of the real config.
 
 Checks correctness on the device first (bf16 fused/graph flow against the float32 eager reference
-path, fused against unfused kernels, graphs against eager, each Triton kernel against its
+path, the three estimator paths against each other, graphs against the same bucketed inputs run
+eagerly and against the unpadded eager path, HiFT graphs likewise, each Triton kernel against its
 reference), then times with CUDA events (medians after warm-up):
-  flow only and HiFT only for 5 s and 10 s of audio (3 s speaker prompt), graphs on/off x fused on/off;
-  offline token2wav end to end (RTF); streaming first-chunk latency (first window = 35 tokens);
-  8 concurrent streams fed 5 tokens (120 ms) per tick; peak memory per section.
+  flow only for 5 s and 10 s of audio (3 s speaker prompt): fused (channels-last row_conv path),
+  "elementwise" (the earlier fused path) and unfused with graphs, fused eager; the eager pre-solve
+  alone; HiFT graphs / eager / unfused; offline token2wav end to end (RTF); streaming first-chunk
+  latency (first window = 35 tokens); 8 concurrent streams fed 5 tokens (120 ms) per tick; peak
+  memory per section. Optional: `ops` (each estimator op alone, row_conv tiles against the
+  cuBLAS / cuDNN ops they replace) and `--tune` (whole-solve tile sweep).
 Targets: 10 s of audio in <= 50 ms end to end, first streamed chunk <= 30 ms.
-A failing section is reported and the others still run. Prints a table last; JSON to $OUT/vocoder.json.
+A failing section is reported and the others still run. Rows print as they come, the table last;
+JSON to $OUT/vocoder.json.
 
   python bench/vocoder.py                      # full run on CUDA (random weights of the released config)
   python bench/vocoder.py --model-dir DIR      # a real CosyVoice-300M-25Hz folder instead
+  python bench/vocoder.py --sections ops       # per-op timings only
   python bench/vocoder.py --smoke              # tiny config on CPU, few reps: catches errors only
 """
 from __future__ import annotations
@@ -141,11 +147,54 @@ def check_kernels(device, res, rows):
     s = torch.randn(1, 128, 64 * 400, generator=g, device=device) * 3
     a = torch.rand(128, generator=g, device=device) + 0.1
     out["snake_rel"] = rel_err(snake(s, a), snake_reference(s, a))
+    sm = torch.ones(1, 1, s.shape[-1], device=device)
+    sm[..., 20000:] = 0
+    out["snake_masked_rel"] = rel_err(snake(s, a, sm), snake_reference(s, a, sm))
+    out.update(check_row_conv(device, dt, g))
     ok = (out["ode_step_max_abs"] == 0.0 and out["gn_mish_rel"] < 1e-2 and out["add_ln_rel"] < 1e-2
-          and out["add_ln_residual_equal"] and out["snake_rel"] < 1e-5)
+          and out["add_ln_residual_equal"] and out["snake_rel"] < 1e-5 and out["snake_masked_rel"] < 1e-5
+          and all(v < 1e-2 for k, v in out.items() if k.startswith("row_conv")))
     out["ok"] = ok
     res["check_kernels"] = out
     rows.append(dict(section="check kernels", config="bf16 shapes", note=f"ok={ok} gn={out['gn_mish_rel']:.1e}"))
+
+
+def check_row_conv(device, dt, g) -> dict:
+    """flow_conv.row_conv (every fused option the estimator uses) and the channels-last GroupNorm
+    against their references on estimator shapes (2 x 1120 frames, 256 channels)."""
+    from stepvox.kernels.flow_conv import (LINEAR, UPSAMPLE_K4S2P1, conv_spec, conv_weight, linear_weight,
+                                           row_conv, row_conv_reference, upsample_weight)
+    from stepvox.kernels.flow_fused import group_norm_mish_rows, group_norm_mish_rows_reference
+    n, length, c = 2, 1120, 256
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
+
+    x = rnd(n, length, c)
+    m = torch.ones(n, length, device=device, dtype=dt)
+    m[1, 700:] = 0
+    ln = (rnd(c), rnd(c), 1e-5)
+    cases = {
+        "row_conv_qkv_ln": (x, linear_weight(rnd(768, c, scale=c ** -0.5)), None, LINEAR, dict(ln=ln)),
+        "row_conv_ff1_ln_gelu": (x, linear_weight(rnd(1024, c, scale=c ** -0.5)), rnd(1024), LINEAR,
+                                 dict(ln=ln, gelu=True)),
+        "row_conv_ff2_res_mask": (rnd(n, length, 1024), linear_weight(rnd(c, 1024, scale=1024 ** -0.5)), rnd(c),
+                                  LINEAR, dict(residual=x, mask_out=m, mul_mask_out=True)),
+        "row_conv_conv3_in320_cf": (rnd(n, 320, length).transpose(1, 2), conv_weight(rnd(c, 320, 3, scale=0.03)),
+                                    rnd(c), conv_spec(3, 1, 1), dict(mask_in=m)),
+        "row_conv_down": (x, conv_weight(rnd(c, c, 3, scale=0.03)), rnd(c), conv_spec(3, 2, 1), dict(mask_in=m)),
+        "row_conv_up": (x[:, :560], upsample_weight(rnd(c, c, 4, scale=0.03)), rnd(c), UPSAMPLE_K4S2P1,
+                        dict(mask_in=m[:, :560])),
+    }
+    out = {}
+    for name, (xi, w, b, spec, kw) in cases.items():
+        out[name] = rel_err(row_conv(xi, w, b, spec, **kw), row_conv_reference(xi, w, b, spec, **kw))
+    w3, b3 = conv_weight(rnd(c, c, 3, scale=0.03)), rnd(c)
+    h, st = row_conv(x, w3, b3, conv_spec(3, 1, 1), mask_in=m, mask_out=m, gn_groups=8)
+    gw, gb, temb = rnd(c), rnd(c), rnd(c)
+    out["row_conv_gn_rows"] = rel_err(group_norm_mish_rows(h, st, gw, gb, 1e-5, mask=m, temb=temb),
+                                      group_norm_mish_rows_reference(h, gw, gb, 8, 1e-5, m, temb))
+    return out
 
 
 def check_model(dec, device, res, rows, prompt):
@@ -158,6 +207,11 @@ def check_model(dec, device, res, rows, prompt):
     fast = dec.token2mel(toks, prompt=prompt, noise=noise)
     dec.configure(fused=True, cuda_graphs=False)
     eager_fused = dec.token2mel(toks, prompt=prompt, noise=noise)
+    dec.solver.pad_to_bucket = True                  # what the graphs replay, run eagerly
+    eager_bucketed = dec.token2mel(toks, prompt=prompt, noise=noise)
+    dec.solver.pad_to_bucket = False
+    dec.configure(fused="elementwise", cuda_graphs=False)
+    eager_elementwise = dec.token2mel(toks, prompt=prompt, noise=noise)
     dec.configure(fused=False, cuda_graphs=False)
     eager_unfused = dec.token2mel(toks, prompt=prompt, noise=noise)
     dec.configure(fused=True, cuda_graphs=device.type == "cuda")
@@ -165,7 +219,9 @@ def check_model(dec, device, res, rows, prompt):
     ref = SpeechDecoder(dec.config, flow32, hift_copy, None, device, cuda_graphs=False, fused=False)
     mel32 = ref.token2mel(toks, prompt=prompt, noise=noise)
     out["graphs_vs_eager_rel"] = rel_err(fast, eager_fused)
+    out["graphs_vs_bucketed_eager_rel"] = rel_err(fast, eager_bucketed)
     out["fused_vs_unfused_rel"] = rel_err(eager_fused, eager_unfused)
+    out["elementwise_vs_unfused_rel"] = rel_err(eager_elementwise, eager_unfused)
     out["bf16_vs_fp32_rel"] = rel_err(fast, mel32)
     out["fp32_unfused_vs_fp32_fused_rel"] = rel_err(
         SpeechDecoder(dec.config, flow32, hift_copy, None, device, cuda_graphs=False, fused=True)
@@ -176,44 +232,77 @@ def check_model(dec, device, res, rows, prompt):
     wav_unfused = dec.mel2wav(mel32, seed=0)
     dec.hift.set_fused(True)
     out["hift_fused_vs_unfused_rel"] = rel_err(wav, wav_unfused)
+    graphs_on = dec.hift_use_graphs
+    dec.hift_use_graphs = False
+    wav_eager = dec.mel2wav(mel32, seed=0)
+    mel_short = mel32[:, :mel32.shape[1] - 7]                      # a length inside a bucket (padded)
+    wav_short_eager = dec.mel2wav(mel_short, seed=0)
+    dec.hift_use_graphs = graphs_on
+    out["hift_graph_vs_eager_rel"] = rel_err(wav, wav_eager)
+    wav_short = dec.mel2wav(mel_short, seed=0)
+    out["hift_graph_padded_vs_eager_rel"] = rel_err(wav_short, wav_short_eager)
+    # the same bucketed forward run eagerly: isolates the graph from the (TF32 conv) rounding that
+    # a different length brings
+    t, hg = mel_short.shape[1], dec.hift_graphs
+    n, tb = t * dec.samples_per_token_frame, hg.bucket_frames(t)
+    st = dec.open_stream(None, 0)
+    mel_b = torch.zeros(1, 80, tb, device=device)
+    mel_b[0, :, :t] = mel_short
+    noise_b = torch.zeros(1, dec.hift.harmonics, tb * dec.samples_per_token_frame, device=device)
+    noise_b[0, :, :n] = st.source_tape.take(0, n)
+    wav_b = dec.hift(mel_b, st.start_phase[None], noise_b, frames=torch.tensor([t], device=device))[0][0, :n]
+    out["hift_graph_vs_bucketed_eager_rel"] = rel_err(wav_short, wav_b)
+    out["hift_bucketed_vs_unpadded_eager_rel"] = rel_err(wav_b, wav_short_eager)
     out["hift_finite"] = bool(torch.isfinite(wav).all())
     dt = dec.flow.dtype
     tol = 0.08 if dt == torch.bfloat16 else 1e-4
     out["ok"] = (out["bf16_vs_fp32_rel"] < tol and out["fused_vs_unfused_rel"] < tol
                  and out["graphs_vs_eager_rel"] < tol
+                 and out["elementwise_vs_unfused_rel"] < tol
                  and out["fp32_unfused_vs_fp32_fused_rel"] < 1e-3 and out["hift_fused_vs_unfused_rel"] < 1e-4
+                 and out["hift_graph_vs_bucketed_eager_rel"] < 1e-5
+                 and out["hift_graph_vs_eager_rel"] < 2e-3 and out["hift_graph_padded_vs_eager_rel"] < 2e-3
                  and out["hift_finite"])
     res["check_model"] = out
     rows.append(dict(section="check model", config=str(dt).replace("torch.", ""),
                      note=f"ok={out['ok']} bf16/fp32={out['bf16_vs_fp32_rel']:.1e} "
-                          f"fused/unfused={out['fused_vs_unfused_rel']:.1e}"))
+                          f"fused/unfused={out['fused_vs_unfused_rel']:.1e} "
+                          f"hift graph/eager={out['hift_graph_padded_vs_eager_rel']:.1e}"))
 
 
 def time_offline(dec, device, res, rows, prompt, reps, seconds_list):
     out = {}
-    combos = [(True, True), (True, False), (False, True), (False, False)] if device.type == "cuda" else [(True, False)]
+    combos = ([(True, True), ("elementwise", True), (False, True), (True, False)] if device.type == "cuda"
+              else [(True, False)])
     for seconds in seconds_list:
         toks = tokens_for(seconds)
         audio_s = dec.config.flow.mel_frames(len(toks)) * 256 / SR
         for fused, graphs in combos:
             dec.configure(fused=fused, cuda_graphs=graphs)
             reset_peak(device)
-            ms = timed(lambda: dec.token2mel(toks, prompt=prompt, seed=0), device, reps)
-            key = f"flow {seconds:g}s fused={int(fused)} graphs={int(graphs)}"
+            ms = timed(lambda: dec.token2mel(toks, prompt=prompt, seed=0), device, reps if graphs else min(reps, 5))
+            key = f"flow {seconds:g}s fused={fused if isinstance(fused, str) else int(fused)} graphs={int(graphs)}"
             out[key] = dict(ms=ms, peak_mb=peak_mb(device))
             rows.append(dict(section="flow", config=key[5:], ms=f"{ms:.2f}", rtf=f"{ms / 1e3 / audio_s:.4f}",
                              peak_mb=peak_mb(device)))
         dec.configure(fused=True, cuda_graphs=device.type == "cuda")
         mel = dec.token2mel(toks, prompt=prompt, seed=0)
-        for fused in (True, False):
+        for fused, graphs in ((True, True), (True, False), (False, False)):
             dec.hift.set_fused(fused)
+            dec.hift_use_graphs = graphs and device.type == "cuda"
             reset_peak(device)
             ms = timed(lambda: dec.mel2wav(mel, seed=0), device, reps)
-            key = f"hift {seconds:g}s fused={int(fused)}"
+            key = f"hift {seconds:g}s fused={int(fused)} graphs={int(graphs)}"
             out[key] = dict(ms=ms, peak_mb=peak_mb(device))
             rows.append(dict(section="hift", config=key[5:], ms=f"{ms:.2f}", rtf=f"{ms / 1e3 / audio_s:.4f}",
                              peak_mb=peak_mb(device)))
         dec.hift.set_fused(True)
+        dec.configure(fused=True, cuda_graphs=device.type == "cuda")
+        reqs, _ = dec._requests([toks], [prompt], [0], [None])
+        ms = timed(lambda: (dec.flow.encode(reqs), dec.flow.speaker_condition(torch.stack([r.speaker for r in reqs]))),
+                   device, reps)
+        out[f"flow pre-solve {seconds:g}s"] = dict(ms=ms)
+        rows.append(dict(section="flow", config=f"{seconds:g}s encoder+regulator (eager)", ms=f"{ms:.2f}"))
         reset_peak(device)
         ms = timed(lambda: dec.token2wav(toks, prompt=prompt, seed=0), device, reps)
         out[f"token2wav {seconds:g}s"] = dict(ms=ms, rtf=ms / 1e3 / audio_s, audio_s=audio_s, peak_mb=peak_mb(device))
@@ -242,6 +331,123 @@ def _run_stream(dec, device, prompt, toks, seed):
     st.finish()
     samples += sum(c.numel() for c in dec.step_streams([st])[0])
     return first, steps, samples
+
+
+OP_TILES = {
+    "ln": [(64, 128, None, 4, 1), (128, 128, None, 8, 1), (64, 256, None, 8, 1), (32, 128, None, 4, 1)],
+    "wide": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 256, 64, 8, 3)],
+    "narrow": [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3),
+               (128, 64, 32, 4, 4)],
+    "conv": [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3)],
+}
+
+
+def time_ops(device, res, rows):
+    """Each estimator op alone (graph-replayed, us per call) for the sequence lengths of a 10 s
+    decode (1120 / 560 frames) and of the first streamed window (352 / 176), Triton row_conv with
+    several tiles against the cuBLAS / cuDNN + elementwise ops it replaces."""
+    import torch.nn.functional as F
+    from _util import bench_graph
+    from stepvox.kernels import flow_conv
+    from stepvox.kernels.flow_conv import LINEAR, conv_spec, conv_weight, linear_weight, row_conv
+    from stepvox.kernels.flow_fused import group_norm_mish, group_norm_mish_rows
+    dt, c = torch.bfloat16, 256
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
+
+    w_qkv, w1, b1 = rnd(768, c, scale=c ** -0.5), rnd(1024, c, scale=c ** -0.5), rnd(1024)
+    wo, bo, w2, b2 = rnd(c, 512, scale=512 ** -0.5), rnd(c), rnd(c, 1024, scale=1024 ** -0.5), rnd(c)
+    wc, bc = rnd(c, c, 3, scale=0.03), rnd(c)
+    lnw, lnb, gw, gb = rnd(c), rnd(c), rnd(c), rnd(c)
+    prep = {k: linear_weight(v) for k, v in (("qkv", w_qkv), ("ff1", w1), ("out", wo), ("ff2", w2))}
+    prep["conv"] = conv_weight(wc)
+    out, base_tiles, base_long = {}, dict(flow_conv.TILES), dict(flow_conv.TILES_LONG)
+    flow_conv.TILES_LONG = {}                      # each tile tried at every length
+    for length in (1120, 560, 352, 176):
+        x, a, f = rnd(2, length, c), rnd(2, length, 512), rnd(2, length, 1024)
+        xc = x.transpose(1, 2).contiguous()
+        ln = (lnw, lnb, 1e-5)
+        ops = {
+            "qkv": ("ln", lambda: row_conv(x, prep["qkv"], None, LINEAR, ln=ln),
+                    lambda: F.linear(F.layer_norm(x, (c,), lnw, lnb), w_qkv)),
+            "ff1": ("ln", lambda: row_conv(x, prep["ff1"], b1, LINEAR, ln=ln, gelu=True),
+                    lambda: F.gelu(F.linear(x, w1, b1))),
+            "out": ("narrow", lambda: row_conv(a, prep["out"], bo, LINEAR, residual=x),
+                    lambda: F.linear(a, wo, bo) + x),
+            "ff2": ("narrow", lambda: row_conv(f, prep["ff2"], b2, LINEAR, residual=x),
+                    lambda: F.linear(f, w2, b2) + x),
+            "conv+gn": ("conv", lambda: group_norm_mish_rows(*row_conv(x, prep["conv"], bc, conv_spec(3, 1, 1),
+                                                                       gn_groups=8), gw, gb),
+                        lambda: group_norm_mish(F.conv1d(xc, wc, bc, padding=1), gw, gb, 8)),
+        }
+        for name, (kind, fused, eager) in ops.items():
+            entry = {"torch": round(1e3 * bench_graph(eager), 2)}
+            for cfg in OP_TILES[kind]:
+                flow_conv.TILES = {**base_tiles, kind: cfg}
+                try:
+                    entry[str(cfg)] = round(1e3 * bench_graph(fused), 2)
+                except Exception as exc:  # noqa: BLE001 - a tile that does not fit is reported
+                    entry[str(cfg)] = f"{type(exc).__name__}"
+            flow_conv.TILES = base_tiles
+            out[f"{name} L={length}"] = entry
+            best = min((v, k) for k, v in entry.items() if k != "torch" and isinstance(v, float))
+            rows.append(dict(section="op us", config=f"{name} 2x{length}", ms=f"{best[0]:.1f}",
+                             note=f"torch {entry['torch']:.1f} us; best tile {best[1]}; "
+                                  + " ".join(f"{v}" for k, v in entry.items() if k != "torch")))
+    flow_conv.TILES_LONG = base_long
+    res["ops"] = out
+
+
+TILE_CANDIDATES = {
+    "ln": [(32, 128, None, 4, 1), (64, 64, None, 4, 1)],
+    "wide": [(32, 128, 64, 4, 3), (64, 64, 64, 4, 3)],
+    "narrow": [(32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (64, 64, 128, 4, 3)],
+    "conv": [(32, 64, 64, 4, 3), (64, 128, 64, 4, 3)],
+}
+
+
+def tune_tiles(dec, device, res, rows, prompt, reps):
+    """Flow 10 s (graphs) with alternative row_conv tiles (one set for all lengths), one tile kind at
+    a time; keeps, per kind, the fastest, then checks that the combination beats the defaults with
+    their long-sequence variants (else restores them)."""
+    from stepvox.kernels import flow_conv
+    toks = tokens_for(10.0)
+    base, base_long = dict(flow_conv.TILES), dict(flow_conv.TILES_LONG)
+    flow_conv.TILES_LONG = {}
+
+    def measure(tiles):
+        flow_conv.TILES = tiles
+        dec.solver.reset()
+        dec.configure(fused=True, cuda_graphs=True)
+        return timed(lambda: dec.token2mel(toks, prompt=prompt, seed=0), device, reps)
+
+    out = {"default": (str(base), measure(base))}
+    best = dict(base)
+    for kind, cands in TILE_CANDIDATES.items():
+        best_ms = out["default"][1]
+        for cfg in cands:
+            try:
+                ms = measure({**base, kind: cfg})
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                out[f"{kind} {cfg}"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                continue
+            out[f"{kind} {cfg}"] = ms
+            if ms < best_ms:
+                best[kind], best_ms = cfg, ms
+    tuned = measure(best)
+    out["tuned"] = (str(best), tuned)
+    if tuned >= out["default"][1]:
+        best = base
+    flow_conv.TILES = best
+    if best is base:
+        flow_conv.TILES_LONG = base_long
+    dec.solver.reset()
+    res["tune"] = out
+    rows.append(dict(section="tune", config="row_conv tiles", ms=f"{min(tuned, out['default'][1]):.2f}",
+                     note=f"default {out['default'][1]:.2f} ms; kept {best}"))
+    print("tile sweep:", {k: (v if isinstance(v, (str, tuple)) else round(v, 3)) for k, v in out.items()})
 
 
 def time_stream(dec, device, res, rows, prompt, reps, seconds):
@@ -305,7 +511,12 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU, few reps")
     ap.add_argument("--model-dir", default=None, help="a real CosyVoice folder instead of random weights")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--sections", default="check_kernels,check_model,offline,stream,concurrent",
+                    help="comma-separated sections (default all but ops: check_kernels, check_model, offline, "
+                         "stream, concurrent, ops)")
+    ap.add_argument("--tune", action="store_true", help="sweep row_conv tiles last (GPU; keeps the fastest)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     reps = args.reps or (2 if args.smoke else 20)
     res = dict(device=device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
@@ -321,11 +532,29 @@ def main():
             return
         prompt = make_prompt(1.0 if args.smoke else 3.0, device)
         seconds = [1.0, 2.0] if args.smoke else [5.0, 10.0]
-        guarded(res, "check_kernels", lambda: check_kernels(device, res, rows))
-        guarded(res, "check_model", lambda: check_model(dec, device, res, rows, prompt))
-        guarded(res, "offline", lambda: time_offline(dec, device, res, rows, prompt, reps, seconds))
-        guarded(res, "stream", lambda: time_stream(dec, device, res, rows, prompt, max(3, reps // 4), seconds[-1]))
-        guarded(res, "concurrent", lambda: time_concurrent(dec, device, res, rows, prompt, 8, seconds[0]))
+        def section(name, fn):
+            start = len(rows)
+            guarded(res, name, fn)
+            for r in rows[start:]:          # as it goes: a run cut short still shows what it measured
+                print("  ", {k: v for k, v in r.items() if v not in (None, "")}, flush=True)
+
+        if "check_kernels" in sections:
+            section("check_kernels", lambda: check_kernels(device, res, rows))
+        if "check_model" in sections:
+            section("check_model", lambda: check_model(dec, device, res, rows, prompt))
+        if "offline" in sections:
+            section("offline", lambda: time_offline(dec, device, res, rows, prompt, reps, seconds))
+        if "stream" in sections:
+            section("stream", lambda: time_stream(dec, device, res, rows, prompt, max(3, reps // 4), seconds[-1]))
+        if "concurrent" in sections:
+            section("concurrent", lambda: time_concurrent(dec, device, res, rows, prompt, 8, seconds[0]))
+        if "ops" in sections and device.type == "cuda":
+            section("ops", lambda: time_ops(device, res, rows))
+        if args.tune and device.type == "cuda":
+            section("tune", lambda: tune_tiles(dec, device, res, rows, prompt, max(3, reps // 4)))
+            if "stream" in sections:
+                section("stream (tuned tiles)", lambda: time_stream(dec, device, res, rows, prompt,
+                                                                    max(3, reps // 4), seconds[-1]))
     path = write_json("vocoder.json", res)
     print(f"\nspeech decoder on {res['device']} ({res['model']}); JSON: {path}")
     if res.get("errors"):

@@ -7,16 +7,14 @@ import time
 
 import torch
 
-from . import special_tokens as st
 from .config import EngineConfig, Step1Config, resolve_dtype
 from .errors import ConfigError, InvalidRequestError, KVCacheExhaustedError, PromptTooLongError
 from .kv_cache import BlockManager
-from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerOutput
-from .sequence import Sequence, SequenceStatus
+from .scheduler import Scheduler
+from .sequence import Sequence
 from .tokenizer import Step1Tokenizer
 
 log = logging.getLogger("stepvox")

@@ -27,9 +27,9 @@ from .audio.mel import mel_spectrogram
 from .cosyvoice_config import CosyVoiceConfig, load_cosyvoice_config
 from .models.campplus import CampPlus
 from .models.cosyvoice_checkpoint import load_weights
-from .models.flow import FlowModel, FlowRequest
+from .models.flow import FlowModel, FlowPrep, FlowRequest
 from .models.flow_solver import FlowSolver
-from .models.hift import HiFTGenerator
+from .models.hift import HiFTGenerator, HiFTGraphs
 from .special_tokens import AUDIO_TOKEN_OFFSET, FLOW_VOCAB
 from .speech_decoder_stream import DecoderStream, StreamConfig, Window
 
@@ -90,6 +90,9 @@ class SpeechDecoder:
         self.device = torch.device(device)
         self.solver = FlowSolver(flow.estimator, config.flow.cfm, config.flow.output_size,
                                  use_cuda_graphs=cuda_graphs, fused=fused)
+        self.flow_prep = FlowPrep(flow)
+        self.hift_graphs = HiFTGraphs(hift)
+        self.hift_use_graphs = False
         self.configure(fused=fused, cuda_graphs=cuda_graphs)
 
     # ------------------------------------------------------------------ loading
@@ -122,17 +125,37 @@ class SpeechDecoder:
             self.hift.set_fused(fused)
         if cuda_graphs is not None:
             self.solver.use_cuda_graphs = cuda_graphs
+            self.hift_use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
 
     def warmup(self, max_frames: int, batch_sizes=(1,), min_frames: int = 1) -> int:
         """Capture the CUDA graphs of every length bucket in [min_frames, max_frames] (prompt + target
-        mel frames) for each batch size, so no request pays a capture (~0.1-0.3 s) on the way.
-        Returns the number of graphs held."""
+        mel frames for the flow, vocoded frames for HiFT) for each batch size, so no request pays a
+        capture (~0.1-0.3 s) on the way. Returns the number of graphs held."""
         step = self.solver.bucket
         for b in batch_sizes:
             for length in range(-(-min_frames // step) * step, max_frames + step, step):
                 for padded in (False, True):
                     self.solver.capture(b, length, padded, self.flow.dtype, self.device)
-        return self.solver.graph_count
+            if self.solver.graphs_on(self.device):      # pre-solve graphs for the likely token buckets
+                tstep = self.flow_prep.token_bucket
+                for length in range(-(-min_frames // step) * step, max_frames + step, step):
+                    tokens = -(-int(length * self.config.flow.input_frame_rate * self.config.flow.mel_hop_size
+                                    / self.config.flow.mel_sampling_rate) // tstep) * tstep
+                    for tb in (tokens, tokens + tstep):
+                        self.flow_prep.capture(b, tb, length, self.device)
+            if self.hift_use_graphs:
+                hstep = self.hift_graphs.bucket
+                for frames in range(-(-min_frames // hstep) * hstep, max_frames + hstep, hstep):
+                    self.hift_graphs.capture(b, frames, self.device)
+        return self.solver.graph_count + self.flow_prep.graph_count + self.hift_graphs.graph_count
+
+    def _run_hift(self, mel, start_phase, noise, phase_offset=None, phase_anchor=None):
+        """HiFT on equal-length items -> (waveform [B, T*256], cycles [B, H, T*256]); CUDA graph of
+        the frame bucket when graphs are on (same result as the eager forward up to float rounding)."""
+        if self.hift_use_graphs and mel.is_cuda:
+            return self.hift_graphs(mel, start_phase, noise, phase_offset, phase_anchor)
+        wav, _, cycles = self.hift(mel, start_phase, noise, phase_offset, phase_anchor)
+        return wav, cycles
 
     @property
     def sample_rate(self) -> int:
@@ -233,7 +256,7 @@ class SpeechDecoder:
                   seed: int | None = None) -> torch.Tensor:
         """Flow only: [80, mel frames] float32 on the device."""
         reqs, _ = self._requests([tokens], [prompt], [self._seed(seed)], [noise])
-        return self.flow.generate(reqs, self.solver)[0][0]
+        return self.flow.generate(reqs, self.solver, self.flow_prep)[0][0]
 
     @torch.no_grad()
     def mel2wav(self, mel: torch.Tensor, seed: int | None = None, source_noise=None, start_phase=None) -> torch.Tensor:
@@ -248,7 +271,7 @@ class SpeechDecoder:
             torch.as_tensor(source_noise, device=self.device).float().reshape(b, h, n)
         phase = torch.stack([s.start_phase for s in streams]) if start_phase is None else \
             torch.as_tensor(start_phase, device=self.device).float().reshape(b, h)
-        wav = self.hift(mel, phase, noise)[0]
+        wav = self._run_hift(mel, phase, noise)[0]
         return wav[0] if single else wav
 
     @torch.no_grad()
@@ -270,7 +293,7 @@ class SpeechDecoder:
         if not len(prompts) == len(seeds) == len(noises) == n:
             raise SpeechDecoderError("token_lists, prompts, seeds and noises must have the same length")
         reqs, streams = self._requests(token_lists, prompts, seeds, noises)
-        mels, _ = self.flow.generate(reqs, self.solver)
+        mels, _ = self.flow.generate(reqs, self.solver, self.flow_prep)
         jobs = [(st, st.hift_inputs(mel), mel) for st, mel in zip(streams, mels)]
         outs = self._vocode(jobs, final=True)
         return outs
@@ -284,10 +307,10 @@ class SpeechDecoder:
         for idxs in by_len.values():
             ins = [jobs[i][1] for i in idxs]
             mel = torch.stack([x["mel"] for x in ins]).float()
-            wav, _, cycles = self.hift(mel, torch.stack([x["start_phase"] for x in ins]),
-                                       torch.stack([x["noise"] for x in ins]),
-                                       torch.stack([x["phase_offset"] for x in ins]),
-                                       torch.tensor([x["phase_anchor"] for x in ins], device=mel.device))
+            wav, cycles = self._run_hift(mel, torch.stack([x["start_phase"] for x in ins]),
+                                         torch.stack([x["noise"] for x in ins]),
+                                         torch.stack([x["phase_offset"] for x in ins]),
+                                         torch.tensor([x["phase_anchor"] for x in ins], device=mel.device))
             for k, i in enumerate(idxs):
                 results[i] = jobs[i][0].take_wav(ins[k]["mel"], wav[k], cycles[k], final if isinstance(final, bool)
                                                  else final[i])
@@ -321,7 +344,7 @@ class SpeechDecoder:
             if not ready:
                 return out
             reqs = [FlowRequest(**st.flow_inputs(w)) for _, st, w in ready]
-            mels, mus = self.flow.generate(reqs, self.solver)
+            mels, mus = self.flow.generate(reqs, self.solver, self.flow_prep)
             jobs, finals = [], []
             for (i, st, w), mel, mu in zip(ready, mels, mus):
                 piece = st.take_mel(w, mel, mu)

@@ -219,3 +219,100 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
                                    y.stride(0), ro.stride(0), eps, BLOCK=block,
                                    num_warps=min(max(block // 256, 1), 8))
     return y.view(x.shape), ro.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- GroupNorm + Mish, channels last
+def group_norm_mish_rows_reference(x, weight, bias, num_groups: int, eps: float, mask=None, temb=None,
+                                   residual=None):
+    """Channels-last form of group_norm_mish_reference: x, residual [N, L, C]; mask [N, L]."""
+    m = None if mask is None else mask.reshape(mask.shape[0], 1, -1)
+    r = None if residual is None else residual.transpose(1, 2)
+    return group_norm_mish_reference(x.transpose(1, 2), weight, bias, num_groups, eps, m, temb,
+                                     r).transpose(1, 2).contiguous()
+
+
+@triton.jit
+def _gn_rows_apply_kernel(X, P, W, Bi, T, R, M, Y, L, C, S, eps,
+                          sx_n, sx_l, sr_n, sr_l, sy_n, sy_l, st_n, sm_n, sm_l,
+                          G: tl.constexpr, CG: tl.constexpr,
+                          HAS_MASK: tl.constexpr, HAS_TEMB: tl.constexpr, HAS_RES: tl.constexpr,
+                          BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_L: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    # merge the (count, mean, M2) partials of every group of sequence n (Chan's formula)
+    gi = tl.arange(0, BLOCK_G)
+    si = tl.arange(0, BLOCK_S)
+    pm = (gi[:, None] < G) & (si[None, :] < S)
+    pb = P + ((n * G + gi[:, None]) * S + si[None, :]) * 3
+    cnt = tl.load(pb, mask=pm, other=0.0)
+    mu = tl.load(pb + 1, mask=pm, other=0.0)
+    m2 = tl.load(pb + 2, mask=pm, other=0.0)
+    total = tl.maximum(tl.sum(cnt, axis=1), 1.0)
+    mean = tl.sum(cnt * mu, axis=1) / total
+    dev = tl.where(pm, mu - mean[:, None], 0.0)
+    var = (tl.sum(m2, axis=1) + tl.sum(cnt * dev * dev, axis=1)) / total
+    rstd = 1.0 / tl.sqrt(var + eps)
+    ci = tl.arange(0, BLOCK_C)
+    c_ok = ci < C
+    sel = (ci[:, None] // CG) == gi[None, :]
+    mean_c = tl.sum(tl.where(sel, mean[None, :], 0.0), axis=1)
+    rstd_c = tl.sum(tl.where(sel, rstd[None, :], 0.0), axis=1)
+    w = tl.load(W + ci, mask=c_ok, other=0.0).to(tl.float32)
+    b = tl.load(Bi + ci, mask=c_ok, other=0.0).to(tl.float32)
+
+    rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    r_ok = rows < L
+    ok = r_ok[:, None] & c_ok[None, :]
+    x = tl.load(X + n * sx_n + rows[:, None] * sx_l + ci[None, :], mask=ok, other=0.0).to(tl.float32)
+    y = (x - mean_c[None, :]) * rstd_c[None, :] * w[None, :] + b[None, :]
+    e = tl.exp(tl.minimum(y, 20.0))
+    q = e * (e + 2.0)
+    y = tl.where(y > 20.0, y, y * q / (q + 2.0))
+    if HAS_MASK:
+        m = tl.load(M + n * sm_n + rows * sm_l, mask=r_ok, other=0.0).to(tl.float32)
+        y = y * m[:, None]
+    if HAS_TEMB:
+        y = y + tl.load(T + n * st_n + ci, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_MASK:
+            y = y * m[:, None]
+    if HAS_RES:
+        y = y + tl.load(R + n * sr_n + rows[:, None] * sr_l + ci[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + n * sy_n + rows[:, None] * sy_l + ci[None, :], y.to(Y.dtype.element_ty), mask=ok)
+
+
+def group_norm_mish_rows(x: torch.Tensor, stats, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                         mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """group_norm_mish on channels-last rows: x [N, L, C] (channels contiguous) as written by
+    flow_conv.row_conv with `gn_groups`, whose GroupStats `stats` hold the per-tile statistics
+    (taken over the frames of its mask_out, which must be `mask` here); mask [N, L]; temb [N, C] or
+    [C]; residual [N, L, C]. Returns a new [N, L, C] tensor."""
+    n, length, c = x.shape
+    groups = stats.groups
+    if mask is not None and mask.dim() == 3:
+        mask = mask[:, 0]
+    if mask is not None and mask.shape != (n, length):
+        raise ValueError(f"group_norm_mish_rows: mask must be [{n}, {length}], got {list(mask.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError("group_norm_mish_rows: residual must match x")
+    if temb is not None and temb.numel() not in (c, n * c):
+        raise ValueError(f"group_norm_mish_rows: temb must have {c} or {n * c} elements")
+    if stats.partial is None or not use_triton(x):
+        return group_norm_mish_rows_reference(x, weight, bias, groups, eps, mask, temb, residual)
+    if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+        raise ValueError("group_norm_mish_rows: x and residual must be contiguous along channels")
+    out = torch.empty(n, length, c, dtype=x.dtype, device=x.device)
+    t = temb.reshape(-1, c) if temb is not None else x
+    t_stride = (0 if t.shape[0] == 1 else t.stride(0)) if temb is not None else 0
+    r = residual if residual is not None else x
+    m = mask if mask is not None else x
+    block_c = triton.next_power_of_2(c)
+    block_l = max(1, min(triton.next_power_of_2(length), 8192 // block_c))
+    _gn_rows_apply_kernel[(n, triton.cdiv(length, block_l))](
+        x, stats.partial, weight, bias, t, r, m, out, length, c, stats.tiles, eps,
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1), t_stride,
+        m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0,
+        G=groups, CG=c // groups, HAS_MASK=mask is not None, HAS_TEMB=temb is not None,
+        HAS_RES=residual is not None, BLOCK_G=triton.next_power_of_2(groups),
+        BLOCK_S=max(triton.next_power_of_2(stats.tiles), 2), BLOCK_C=block_c, BLOCK_L=block_l, num_warps=4)
+    return out

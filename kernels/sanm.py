@@ -9,6 +9,11 @@ The encoder runs on windows of R rows (5 carried + up to 4 new LFR frames). Per 
 Look-back slots are right-aligned: the last `lb_len[w]` of the L slots are valid. Rows at or
 past `n_rows[w]` are padding: they are not keys and count as zeros for the FSMN. The caller adds
 `linear_out(ctx) + mem`. Arithmetic is float32 (IEEE dots); outputs take q's dtype.
+
+The look-back K/V come either as tensors [W, L, D] (`sanm_attention`: a live stream's cache) or
+as row indices into the batch's own k, v flattened to [W * R, D] (`sanm_attention_indexed`: the
+offline batch, where window w's look-back rows are K/V of earlier windows of the same utterance);
+the indexed kernel reads them in place instead of a gather writing copies first.
 """
 from __future__ import annotations
 
@@ -48,12 +53,19 @@ def sanm_attention_reference(q, k, v, lb_k, lb_v, lb_len, n_rows, fsmn_weight, n
     return ctx.to(q.dtype), mem.to(q.dtype)
 
 
+def sanm_attention_indexed_reference(q, k, v, lb_index, lb_len, n_rows, fsmn_weight, num_heads: int,
+                                     left_pad: int):
+    d = k.shape[-1]
+    lb_k, lb_v = k.reshape(-1, d)[lb_index], v.reshape(-1, d)[lb_index]
+    return sanm_attention_reference(q, k, v, lb_k, lb_v, lb_len, n_rows, fsmn_weight, num_heads, left_pad)
+
+
 @triton.jit
-def _sanm_kernel(Q, K, V, LBK, LBV, LBLEN, NROWS, FW, Ctx, Mem,
+def _sanm_kernel(Q, K, V, LBK, LBV, LBIDX, LBLEN, NROWS, FW, Ctx, Mem,
                  sq_w, sq_r, sk_w, sk_r, sv_w, sv_r, slk_w, slk_r, slv_w, slv_r, so_w, so_r,
                  R, L, scale,
                  DH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-                 KF: tl.constexpr, LEFT: tl.constexpr):
+                 KF: tl.constexpr, LEFT: tl.constexpr, INDEXED: tl.constexpr):
     w = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     rows = tl.arange(0, BLOCK_R)
@@ -71,8 +83,14 @@ def _sanm_kernel(Q, K, V, LBK, LBV, LBLEN, NROWS, FW, Ctx, Mem,
     v = tl.load(V + w * sv_w + rows[:, None] * sv_r + dims[None, :], mask=row_ok[:, None], other=0.0)
     k = k.to(tl.float32)
     v = v.to(tl.float32)
-    lk = tl.load(LBK + w * slk_w + slots[:, None] * slk_r + dims[None, :], mask=lb_ok[:, None], other=0.0)
-    lv = tl.load(LBV + w * slv_w + slots[:, None] * slv_r + dims[None, :], mask=lb_ok[:, None], other=0.0)
+    if INDEXED:
+        # rows LBIDX[w, slot] of K, V flattened to [W * R, D] (row stride sk_r = sk_w / R)
+        src = tl.load(LBIDX + w * L + slots, mask=slots < L, other=0).to(tl.int64)
+        lk = tl.load(K + src[:, None] * sk_r + dims[None, :], mask=lb_ok[:, None], other=0.0)
+        lv = tl.load(V + src[:, None] * sv_r + dims[None, :], mask=lb_ok[:, None], other=0.0)
+    else:
+        lk = tl.load(LBK + w * slk_w + slots[:, None] * slk_r + dims[None, :], mask=lb_ok[:, None], other=0.0)
+        lv = tl.load(LBV + w * slv_w + slots[:, None] * slv_r + dims[None, :], mask=lb_ok[:, None], other=0.0)
     lk = lk.to(tl.float32)
     lv = lv.to(tl.float32)
 
@@ -100,27 +118,38 @@ def _sanm_kernel(Q, K, V, LBK, LBV, LBLEN, NROWS, FW, Ctx, Mem,
     tl.store(Mem + out_off, mem.to(Mem.dtype.element_ty), mask=row_in[:, None])
 
 
-def _sanm_triton(q, k, v, lb_k, lb_v, lb_len, n_rows, fsmn_weight, num_heads, left_pad):
+def _sanm_triton(q, k, v, lb_k, lb_v, lb_len, n_rows, fsmn_weight, num_heads, left_pad, lb_index=None):
     w, r, d = q.shape
-    lb = lb_k.shape[1]
+    lb = lb_index.shape[1] if lb_index is not None else lb_k.shape[1]
     dh = d // num_heads
     if dh & (dh - 1) or dh < 16:
         raise ValueError(f"sanm_attention (triton): head dim {dh} must be a power of two >= 16")
-    for t in (q, k, v, lb_k, lb_v):
+    for t in (q, k, v) + ((lb_k, lb_v) if lb_index is None else ()):
         if t.stride(-1) != 1:
             raise ValueError("sanm_attention: tensors must be contiguous in the feature dim")
     ctx = torch.empty(w, r, d, dtype=q.dtype, device=q.device)
     mem = torch.empty_like(ctx)
     fw = fsmn_weight.reshape(d, -1).contiguous()
     kf = fw.shape[1]
+    if lb_index is not None:
+        lb_k = lb_v = k                               # unused pointers
+        lb_index = lb_index.contiguous()
     _sanm_kernel[(w, num_heads)](
-        q, k, v, lb_k, lb_v, lb_len.to(torch.int32), n_rows.to(torch.int32), fw, ctx, mem,
+        q, k, v, lb_k, lb_v, lb_index if lb_index is not None else lb_len, lb_len.to(torch.int32),
+        n_rows.to(torch.int32), fw, ctx, mem,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         lb_k.stride(0), lb_k.stride(1), lb_v.stride(0), lb_v.stride(1), ctx.stride(0), ctx.stride(1),
         r, lb, dh ** -0.5,
         DH=dh, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_L=max(16, triton.next_power_of_2(lb)),
-        KF=kf, LEFT=left_pad, num_warps=4)
+        KF=kf, LEFT=left_pad, INDEXED=lb_index is not None, num_warps=4)
     return ctx, mem
+
+
+def _check(q, k, v, num_heads):
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError("sanm_attention: q, k, v must be [W, R, D]")
+    if q.shape[-1] % num_heads:
+        raise ValueError(f"sanm_attention: width {q.shape[-1]} is not divisible by {num_heads} heads")
 
 
 def sanm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lb_k: torch.Tensor,
@@ -128,10 +157,28 @@ def sanm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lb_k: torc
                    fsmn_weight: torch.Tensor, num_heads: int, left_pad: int):
     """q, k, v [W, R, D] (views of one packed qkv are fine), lb_k, lb_v [W, L, D], lb_len and
     n_rows int [W], fsmn_weight [D, Kf] or [D, 1, Kf]. Returns (ctx, mem), both [W, R, D]."""
-    if not (q.shape == k.shape == v.shape and lb_k.shape == lb_v.shape and q.shape[0] == lb_k.shape[0]):
-        raise ValueError("sanm_attention: q, k, v must be [W, R, D] and lb_k, lb_v [W, L, D]")
-    if q.shape[-1] % num_heads:
-        raise ValueError(f"sanm_attention: width {q.shape[-1]} is not divisible by {num_heads} heads")
+    _check(q, k, v, num_heads)
+    if not (lb_k.shape == lb_v.shape and q.shape[0] == lb_k.shape[0]):
+        raise ValueError("sanm_attention: lb_k, lb_v must be [W, L, D]")
     if use_triton(q):
         return _sanm_triton(q, k, v, lb_k, lb_v, lb_len, n_rows, fsmn_weight, num_heads, left_pad)
     return sanm_attention_reference(q, k, v, lb_k, lb_v, lb_len, n_rows, fsmn_weight, num_heads, left_pad)
+
+
+def sanm_attention_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lb_index: torch.Tensor,
+                           lb_len: torch.Tensor, n_rows: torch.Tensor, fsmn_weight: torch.Tensor,
+                           num_heads: int, left_pad: int):
+    """As `sanm_attention`, with look-back slot m of window w holding row lb_index[w, m] (int64
+    [W, L]) of k, v flattened to [W * R, D] (the same K/V values: identical results)."""
+    _check(q, k, v, num_heads)
+    if lb_index.dim() != 2 or lb_index.shape[0] != q.shape[0]:
+        raise ValueError("sanm_attention_indexed: lb_index must be [W, L]")
+    r = q.shape[1]
+    flat = k.stride(0) == r * k.stride(1) and v.stride(0) == r * v.stride(1)
+    if use_triton(q) and flat:
+        return _sanm_triton(q, k, v, None, None, lb_len, n_rows, fsmn_weight, num_heads, left_pad, lb_index)
+    if use_triton(q):
+        d = k.shape[-1]
+        return sanm_attention(q, k, v, k.reshape(-1, d)[lb_index], v.reshape(-1, d)[lb_index], lb_len, n_rows,
+                              fsmn_weight, num_heads, left_pad)
+    return sanm_attention_indexed_reference(q, k, v, lb_index, lb_len, n_rows, fsmn_weight, num_heads, left_pad)

@@ -10,7 +10,9 @@ import torch
 import stepvox.kernels as K
 from stepvox.engine.audio.tokenizer_errors import AudioInputError, AudioTooShortError, StreamClosedError
 from stepvox.engine.audio.tokenizer_frontend import StreamingResampler, energy_normalize, resample, trim_silence
-from stepvox.engine.audio_tokenizer import AudioTokenizer, interleave, ids_to_text, num_groups
+from stepvox.engine.audio.tokenizer_graphs import bucket_batch, bucket_length
+from stepvox.engine.audio_tokenizer import (MEL_CAP, MEL_UNIT, WINDOW_UNIT, AudioTokenizer, interleave, ids_to_text,
+                                            num_groups)
 from stepvox.engine.special_tokens import AUDIO_TOKEN_OFFSET, VQ06_OFFSET
 
 from fixtures_tokenizer import TINY, espeak_wav, official_wav2token, write_tokenizer_dir
@@ -54,6 +56,56 @@ def test_encode_batch_equals_unbatched(setup):
     for b, s in zip(batched, single):
         assert (b.vq02, b.vq06, b.ids) == (s.vq02, s.vq06, s.ids)
     assert len({len(b.ids) for b in batched}) == len(batched)          # really different lengths
+
+
+def test_bucket_rounding():
+    seq = [bucket_length(n, 100, 3000) for n in range(1, 3001)]
+    assert seq[0] == 100 and seq[-1] == 3000 and all(a <= b for a, b in zip(seq, seq[1:]))
+    assert all(b >= n for n, b in enumerate(seq, 1))
+    assert all(b % 100 == 0 for b in seq) and len(set(seq)) <= 13              # few graphs for 0-30 s
+    assert all(b < 1.25 * n + 100 for n, b in enumerate(seq, 1))                # bounded padding
+    assert bucket_length(2999, 100, 3000) == 3000 and bucket_length(3000, 100, 3000) == 3000
+    with pytest.raises(ValueError):
+        bucket_length(3001, 100, 3000)
+    assert bucket_length(42, 4) == 48 and bucket_length(1, 4) == 4
+    assert [bucket_batch(n) for n in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
+
+
+def test_bucket_padded_path_equals_unpadded(setup):
+    """The eager path padded exactly like a graph replay (Paraformer windows to a window-count
+    bucket, S3 pieces to a mel-length bucket and a power-of-two batch of silent pieces) gives the
+    same codes as the unpadded path, for utterances alone and batched."""
+    tok, _, speech = setup
+    wavs = [speech[0][0], speech[1][0][:9000], speech[2][0], np.resize(speech[1][0], 22050 * 31)]
+    seen = {"vq02": [], "vq06": []}
+    body02, body06 = tok._vq02_body, tok._vq06_body
+    tok._vq02_body = lambda key, h, *a: (seen["vq02"].append(h.shape[0]), body02(key, h, *a))[1]
+    tok._vq06_body = lambda key, mel, mel_len: (seen["vq06"].append((tuple(mel.shape), key)),
+                                                body06(key, mel, mel_len))[1]
+    try:
+        with K.use_backend("reference"):
+            plain = tok.tokenize_batch(wavs, 22050)
+            plain_single = [tok.tokenize(w, 22050) for w in wavs]
+            plain_seen = {k: list(v) for k, v in seen.items()}
+            seen["vq02"].clear()
+            seen["vq06"].clear()
+            tok.pad_to_bucket = True
+            padded = tok.tokenize_batch(wavs, 22050)
+            padded_single = [tok.tokenize(w, 22050) for w in wavs]
+    finally:
+        tok.pad_to_bucket = False
+        del tok._vq02_body, tok._vq06_body
+    for a, b in zip(plain + plain_single, padded + padded_single):
+        assert (a.vq02, a.vq06, a.ids) == (b.vq02, b.vq06, b.ids)
+    assert plain == plain_single
+    # the padded runs really were padded, to bucket sizes
+    assert seen["vq02"][0] == bucket_length(plain_seen["vq02"][0], WINDOW_UNIT) > plain_seen["vq02"][0]
+    assert all(w % WINDOW_UNIT == 0 for w in seen["vq02"])
+    shapes = [shape for shape, _ in seen["vq06"]]
+    assert all(b == bucket_batch(b) and t == bucket_length(t, MEL_UNIT, MEL_CAP) for b, _, t in shapes)
+    plain_shapes = [shape for shape, _ in plain_seen["vq06"]]
+    assert plain_shapes[0] == (5, 128, MEL_CAP) and shapes[0] == (8, 128, MEL_CAP)   # 5 pieces -> batch of 8
+    assert all(t > pt for (_, _, t), (_, _, pt) in zip(shapes[1:4], plain_shapes[1:4]))  # lengths padded
 
 
 @pytest.mark.parametrize("rate", [16000, 48000])
@@ -196,3 +248,27 @@ def test_cuda_stream_with_graphs_equals_offline(tmp_path, dtype):
     assert got == offline.ids
     batched = tok.tokenize_batch([wav, wav[:30000]], sr)
     assert batched[1].ids == tok.tokenize(wav[:30000], sr).ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_offline_graphs_equal_padded_eager(tmp_path, dtype):
+    """Graph replays give the codes of the eager path padded the same way; graphs are reused."""
+    write_tokenizer_dir(str(tmp_path), TINY, seed=5)
+    tok = AudioTokenizer.from_pretrained(str(tmp_path), device="cuda", dtype=dtype)
+    sr = 22050
+    t = np.arange(sr * 3) / sr                             # a voiced synthetic signal (no espeak-ng needed)
+    wav = (0.3 * np.sin(2 * np.pi * (150 + 40 * np.sin(3 * t)) * t) * np.abs(np.sin(4 * t))
+           + 0.01 * np.random.default_rng(0).standard_normal(t.size)).astype(np.float32)
+    wavs = [wav, wav[:30000], np.resize(wav, sr * 31)]
+    graphs = tok.tokenize_batch(wavs, sr)
+    single = tok.tokenize(wavs[0], sr)
+    count = tok.graph_count
+    assert count >= 3                                      # Paraformer + S3 buckets of the batch and single call
+    assert tok.tokenize_batch(wavs, sr) == graphs and tok.graph_count == count
+    tok.use_cuda_graphs, tok.pad_to_bucket = False, True
+    eager = tok.tokenize_batch(wavs, sr)
+    assert eager == graphs and graphs[0] == single
+    assert tok.warmup(3.0, (1, 2)) == 0                    # no-op when graphs are off
+    tok.use_cuda_graphs = True
+    assert tok.warmup(3.0, (1, 2)) == tok.graph_count > count

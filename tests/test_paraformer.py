@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import stepvox.kernels as K
-from stepvox.engine.audio.kaldi_features import FbankConfig, chunk_row_counts, lfr_stack, load_am_mvn
+from stepvox.engine.audio.kaldi_features import FbankConfig, chunk_row_counts, kaldi_fbank, lfr_stack, load_am_mvn
 from stepvox.engine.audio.tokenizer_errors import TokenizerCheckpointError
 from stepvox.engine.models.paraformer import (PARAFORMER_SUBDIR, EncoderStream, load_paraformer, read_yaml,
                                               sinusoid_positions)
@@ -74,6 +74,16 @@ def test_front_end_matches_funasr_online_chunking(para, n):
         torch.testing.assert_close(rows, torch.cat(calls), atol=2e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [400, 559, 560, 3840 * 2 + 17, 16000 * 3 + 123])
+def test_fbank_equals_torchaudio_bitwise(n):
+    """The cached-constant fbank is torchaudio's kaldi.fbank with the front end's settings, bit for bit."""
+    import torchaudio.compliance.kaldi as kaldi
+    wav = _noise_speech(n, n)
+    ref = kaldi.fbank(wav[None] * (1 << 15), num_mel_bins=80, frame_length=25.0, frame_shift=10.0, dither=0.0,
+                      energy_floor=0.0, window_type="hamming", sample_frequency=16000, snip_edges=True)
+    assert torch.equal(kaldi_fbank(wav, FbankConfig()), ref)
+
+
 def test_lfr_stack_definition():
     frames = torch.arange(10.0)[:, None].repeat(1, 2)
     cfg = FbankConfig(n_mels=2)
@@ -126,6 +136,22 @@ def test_batched_equals_unbatched(para):
         batched = encoder.encode_offline([f for f, _ in feats], [c for _, c in feats])
         for (f, c), b in zip(feats, batched):
             torch.testing.assert_close(encoder.encode_offline([f], [c])[0], b, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_windows_leaves_real_windows_unchanged(para):
+    """Neutral windows appended up to a bucket (what a graph replay computes) change no real
+    window's output, and come out finite."""
+    _, _, encoder, features = para
+    feats = [features.offline(_noise_speech(n, n)) for n in (3840 * 3 + 17, 16000 * 2 + 5000)]
+    args = ([f for f, _ in feats], [c for _, c in feats])
+    with K.use_backend("reference"):
+        plain = encoder.prepare_offline(*args)
+        padded = encoder.prepare_offline(*args, pad_windows_to=plain.windows + 7)
+        assert padded.h.shape[0] == plain.windows + 7 and padded.windows == plain.windows
+        out = encoder.encode_windows(plain.h, plain.n_rows, plain.lb_len, plain.index)
+        out_padded = encoder.encode_windows(padded.h, padded.n_rows, padded.lb_len, padded.index)
+    torch.testing.assert_close(out_padded[:plain.windows], out, atol=1e-5, rtol=1e-5)
+    assert bool(torch.isfinite(out_padded).all())
 
 
 def test_stream_equals_offline(para):

@@ -127,3 +127,8 @@ def test_stream_misuse(tiny_decoder):
     with pytest.raises(SpeechDecoderError, match="multiple of 5"):
         from stepvox.engine.speech_decoder_stream import StreamConfig
         tiny_decoder.open_stream(config=StreamConfig(first_hop_tokens=7))
+
+
+def test_warmup_captures_nothing_without_cuda(tiny_decoder):
+    assert not tiny_decoder.hift_use_graphs and not tiny_decoder.solver.graphs_on("cpu")
+    assert tiny_decoder.warmup(64) == 0

@@ -41,7 +41,7 @@ def noise_only_flow(tiny_decoder, monkeypatch):
     """Replace the flow by mel = its own ODE start noise (target frames), mu = frame index."""
     calls = []
 
-    def generate(reqs, solver):
+    def generate(reqs, solver, prep=None):
         calls.append(reqs)
         mels = [r.noise[:, r.prompt_frames:r.total_frames].float() * 0.5 - 3 for r in reqs]
         mus = [torch.arange(r.total_frames, dtype=torch.float32).expand(80, -1) + 1000 * len(calls) for r in reqs]
@@ -145,7 +145,8 @@ def test_concurrent_streams_batched_equal_separate(tiny_decoder):
         out.extend(chunks)
     for i in range(3):
         alone = torch.cat(list(tiny_decoder.stream(_groups(tokens[i]), prompt=prompts[i], seed=5 + i)))
-        torch.testing.assert_close(torch.cat(together[i]), alone, atol=1e-5, rtol=1e-4)
+        # float32 rounding only: the batch pads to another length, which changes matmul tilings
+        torch.testing.assert_close(torch.cat(together[i]), alone, atol=3e-5, rtol=1e-4)
 
 
 def test_crossfade_windows():

@@ -16,6 +16,7 @@ default (1.0) adds unseeded noise, which makes its codes differ from run to run.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -84,15 +85,41 @@ def load_am_mvn(path: str | os.PathLike, dim: int | None = None) -> tuple[torch.
     return shift, scale
 
 
+@functools.lru_cache(maxsize=16)
+def _fbank_constants(cfg: FbankConfig, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(window [frame], padded mel banks [n_mels, fft/2 + 1], float eps) on `device`: what
+    torchaudio's fbank rebuilds (on the CPU, then copies over) at every call."""
+    size = cfg.frame_samples
+    padded = 1 << (size - 1).bit_length()
+    window = torch.hamming_window(size, periodic=False, alpha=0.54, beta=0.46, device=device)
+    banks, _ = kaldi.get_mel_banks(cfg.n_mels, padded, float(cfg.sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
+    banks = torch.nn.functional.pad(banks.to(device=device, dtype=torch.float32), (0, 1), mode="constant", value=0)
+    eps = torch.tensor(torch.finfo(torch.float).eps).to(device)
+    return window, banks, eps
+
+
 def kaldi_fbank(wav: torch.Tensor, cfg: FbankConfig) -> torch.Tensor:
     """[frames, n_mels] log-mel fbank of 16 kHz float audio in [-1, 1], as WavFrontendOnline
-    computes it (samples scaled by 2**15, hamming window, energy floor 0, dither 0)."""
-    if wav.numel() < cfg.frame_samples:
+    computes it (samples scaled by 2**15, hamming window, energy floor 0, dither 0): the
+    operations of torchaudio.compliance.kaldi.fbank in the same order (so the same values), with
+    its constants cached on the device instead of rebuilt and copied (a host sync) per call."""
+    if cfg.window != "hamming":
+        raise ValueError(f"kaldi_fbank: window {cfg.window!r} (the Paraformer front end is hamming)")
+    size, shift = cfg.frame_samples, cfg.shift_samples
+    if wav.numel() < size:
         return wav.new_zeros(0, cfg.n_mels)
-    return kaldi.fbank(
-        wav.float()[None] * (1 << 15), num_mel_bins=cfg.n_mels, frame_length=cfg.frame_length_ms,
-        frame_shift=cfg.frame_shift_ms, dither=0.0, energy_floor=0.0, window_type=cfg.window,
-        sample_frequency=cfg.sample_rate, snip_edges=True)
+    window, banks, eps = _fbank_constants(cfg, str(wav.device))
+    x = (wav.float()[None] * (1 << 15))[0]
+    m = 1 + (x.numel() - size) // shift
+    frames = x.as_strided((m, size), (shift * x.stride(0), x.stride(0)))
+    frames = frames - torch.mean(frames, dim=1).unsqueeze(1)                       # remove DC offset
+    prev = torch.nn.functional.pad(frames.unsqueeze(0), (1, 0), mode="replicate").squeeze(0)
+    frames = frames - 0.97 * prev[:, :-1]                                          # pre-emphasis
+    frames = frames * window.unsqueeze(0)
+    padded = 1 << (size - 1).bit_length()
+    frames = torch.nn.functional.pad(frames.unsqueeze(0), (0, padded - size), mode="constant", value=0).squeeze(0)
+    power = torch.fft.rfft(frames).abs().pow(2.0)
+    return torch.max(torch.mm(power, banks.T), eps).log()
 
 
 def num_frames(num_samples: int, cfg: FbankConfig) -> int:

@@ -31,6 +31,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_SCALES = {torch.int16: 2.0 ** 15, torch.int32: 2.0 ** 31}
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A tensor on `device`; host tensors go to a GPU through pinned memory without a stream sync."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def check_sample_rate(sample_rate) -> int:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
         if isinstance(sample_rate, float) and sample_rate.is_integer():
@@ -205,7 +213,7 @@ def prepare_waveform(wav, sample_rate, *, energy_norm: bool = True, trim: bool =
     16 kHz, optional peak normalisation, optional silence trim. Returns 1-D float32 at 16 kHz."""
     wav, sample_rate = to_mono_float(wav, sample_rate)
     if device is not None:
-        wav = wav.to(device)
+        wav = to_device(wav, device)
     wav = resample(wav, sample_rate)
     if energy_norm:
         wav = energy_normalize(wav)

@@ -13,18 +13,43 @@ batch of requests:
 
 Requests of one batch share the encoder (key padding mask) and the ODE solve (length padding with
 masks); the regulator runs per request because its GroupNorm spans the whole sequence.
+
+With CUDA graphs (FlowPrep), everything before the ODE solve runs as one graph per (batch, token
+bucket, frame bucket): tokens right-padded (key padding mask), the two linear interpolations as a
+gather + lerp with host-computed F.interpolate indices and weights, the regulator with GroupNorm
+statistics over each request's valid frames and zero padding past its end, the mu prefix pasted by
+mask. Valid frames get the eager result up to the rounding of the fused GroupNorm + Mish (one
+rounding instead of two) and of SDPA's masked kernel.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels.flow_fused import group_norm_mish
 from ..cosyvoice_config import FlowConfig, RegulatorConfig
+from ..cuda_graphs import GraphStore, capture_graph
 from .flow_encoder import ConformerEncoder
 from .flow_estimator import ConditionalDecoder
+
+
+def linear_interp_table(n_in: int, n_out: int):
+    """(i0, i1, w0, w1) per output sample of F.interpolate(mode="linear", align_corners=False) from
+    n_in to n_out samples: out[j] = w0[j] * x[i0[j]] + w1[j] * x[i1[j]], in its float32 arithmetic
+    (source position scale * (j + 0.5) - 0.5 as one fused multiply-add, as the compiled kernels
+    round it: the float64 product of two float32 values is exact)."""
+    j = np.arange(n_out, dtype=np.float32)
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = (np.float64(scale) * (j + np.float32(0.5)).astype(np.float64) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = src.astype(np.int64)
+    i1 = i0 + (i0 < n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    return i0, i1, (np.float32(1.0) - w1).astype(np.float32), w1
 
 
 class InterpolateRegulator(nn.Module):
@@ -46,6 +71,15 @@ class InterpolateRegulator(nn.Module):
             x1 = F.interpolate(h_prompt.transpose(1, 2).contiguous(), size=mel_len1, mode="linear")
             x = torch.cat([x1, x], dim=2)
         return self.model(x)
+
+    def convs_masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The conv stack on a right-padded batch: x [B, C, L] zero where mask [B, 1, L] is 0;
+        GroupNorm statistics over the valid frames, zeros fed to each conv past the end."""
+        layers = list(self.model)
+        for i in range(0, len(layers) - 1, 3):
+            conv, gn = layers[i], layers[i + 1]
+            x = group_norm_mish(conv(x), gn.weight, gn.bias, gn.num_groups, gn.eps, mask)
+        return layers[-1](x) * mask
 
 
 class CFMDecoder(nn.Module):
@@ -123,9 +157,31 @@ class FlowModel(nn.Module):
             mus.append(mu)
         return mus
 
+    def encode_padded(self, ids: torch.Tensor, table: torch.Tensor, prefix: torch.Tensor,
+                      speakers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Graph-capturable encode of a bucketed batch (FlowPrep.inputs builds the arguments):
+        ids [B, T] (right-padded); table [B, 7, L] float32 rows i0, i1, w0, w1 (interpolation from
+        encoder rows to mel frames), frame mask, prefix mask, and the token count in [:, 6, 0];
+        prefix [B, C, L]; speakers [B, 192]. Returns (mu [B, C, L], zero past each request's frames;
+        spks [B, C])."""
+        lengths = table[:, 6, 0].long()
+        h = self.encoder_proj(self.encoder(self.input_embedding(ids), lengths))       # [B, T, C]
+        c = h.shape[-1]
+        rows0 = torch.gather(h, 1, table[:, 0].long()[:, :, None].expand(-1, -1, c)).float()
+        rows1 = torch.gather(h, 1, table[:, 1].long()[:, :, None].expand(-1, -1, c)).float()
+        x = (table[:, 2, :, None] * rows0 + table[:, 3, :, None] * rows1).to(h.dtype).transpose(1, 2)
+        mask = table[:, 4:5].to(h.dtype)
+        mu = self.length_regulator.convs_masked(x.contiguous(), mask)
+        mu = torch.where(table[:, 5:6] > 0, prefix, mu)
+        return mu, self.speaker_condition(speakers)
+
     @torch.no_grad()
-    def generate(self, reqs: list[FlowRequest], solver) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Returns (mel [80, mel_len] float32 per request, mu [80, total] per request)."""
+    def generate(self, reqs: list[FlowRequest], solver, prep: "FlowPrep | None" = None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Returns (mel [80, mel_len] float32 per request, mu [80, total] per request). With `prep`,
+        batches go through the bucketed pre-solve (a CUDA graph when the solver uses graphs)."""
+        if prep is not None and prep.wanted(solver, reqs[0].tokens.device):
+            return self._generate_bucketed(reqs, solver, prep)
         mus = self.encode(reqs)
         spks = self.speaker_condition(torch.stack([r.speaker for r in reqs]))
         conds, noises = [], []
@@ -139,3 +195,100 @@ class FlowModel(nn.Module):
         out = solver.solve(noises, mus, spks, conds)
         mels = [o[:, r.prompt_frames:r.total_frames].float() for o, r in zip(out, reqs)]
         return mels, mus
+
+    def _generate_bucketed(self, reqs, solver, prep: "FlowPrep"):
+        lengths = [r.total_frames for r in reqs]
+        frames = solver.bucket_length(max(lengths))
+        device = reqs[0].tokens.device
+        mu, spks, mask = prep.run(reqs, frames, graphs=solver.graphs_on(device))
+        b, c = len(reqs), mu.shape[1]
+        z = torch.zeros(b, c, frames, dtype=mu.dtype, device=device)
+        cond = torch.zeros_like(z)
+        for i, r in enumerate(reqs):
+            if r.noise.shape[0] != c or r.noise.shape[1] < r.total_frames:
+                raise ValueError(f"noise must be [{c}, >= {r.total_frames}], got {list(r.noise.shape)}")
+            z[i, :, :r.total_frames] = r.noise[:, :r.total_frames]
+            cond[i, :, :r.prompt_frames] = r.prompt_mel.T
+        out = solver.solve_padded(z, mu, spks, cond, mask, padded=any(n < frames for n in lengths))
+        mels = [out[i, :, r.prompt_frames:r.total_frames].float() for i, r in enumerate(reqs)]
+        mus = [mu[i, :, :r.total_frames].clone() for i, r in enumerate(reqs)]
+        return mels, mus
+
+
+class FlowPrep(GraphStore):
+    """FlowModel.encode_padded for length-bucketed batches, replayed from one CUDA graph per
+    (batch, token bucket, frame bucket) when the solver uses graphs (eager otherwise; tests run it
+    that way with `solver.pad_to_bucket`). Outputs are static buffers: FlowModel consumes them
+    (copies) before the next call."""
+
+    def __init__(self, flow: FlowModel, token_bucket: int = 16):
+        super().__init__()
+        self.flow = flow
+        self.token_bucket = token_bucket
+
+    @torch.no_grad()
+    def capture(self, batch: int, tokens: int, frames: int, device) -> None:
+        """Capture the graph of one (batch, token bucket, frame bucket) ahead of time."""
+        self._graph(batch, tokens, frames, torch.device(device))
+
+    def wanted(self, solver, device) -> bool:
+        return solver.graphs_on(device) or solver.pad_to_bucket
+
+    def inputs(self, reqs: list[FlowRequest], frames: int, tokens: int, device) -> dict:
+        """Bucketed inputs of encode_padded (ids padded to `tokens`, tables to `frames`)."""
+        b = len(reqs)
+        table = np.zeros((b, 7, frames), dtype=np.float32)
+        ids = torch.zeros(b, tokens, dtype=torch.long, device=device)
+        prefix = torch.zeros(b, self.flow.cfg.output_size, frames, dtype=self.flow.dtype, device=device)
+        for i, r in enumerate(reqs):
+            n1, n2 = r.prompt_tokens.numel(), r.tokens.numel()
+            p, m = r.prompt_frames, r.mel_len
+            ids[i, :n1 + n2] = torch.cat([r.prompt_tokens, r.tokens]).long()
+            parts = [(0, n1, 0, p)] if n1 else []
+            parts.append((n1, n2, p, m))
+            for row0, n_in, f0, n_out in parts:
+                i0, i1, w0, w1 = linear_interp_table(n_in, n_out)
+                table[i, 0, f0:f0 + n_out], table[i, 1, f0:f0 + n_out] = i0 + row0, i1 + row0
+                table[i, 2, f0:f0 + n_out], table[i, 3, f0:f0 + n_out] = w0, w1
+            table[i, 4, :p + m] = 1
+            if r.mu_prefix is not None and r.mu_prefix.shape[1] > 0:
+                k = r.mu_prefix.shape[1]
+                table[i, 5, :k] = 1
+                prefix[i, :, :k] = r.mu_prefix
+            table[i, 6, 0] = n1 + n2
+        return {"ids": ids, "table": torch.from_numpy(table).to(device, non_blocking=True), "prefix": prefix,
+                "speakers": torch.stack([r.speaker for r in reqs]).float()}
+
+    def run(self, reqs: list[FlowRequest], frames: int, graphs: bool):
+        """-> (mu [B, C, frames], spks [B, C], frame mask [B, 1, frames]) for `reqs`."""
+        device = reqs[0].tokens.device
+        n = max(r.prompt_tokens.numel() + r.tokens.numel() for r in reqs)
+        tokens = -(-n // self.token_bucket) * self.token_bucket
+        inp = self.inputs(reqs, frames, tokens, device)
+        if not graphs:
+            mu, spks = self.flow.encode_padded(**inp)
+            return mu, spks, inp["table"][:, 4:5].to(mu.dtype)
+        graph, st = self._graph(len(reqs), tokens, frames, device)
+        for name in ("ids", "table", "prefix", "speakers"):
+            st[name].copy_(inp[name])
+        graph.replay()
+        return st["mu"], st["spks"], st["mask"]
+
+    def _graph(self, b: int, tokens: int, frames: int, device):
+        key = (b, tokens, frames, self.flow.dtype)
+        if key not in self._graphs:
+            c = self.flow.cfg.output_size
+            table = torch.zeros(b, 7, frames, device=device)
+            table[:, 4] = 1
+            table[:, 6, 0] = 1
+            st = {"ids": torch.zeros(b, tokens, dtype=torch.long, device=device), "table": table,
+                  "prefix": torch.zeros(b, c, frames, dtype=self.flow.dtype, device=device),
+                  "speakers": torch.ones(b, self.flow.cfg.spk_embed_dim, device=device)}
+
+            def run():
+                mu, spks = self.flow.encode_padded(st["ids"], st["table"], st["prefix"], st["speakers"])
+                return mu, spks, st["table"][:, 4:5].to(mu.dtype)
+
+            graph, (st["mu"], st["spks"], st["mask"]), self._pool = capture_graph(run, device, self._pool)
+            self._graphs[key] = (graph, st)
+        return self._graphs[key]

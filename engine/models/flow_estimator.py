@@ -13,8 +13,19 @@ Differences from the official module, none of which change the result on valid f
 - Masks are honoured everywhere: GroupNorm statistics over valid frames and a key padding mask in
   attention. The official model runs unpadded with an all-ones mask (which is the same thing); the
   masked form lets a batch padded to a length bucket give each request its unpadded result.
-- `fused=True` routes the elementwise chains through stepvox.kernels.flow_fused (GroupNorm + Mish +
-  mask + time-embedding / residual, residual add + LayerNorm) and q/k/v through one matmul.
+- `fused=True` (the default) runs the network on channels-last activations [N, L, C] through
+  stepvox.kernels.flow_conv.row_conv: every Conv1d / Linear is one kernel that also applies the
+  input frame mask, the LayerNorm before it (transformer norm1 / norm3), the bias, GELU, the
+  residual add, the stage's output mask and the GroupNorm statistics of what follows; GroupNorm +
+  Mish + mask + time embedding / residual is one more kernel (flow_fused.group_norm_mish_rows).
+  No layout transposes, no separate norms or elementwise passes: 5 kernels per ResnetBlock1D and
+  per transformer block (q/k/v, attention, out-projection, feed-forward in, feed-forward out); on
+  long sequences (FF_IN_UNFUSED_ROWS) the feed-forward input runs as LayerNorm, cuBLAS, GELU.
+- `fused="elementwise"` keeps PyTorch's convolutions and linears and fuses only the elementwise
+  chains (flow_fused.group_norm_mish, add_layer_norm; q/k/v in one matmul): the earlier fast path,
+  kept for comparisons.
+- In padded mode attention takes an additive float key mask built once per solve
+  (`attention_biases`), not a boolean one SDPA would convert in every call.
 Parameter names match the released flow.pt (`decoder.estimator.*`).
 """
 from __future__ import annotations
@@ -25,7 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels.flow_fused import add_layer_norm, group_norm_mish, group_norm_mish_reference
+from ...kernels.flow_conv import (LINEAR, UPSAMPLE_K4S2P1, conv_spec, conv_weight, linear_weight, row_conv,
+                                   upsample_weight)
+from ...kernels.flow_fused import add_layer_norm, group_norm_mish, group_norm_mish_reference, group_norm_mish_rows
 from ..cosyvoice_config import EstimatorConfig
 
 GN_GROUPS = 8
@@ -235,37 +248,179 @@ class ConditionalDecoder(nn.Module):
         temb = self.time_mlp(sinusoidal_time_embedding(t, self.cfg.in_channels))
         return [r.mlp[1](F.mish(temb)) for r in self.resnets()]
 
+    @staticmethod
+    def attention_biases(mask: torch.Tensor, levels: int) -> list[torch.Tensor]:
+        """Additive key masks [N, 1, 1, L_k] (0 valid, -inf padded) for the `levels` resolutions of
+        `mask` [N, 1, L] (each level halves the frames, as the down blocks do)."""
+        out, m = [], mask
+        for _ in range(levels):
+            out.append(torch.zeros(m.shape[0], 1, 1, m.shape[-1], dtype=m.dtype, device=m.device)
+                       .masked_fill(m[:, :, None, :] == 0, float("-inf")))
+            m = m[:, :, ::2]
+        return out
+
     def forward(self, inp: torch.Tensor, mask: torch.Tensor, time_proj: list[torch.Tensor],
-                padded: bool = False, fused: bool = True) -> torch.Tensor:
+                padded: bool = False, fused: bool | str = True,
+                attn_bias: list[torch.Tensor] | None = None) -> torch.Tensor:
         """inp: [N, 4*80, L] = concat(x, mu, spks, cond); mask: [N, 1, L] (0/1, model dtype);
         time_proj: from time_projections; padded: whether any mask entry is 0 (key masks and masked
-        statistics are skipped otherwise). Returns the velocity [N, 80, L] (zero on masked frames)."""
+        statistics are skipped otherwise); fused: True (channels-last fused kernels), "elementwise"
+        or False (plain modules); attn_bias: attention_biases(mask, ...) when padded (made here when
+        missing). Returns the velocity [N, 80, L] (zero on masked frames)."""
+        if fused is True:
+            return self._forward_rows(inp, mask, time_proj, padded, attn_bias)
+        return self._forward_modules(inp, mask, time_proj, padded, fused == "elementwise", attn_bias)
+
+    def _forward_modules(self, inp, mask, time_proj, padded: bool, fused: bool, attn_bias):
         projections = iter(time_proj)
+        if padded and fused and attn_bias is None:
+            attn_bias = self.attention_biases(mask, len(self.down_blocks))
 
-        def attn_mask(m):
-            return (m[:, :, None, :] > 0) if padded else None     # [N, 1, 1, L] key padding
+        def attn_mask(m, level):
+            if not padded:
+                return None
+            # key padding mask [N, 1, 1, L]: the unfused path keeps the boolean form of the original
+            return attn_bias[level] if fused else (m[:, :, None, :] > 0)
 
-        def stage(resnet, blocks, x, m):
+        def stage(resnet, blocks, x, m, level):
             x = resnet(x, m, next(projections), padded, fused)
-            x = run_transformer_blocks(blocks, x.transpose(1, 2).contiguous(), attn_mask(m), fused)
+            x = run_transformer_blocks(blocks, x.transpose(1, 2).contiguous(), attn_mask(m, level), fused)
             return x.transpose(1, 2).contiguous()
 
         masks, hiddens = [mask], []
         x = inp
-        for resnet, blocks, down in self.down_blocks:
+        for level, (resnet, blocks, down) in enumerate(self.down_blocks):
             m = masks[-1]
-            x = stage(resnet, blocks, x, m)
+            x = stage(resnet, blocks, x, m, level)
             hiddens.append(x)
             x = down(x * m)
             masks.append(m[:, :, ::2])
         masks.pop()
         m = masks[-1]
         for resnet, blocks in self.mid_blocks:
-            x = stage(resnet, blocks, x, m)
+            x = stage(resnet, blocks, x, m, len(masks) - 1)
         for resnet, blocks, up in self.up_blocks:
             m = masks.pop()
             skip = hiddens.pop()
             x = torch.cat([x[:, :, :skip.shape[-1]], skip], dim=1)
-            x = up(stage(resnet, blocks, x, m) * m)
+            x = up(stage(resnet, blocks, x, m, len(masks)) * m)
         x = self.final_block(x, m, padded, fused)          # already * m, which final_proj's input needs
         return self.final_proj(x) * mask
+
+    # ------------------------------------------------------------------ channels-last fused path
+    def _forward_rows(self, inp, mask, time_proj, padded: bool, attn_bias):
+        n, _, length = inp.shape
+        projections = iter(time_proj)
+        levels = len(self.down_blocks)
+        if padded and attn_bias is None:
+            attn_bias = self.attention_biases(mask, levels)
+        row_masks = [mask[:, 0, :]]
+        for _ in range(levels - 1):
+            row_masks.append(row_masks[-1][:, ::2])
+
+        def stage(resnet, blocks, x, level):
+            m = row_masks[level] if padded else None
+            x = _resnet_rows(resnet, x, m, next(projections))
+            return _transformer_rows(blocks, x, m, attn_bias[level] if padded else None)
+
+        hiddens = []
+        x = inp.transpose(1, 2)                                   # [N, L, 4*80] view, no copy
+        for level, (resnet, blocks, down) in enumerate(self.down_blocks):
+            x = stage(resnet, blocks, x, level)
+            hiddens.append(x)
+            x = _conv_rows(down.conv if isinstance(down, Downsample1D) else down, x,
+                           row_masks[level] if padded else None)
+        level = levels - 1
+        for resnet, blocks in self.mid_blocks:
+            x = stage(resnet, blocks, x, level)
+        for resnet, blocks, up in self.up_blocks:
+            skip = hiddens.pop()
+            x = torch.cat([x[:, :skip.shape[1]], skip], dim=2)
+            x = stage(resnet, blocks, x, level)
+            m = row_masks[level] if padded else None
+            x = _upsample_rows(up.conv, x, m) if isinstance(up, Upsample1D) else _conv_rows(up, x, m)
+            level -= 1
+        m = row_masks[0] if padded else None
+        fb = self.final_block
+        h, stats = row_conv(x, _prepared(fb.block[0], conv_weight), fb.block[0].bias, _CONV3, mask_in=m,
+                            mask_out=m, gn_groups=GN_GROUPS)
+        h = group_norm_mish_rows(h, stats, fb.block[1].weight, fb.block[1].bias, fb.block[1].eps, mask=m)
+        out = torch.empty(n, self.cfg.out_channels, length, dtype=inp.dtype, device=inp.device)
+        row_conv(h, _prepared(self.final_proj, linear_weight), self.final_proj.bias, LINEAR, mask_out=m,
+                 mul_mask_out=True, out=out.transpose(1, 2))
+        return out
+
+
+_CONV3 = conv_spec(3, 1, 1)
+# From this many frames per sequence the feed-forward input (LayerNorm, Linear 256 -> 1024, GELU) runs
+# as three library ops: the fused kernel recomputes the LayerNorm in every output-column tile and
+# evaluates erf at low occupancy, which loses to cuBLAS + two light kernels on long sequences (H100:
+# 18 us vs ~13 us at 2 x 1120 rows; it wins below ~560 rows: 6.7 vs ~9.6 us at 2 x 176).
+FF_IN_UNFUSED_ROWS = 800
+
+
+def _prepared(module: nn.Module, prepare) -> torch.Tensor:
+    """The module's weight in row_conv layout, cached on the module (FlowSolver.reset drops it)."""
+    w = module.weight
+    cache = getattr(module, "_rows_weight", None)
+    if cache is None or cache[0] != (w.device, w.dtype, prepare.__name__):
+        cache = ((w.device, w.dtype, prepare.__name__), prepare(w.detach()))
+        module._rows_weight = cache
+    return cache[1]
+
+
+def _qkv_rows(attn: "Attention") -> torch.Tensor:
+    w = attn.to_q.weight
+    cache = getattr(attn, "_rows_weight", None)
+    if cache is None or cache[0] != (w.device, w.dtype, "qkv"):
+        cache = ((w.device, w.dtype, "qkv"), linear_weight(attn.fused_qkv_weight()))
+        attn._rows_weight = cache
+    return cache[1]
+
+
+def _conv_rows(conv: nn.Conv1d, x, m):
+    """Conv1d(x * m) on rows (the Downsample1D / plain k3 convs between stages)."""
+    spec = conv_spec(conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
+    return row_conv(x, _prepared(conv, conv_weight), conv.bias, spec, mask_in=m)
+
+
+def _upsample_rows(conv: nn.ConvTranspose1d, x, m):
+    if (conv.kernel_size[0], conv.stride[0], conv.padding[0]) != (4, 2, 1):
+        raise ValueError("Upsample1D: only ConvTranspose1d(k=4, s=2, p=1) is implemented on rows")
+    return row_conv(x, _prepared(conv, upsample_weight), conv.bias, UPSAMPLE_K4S2P1, mask_in=m)
+
+
+def _resnet_rows(r: "ResnetBlock1D", x, m, temb):
+    """ResnetBlock1D on rows: x [N, L, Cin] (any strides; frames with m = 0 are ignored)."""
+    c1, n1 = r.block1.block[0], r.block1.block[1]
+    c2, n2 = r.block2.block[0], r.block2.block[1]
+    h, st = row_conv(x, _prepared(c1, conv_weight), c1.bias, _CONV3, mask_in=m, mask_out=m, gn_groups=GN_GROUPS)
+    h = group_norm_mish_rows(h, st, n1.weight, n1.bias, n1.eps, mask=m, temb=temb)
+    h, st = row_conv(h, _prepared(c2, conv_weight), c2.bias, _CONV3, mask_out=m, gn_groups=GN_GROUPS)
+    res = row_conv(x, _prepared(r.res_conv, linear_weight), r.res_conv.bias, LINEAR, mask_in=m)
+    return group_norm_mish_rows(h, st, n2.weight, n2.bias, n2.eps, mask=m, residual=res)
+
+
+def _transformer_rows(blocks, x, m, bias):
+    """BasicTransformerBlocks on the residual stream x [N, L, C]; the last block's output is
+    multiplied by m (every consumer of a stage output masks it)."""
+    n, length, _ = x.shape
+    for i, blk in enumerate(blocks):
+        at = blk.attn1
+        n1, n3 = blk.norm1, blk.norm3
+        qkv = row_conv(x, _qkv_rows(at), None, LINEAR, ln=(n1.weight, n1.bias, n1.eps))
+        q, k, v = qkv.view(n, length, 3, at.heads, at.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        a = o.transpose(1, 2).reshape(n, length, at.heads * at.dim_head)
+        out = at.to_out[0]
+        x = row_conv(a, _prepared(out, linear_weight), out.bias, LINEAR, residual=x)
+        p1, p2 = blk.ff.net[0].proj, blk.ff.net[2]
+        if length >= FF_IN_UNFUSED_ROWS:
+            f = F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), n3.weight, n3.bias, n3.eps), p1.weight, p1.bias))
+        else:
+            f = row_conv(x, _prepared(p1, linear_weight), p1.bias, LINEAR, ln=(n3.weight, n3.bias, n3.eps),
+                         gelu=True)
+        last = i == len(blocks) - 1
+        x = row_conv(f, _prepared(p2, linear_weight), p2.bias, LINEAR, residual=x,
+                     mask_out=m if last else None, mul_mask_out=last and m is not None)
+    return x

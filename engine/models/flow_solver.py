@@ -17,6 +17,7 @@ import torch
 
 from ...kernels.flow_ode import cfg_euler_step, cfg_euler_step_reference
 from ..cosyvoice_config import CFMConfig
+from ..cuda_graphs import capture_graph
 from .flow_estimator import ConditionalDecoder
 
 
@@ -73,6 +74,8 @@ class FlowSolver:
         for m in self.estimator.modules():
             if hasattr(m, "_qkv"):
                 m._qkv = None
+            if hasattr(m, "_rows_weight"):
+                m._rows_weight = None
 
     # ------------------------------------------------------------------ the n-step solve
     def _solve_buffers(self, z, mu, spks, cond, mask, out, padded: bool, fused: bool):
@@ -86,10 +89,12 @@ class FlowSolver:
         inp[:b, :c] = z
         inp[b:, :c] = z
         mask2 = torch.cat([mask, mask])
+        bias = (self.estimator.attention_biases(mask2, len(self.estimator.down_blocks))
+                if padded and fused else None)          # key masks once per solve, not per step
         x = z
         steps = self._step_constants(z.device, z.dtype)
         for k, (proj, dt, dt_tensor) in enumerate(steps):
-            v = self.estimator(inp, mask2, proj, padded=padded, fused=fused)
+            v = self.estimator(inp, mask2, proj, padded=padded, fused=fused, attn_bias=bias)
             last = k == len(steps) - 1
             if fused:
                 x = cfg_euler_step(v, x, mask, dt, self.cfg_rate, out=out, next_input=None if last else inp)
@@ -112,16 +117,8 @@ class FlowSolver:
                       "out": torch.zeros(b, c, length, dtype=dtype, device=device)}
             args = [static[k] for k in ("z", "mu", "spks", "cond", "mask", "out")]
             self._step_constants(device, dtype)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):       # warm-up: Triton compiles, cuBLAS/SDPA pick kernels
-                self._solve_buffers(*args, padded=padded, fused=self.fused)
-            torch.cuda.current_stream(device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._solve_buffers(*args, padded=padded, fused=self.fused)
+            graph, _, self._pool = capture_graph(
+                lambda: self._solve_buffers(*args, padded=padded, fused=self.fused), device, self._pool)
             self._graphs[key] = (graph, static)
         return self._graphs[key]
 
@@ -135,16 +132,21 @@ class FlowSolver:
     def graph_count(self) -> int:
         return len(self._graphs)
 
+    def graphs_on(self, device) -> bool:
+        return self.use_cuda_graphs and torch.device(device).type == "cuda"
+
+    def bucket_length(self, length: int) -> int:
+        return bucket_length(length, self.bucket)
+
     @torch.no_grad()
     def solve(self, noises: list[torch.Tensor], mus: list[torch.Tensor], spks: torch.Tensor,
               conds: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per request z, mu, cond [C, L_i] and spks [B, C] -> x(1) [C, L_i] per request."""
         lengths = [m.shape[1] for m in mus]
         device, dtype = mus[0].device, mus[0].dtype
-        graphs = self.use_cuda_graphs and device.type == "cuda"
+        graphs = self.graphs_on(device)
         length = bucket_length(max(lengths), self.bucket) if graphs or self.pad_to_bucket else max(lengths)
         b, c = len(mus), self.channels
-        padded = any(n < length for n in lengths)
 
         def stack(items):
             out = torch.zeros(b, c, length, dtype=dtype, device=device)
@@ -155,15 +157,24 @@ class FlowSolver:
         mask = torch.zeros(b, 1, length, dtype=dtype, device=device)
         for i, n in enumerate(lengths):
             mask[i, :, :n] = 1
-        z, mu, cond = stack(noises), stack(mus), stack(conds)
-        spks = spks.to(dtype)
-        if graphs:
-            graph, static = self._graph(b, length, padded, dtype, device)
+        result = self.solve_padded(stack(noises), stack(mus), spks, stack(conds), mask,
+                                   padded=any(n < length for n in lengths))
+        return [result[i, :, :n] for i, n in enumerate(lengths)]
+
+    @torch.no_grad()
+    def solve_padded(self, z: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                     mask: torch.Tensor, padded: bool) -> torch.Tensor:
+        """Batch-first inputs already padded to one length (a bucket multiple when graphs are on):
+        z, mu, cond [B, C, L] (model dtype), spks [B, C], mask [B, 1, L]. Returns x(1) [B, C, L]
+        (a fresh tensor)."""
+        b, _, length = z.shape
+        spks = spks.to(z.dtype)
+        if self.graphs_on(z.device):
+            graph, static = self._graph(b, length, padded, z.dtype, z.device)
             for name, value in (("z", z), ("mu", mu), ("spks", spks), ("cond", cond), ("mask", mask)):
                 static[name].copy_(value)
             graph.replay()
-            result = static["out"].clone()
-        else:
-            result = torch.empty_like(z)
-            self._solve_buffers(z, mu, spks, cond, mask, result, padded=padded, fused=self.fused)
-        return [result[i, :, :n] for i, n in enumerate(lengths)]
+            return static["out"].clone()
+        result = torch.empty_like(z)
+        self._solve_buffers(z, mu, spks, cond, mask, result, padded=padded, fused=self.fused)
+        return result

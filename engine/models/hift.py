@@ -11,6 +11,13 @@ Weights are plain (weight norm folded at load). The randomness of SineGen is exp
 phases [B, 9] and noise [B, 9, N] are arguments, so callers can seed it, and `phase_offset` lets a
 stream continue each harmonic's phase across chunks. STFT and iSTFT are matmuls with a DFT basis
 plus overlap-add (torch.istft's arithmetic), which keeps the vocoder free of cuFFT plans.
+
+Length buckets: `forward(..., frames=F)` runs mel right-padded to any length and gives each item
+the output of its first F[b] frames. Every convolution then sees zeros past the item's end (masks
+after conv_pre, in each Snake, before the upsamplers and conv_post), the STFT reflects at the
+item's end, and the iSTFT drops the padded frames from its overlap-add and window envelope; the
+valid samples equal the unpadded run's. HiFTGraphs replays that bucketed forward as one CUDA
+graph per (batch, frame bucket), with the SineGen randomness as graph inputs.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from ...kernels.snake import snake, snake_reference
 from ..audio.mel import periodic_hann
 from ..cosyvoice_config import HiftConfig
+from ..cuda_graphs import GraphStore, capture_graph
 
 
 def _weight_normed(module: nn.Module) -> nn.Module:
@@ -42,8 +50,8 @@ class Snake(nn.Module):
         self.alpha = nn.Parameter(torch.ones(channels))
         self.fused = True
 
-    def forward(self, x):
-        return snake(x, self.alpha) if self.fused else snake_reference(x, self.alpha)
+    def forward(self, x, mask=None):
+        return snake(x, self.alpha, mask) if self.fused else snake_reference(x, self.alpha, mask)
 
 
 class ResBlock(nn.Module):
@@ -56,9 +64,10 @@ class ResBlock(nn.Module):
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """mask [B, 1, T]: the output is exact on the frames where mask = 1 (garbage elsewhere)."""
         for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = c2(a2(c1(a1(x)))) + x
+            x = c2(a2(c1(a1(x, mask)), mask)) + x
         return x
 
 
@@ -74,8 +83,11 @@ class F0Predictor(nn.Module):
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, 1)
 
-    def forward(self, mel):
-        return torch.abs(self.classifier(self.condnet(mel).transpose(1, 2)).squeeze(-1))
+    def forward(self, mel, mask=None):
+        x = mel
+        for layer in self.condnet:
+            x = layer(x if mask is None or not isinstance(layer, nn.Conv1d) else x * mask)
+        return torch.abs(self.classifier(x.transpose(1, 2)).squeeze(-1))
 
 
 class SourceModule(nn.Module):
@@ -111,12 +123,14 @@ class HiFTGenerator(nn.Module):
         self.conv_post = _weight_normed(nn.Conv1d(base // 2 ** n_up, spec_ch, 7, 1, padding=3))
         self.f0_predictor = F0Predictor(cfg.f0_in_channels, cfg.f0_cond_channels)
         self._dft = {}
+        self.fused = True
         # dtype of the running phase sum: float32 as the official SineGen (its rounding is ~1e-3
         # cycle at 10 s on the 9th harmonic); float64 is available for exactness studies.
         self.phase_dtype = torch.float32
 
     # ------------------------------------------------------------------ settings
     def set_fused(self, fused: bool) -> None:
+        self.fused = bool(fused)
         for m in self.modules():
             if isinstance(m, Snake):
                 m.fused = fused
@@ -130,9 +144,21 @@ class HiFTGenerator(nn.Module):
         return self.cfg.samples_per_frame
 
     # ------------------------------------------------------------------ source (SineGen + merge)
-    def f0(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel [B, 80, T] -> f0 [B, T] in Hz."""
-        return self.f0_predictor(mel)
+    def f0(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mel [B, 80, T] -> f0 [B, T] in Hz (exact on frames with mask [B, 1, T] = 1)."""
+        return self.f0_predictor(mel, mask)
+
+    def frame_masks(self, frames: torch.Tensor, length: int, dtype=torch.float32) -> list[torch.Tensor]:
+        """Masks [B, 1, n] of the valid positions for `frames` [B] valid mel frames of `length`: at
+        the mel rate, after each upsampler (the last one reflect-padded by one), which is also the
+        STFT frame rate of the source."""
+        frames = frames.reshape(-1, 1, 1)
+        rate, n, out = 1, length, []
+        out.append((torch.arange(n, device=frames.device) < frames).to(dtype))
+        for i, u in enumerate(self.cfg.upsample_rates):
+            rate, extra = rate * u, int(i == len(self.cfg.upsample_rates) - 1)
+            out.append((torch.arange(length * rate + extra, device=frames.device) < frames * rate + extra).to(dtype))
+        return out
 
     def source(self, f0: torch.Tensor, start_phase: torch.Tensor, noise: torch.Tensor,
                phase_offset: torch.Tensor | None = None, phase_anchor: torch.Tensor | None = None
@@ -179,55 +205,150 @@ class HiFTGenerator(nn.Module):
             self._dft[key] = (analysis.float().to(device), synthesis.float().to(device), win.float().to(device))
         return self._dft[key]
 
-    def stft(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N] -> [B, n_fft + 2, N // hop + 1]: real parts then imaginary parts (torch.stft, center)."""
+    def stft(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N] -> [B, n_fft + 2, N // hop + 1]: real parts then imaginary parts (torch.stft, center).
+        valid [B]: samples of each row that are real; the reflection happens at that end."""
         n, hop = self.cfg.n_fft, self.cfg.hop_len
         analysis, _, _ = self._bases(x.device)
-        frames = F.pad(x[:, None], (n // 2, n // 2), mode="reflect")[:, 0].unfold(-1, n, hop)
-        return torch.matmul(frames, analysis).transpose(1, 2)
+        if valid is None:
+            padded = F.pad(x[:, None], (n // 2, n // 2), mode="reflect")[:, 0]
+        else:
+            pos = torch.arange(x.shape[1] + n, device=x.device)[None, :] - n // 2
+            end = valid.reshape(-1, 1)
+            idx = torch.where(pos < 0, -pos, pos)
+            idx = torch.where(idx >= end, 2 * (end - 1) - idx, idx).clamp(0, x.shape[1] - 1)
+            padded = torch.gather(x, 1, idx)
+        return torch.matmul(padded.unfold(-1, n, hop), analysis).transpose(1, 2)
 
-    def istft(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
-        """[B, n/2+1, F] each -> [B, hop * (F - 1)] (torch.istft with center, periodic Hann)."""
+    def istft(self, magnitude: torch.Tensor, phase: torch.Tensor, frame_mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """[B, n/2+1, F] each -> [B, hop * (F - 1)] (torch.istft with center, periodic Hann).
+        frame_mask [B, 1, F]: frames with 0 are left out of the overlap-add and the envelope."""
         n, hop = self.cfg.n_fft, self.cfg.hop_len
         _, synthesis, win = self._bases(magnitude.device)
         magnitude = torch.clip(magnitude, max=1e2)
+        if frame_mask is not None:
+            magnitude = magnitude * frame_mask
         spec = torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
         frames = torch.matmul(spec.transpose(1, 2), synthesis)                             # [B, F, n]
         count = frames.shape[1]
         full = (count - 1) * hop + n
         ola = F.fold(frames.transpose(1, 2), (1, full), (1, n), stride=(1, hop))[:, 0, 0]
-        env = F.fold((win * win)[None, :, None].expand(1, n, count), (1, full), (1, n), stride=(1, hop))[0, 0, 0]
+        if frame_mask is None:
+            env = F.fold((win * win)[None, :, None].expand(1, n, count), (1, full), (1, n), stride=(1, hop))[0, 0, 0]
+        else:   # per item; positions no valid frame reaches get 0 / 1 instead of 0 / 0
+            env = F.fold((win * win)[None, :, None] * frame_mask, (1, full), (1, n), stride=(1, hop))[:, 0, 0]
+            env = torch.where(env > 1e-11, env, torch.ones_like(env))
         return (ola / env)[:, n // 2: n // 2 + hop * (count - 1)]
 
     # ------------------------------------------------------------------ decoder
-    def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """mel [B, 80, T], source [B, 1, T*256] -> waveform [B, T*256]."""
+    def decode(self, mel: torch.Tensor, source: torch.Tensor, masks: list[torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """mel [B, 80, T], source [B, 1, T*256] -> waveform [B, T*256]. masks: frame_masks(...) of a
+        length-bucketed batch."""
         c = self.cfg
-        s = self.stft(source[:, 0])
-        x = self.conv_pre(mel)
+        if masks is None:
+            s = self.stft(source[:, 0])
+            m = [None] * (len(self.ups) + 1)
+        else:
+            m = masks
+            s = self.stft(source[:, 0], m[0].sum(dim=(1, 2)).long() * self.samples_per_frame) * m[-1]
+        x = self.conv_pre(mel if m[0] is None else mel * m[0])
         n_up, n_k = len(self.ups), len(c.resblock_kernel_sizes)
         for i in range(n_up):
-            x = self.ups[i](F.leaky_relu(x, c.lrelu_slope))
+            x = F.leaky_relu(x, c.lrelu_slope)
+            x = self.ups[i](x if m[i] is None else x * m[i])
             if i == n_up - 1:
                 x = F.pad(x, (1, 0), mode="reflect")
-            x = x + self.source_resblocks[i](self.source_downs[i](s))
-            xs = self.resblocks[i * n_k](x)
+            x = x + self.source_resblocks[i](self.source_downs[i](s), m[i + 1])
+            xs = self.resblocks[i * n_k](x, m[i + 1])
             for j in range(1, n_k):
-                xs = xs + self.resblocks[i * n_k + j](x)
+                xs = xs + self.resblocks[i * n_k + j](x, m[i + 1])
             x = xs / n_k
-        x = self.conv_post(F.leaky_relu(x))
+        x = F.leaky_relu(x)
+        x = self.conv_post(x if m[-1] is None else x * m[-1])
         half = c.n_fft // 2 + 1
-        wav = self.istft(torch.exp(x[:, :half]), torch.sin(x[:, half:]))
+        wav = self.istft(torch.exp(x[:, :half]), torch.sin(x[:, half:]), m[-1])
         return torch.clamp(wav, -c.audio_limit, c.audio_limit)
 
     @torch.no_grad()
     def forward(self, mel: torch.Tensor, start_phase: torch.Tensor, noise: torch.Tensor,
                 phase_offset: torch.Tensor | None = None, phase_anchor: torch.Tensor | None = None,
-                cache_source: torch.Tensor | None = None):
+                cache_source: torch.Tensor | None = None, frames: torch.Tensor | None = None):
         """Offline/streaming vocoding. cache_source [B, 1, K] overrides the first K source samples
-        (the upstream v1 streaming recipe). Returns (waveform [B, T*256], source [B, 1, T*256], cycles)."""
-        src, cycles = self.source(self.f0(mel), start_phase, noise, phase_offset, phase_anchor)
+        (the upstream v1 streaming recipe). frames [B] (a tensor): valid mel frames of a right-padded
+        batch (mel zero past them); each item's first frames[b] * 256 samples are its unpadded result.
+        Returns (waveform [B, T*256], source [B, 1, T*256], cycles)."""
+        masks = None if frames is None else self.frame_masks(frames, mel.shape[-1], mel.dtype)
+        src, cycles = self.source(self.f0(mel, None if masks is None else masks[0]), start_phase, noise,
+                                  phase_offset, phase_anchor)
         if cache_source is not None and cache_source.shape[-1] > 0:
             src = src.clone()
             src[:, :, :cache_source.shape[-1]] = cache_source
-        return self.decode(mel, src), src, cycles
+        return self.decode(mel, src, masks), src, cycles
+
+
+class HiFTGraphs(GraphStore):
+    """HiFTGenerator.forward replayed from CUDA graphs, one per (batch, frame bucket).
+
+    Inputs are copied into static buffers (mel and noise zero-padded to the bucket, the valid frame
+    count as a tensor), the bucketed forward replays, and the valid part of the outputs is copied
+    out, so what a caller holds is never overwritten by a later replay. Graphs share one memory
+    pool. cache_source is not graph-captured (HiFTGenerator.forward handles it eagerly)."""
+
+    def __init__(self, hift: HiFTGenerator, bucket: int = 32):
+        super().__init__()
+        self.hift = hift
+        self.bucket = bucket
+
+    def bucket_frames(self, frames: int) -> int:
+        return -(-frames // self.bucket) * self.bucket
+
+    def _graph(self, b: int, length: int, device):
+        key = (b, length, self.hift.fused)
+        if key not in self._graphs:
+            h, spf, c = self.hift.harmonics, self.hift.samples_per_frame, self.hift.cfg.in_channels
+            static = {"mel": torch.zeros(b, c, length, device=device),
+                      "start_phase": torch.zeros(b, h, device=device),
+                      "noise": torch.zeros(b, h, length * spf, device=device),
+                      "phase_offset": torch.zeros(b, h, dtype=torch.float64, device=device),
+                      "phase_anchor": torch.zeros(b, dtype=torch.long, device=device),
+                      "frames": torch.full((b,), length, dtype=torch.long, device=device)}
+
+            def run():
+                return self.hift(static["mel"], static["start_phase"], static["noise"], static["phase_offset"],
+                                 static["phase_anchor"], frames=static["frames"])
+
+            graph, (wav, _, cycles), self._pool = capture_graph(run, device, self._pool)
+            static["wav"], static["cycles"] = wav, cycles
+            self._graphs[key] = (graph, static)
+        return self._graphs[key]
+
+    @torch.no_grad()
+    def capture(self, batch: int, frames: int, device) -> None:
+        self._graph(batch, self.bucket_frames(frames), torch.device(device))
+
+    @torch.no_grad()
+    def __call__(self, mel: torch.Tensor, start_phase: torch.Tensor, noise: torch.Tensor,
+                 phase_offset: torch.Tensor | None = None, phase_anchor=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same inputs as HiFTGenerator.forward (mel [B, 80, T] float32 on CUDA, all items T frames).
+        Returns (waveform [B, T*256], cycles [B, H, T*256]), fresh tensors."""
+        b, _, t = mel.shape
+        n = t * self.hift.samples_per_frame
+        graph, st = self._graph(b, self.bucket_frames(t), mel.device)
+        st["mel"][:, :, :t].copy_(mel)
+        st["mel"][:, :, t:].zero_()
+        st["noise"][:, :, :n].copy_(noise)
+        st["noise"][:, :, n:].zero_()
+        st["start_phase"].copy_(start_phase)
+        if phase_offset is None:
+            st["phase_offset"].zero_()
+        else:
+            st["phase_offset"].copy_(phase_offset)
+        if phase_anchor is None:
+            st["phase_anchor"].zero_()
+        else:
+            st["phase_anchor"].copy_(torch.as_tensor(phase_anchor).reshape(b), non_blocking=True)
+        st["frames"].fill_(t)
+        graph.replay()
+        return st["wav"][:, :n].clone(), st["cycles"][:, :, :n].clone()

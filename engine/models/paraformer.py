@@ -28,7 +28,8 @@ import yaml
 
 from ..audio.kaldi_features import FbankConfig, ParaformerFeatures, load_am_mvn
 from ..audio.tokenizer_errors import TokenizerCheckpointError
-from ...kernels.sanm import sanm_attention
+from ..audio.tokenizer_frontend import to_device
+from ...kernels.sanm import sanm_attention, sanm_attention_indexed
 
 PARAFORMER_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
 LAYER_NORM_EPS = 1e-12      # FunASR's LayerNorm
@@ -159,6 +160,17 @@ class SANMLayer(torch.nn.Module):
         self.residual = in_size == size     # FunASR skips the attention residual for encoders0
 
 
+@dataclass
+class OfflineWindows:
+    """Inputs of `ParaformerEncoder.encode_windows` for a batch of utterances."""
+    h: torch.Tensor | None          # [W, R, in] model dtype
+    n_rows: torch.Tensor | None     # [W] int32: valid rows per window
+    lb_len: torch.Tensor | None     # [W] int32: valid look-back rows
+    index: torch.Tensor | None      # [W, L] int64: look-back rows in the flattened [W * R] K/V
+    spans: list                     # per utterance (first window, windows, rows)
+    windows: int                    # real windows (W - padding)
+
+
 class StreamState:
     """One live stream's encoder state: the 5 carried input rows and the per-layer K/V look-back."""
 
@@ -199,16 +211,22 @@ class ParaformerEncoder(torch.nn.Module):
         return feats.float() * self.cfg.output_size ** 0.5 + sinusoid_positions(pos, feats.shape[1])
 
     def _layer(self, layer: SANMLayer, h, n_rows, lb_len, look_back):
-        """One SAN-M layer on windows h [W, R, in]. `look_back(k, v)` returns the [W, L, D]
-        look-back keys/values for this layer given the windows' own k, v. Returns (h, k, v)."""
+        """One SAN-M layer on windows h [W, R, in]. `look_back` is either a function of the
+        windows' own (k, v) returning this layer's [W, L, D] look-back keys/values, or an index
+        [W, L] of look-back rows in the windows' own k, v flattened to [W * R, D].
+        Returns (h, k, v)."""
         cfg = self.cfg
         d = cfg.output_size
         attn = layer.self_attn
         x = F.layer_norm(h, (h.shape[-1],), layer.norm1.weight, layer.norm1.bias, LAYER_NORM_EPS)
         q, k, v = F.linear(x, attn.linear_q_k_v.weight, attn.linear_q_k_v.bias).split(d, dim=-1)
-        lb_k, lb_v = look_back(k, v)
-        ctx, mem = sanm_attention(q, k, v, lb_k, lb_v, lb_len, n_rows, attn.fsmn_block.weight,
-                                  cfg.attention_heads, cfg.fsmn_left_pad)
+        if isinstance(look_back, torch.Tensor):
+            ctx, mem = sanm_attention_indexed(q, k, v, look_back, lb_len, n_rows, attn.fsmn_block.weight,
+                                              cfg.attention_heads, cfg.fsmn_left_pad)
+        else:
+            lb_k, lb_v = look_back(k, v)
+            ctx, mem = sanm_attention(q, k, v, lb_k, lb_v, lb_len, n_rows, attn.fsmn_block.weight,
+                                      cfg.attention_heads, cfg.fsmn_left_pad)
         out = F.linear(ctx, attn.linear_out.weight, attn.linear_out.bias) + mem
         h = h + out if layer.residual else out
         ff = layer.feed_forward
@@ -217,12 +235,18 @@ class ParaformerEncoder(torch.nn.Module):
         return h, k, v
 
     # ------------------------------------------------------------------ offline (whole utterances)
-    def encode_offline(self, feats: list[torch.Tensor], counts: list[list[int]]) -> list[torch.Tensor]:
-        """Encoder outputs [N_i, D] of utterances given their CMVN'd LFR rows [N_i, in] and rows per
-        call (`kaldi_features.chunk_row_counts`); every utterance equals its own streamed run."""
+    def prepare_offline(self, feats: list[torch.Tensor], counts: list[list[int]],
+                        pad_windows_to: int | None = None) -> "OfflineWindows":
+        """The windows of all utterances, stacked, and their metadata (`encode_windows` inputs).
+        With `pad_windows_to`, neutral windows (zeros, all rows valid, no look-back) are appended
+        up to that count; they are computed and ignored, and change no real window's result
+        (no operation mixes windows except the look-back gather, which never points at them).
+        Metadata is built on the host and copied without a device sync."""
         cfg = self.cfg
         step, carry, r = cfg.chunk_frames, cfg.carried_frames, cfg.window_rows
-        windows, n_rows, lb_len, lb_index, spans = [], [], [], [], []
+        dev = self.device
+        windows, spans = [], []
+        n_rows, lb_len, lb_index = [], [], []
         first = 0
         for x, calls in zip(feats, counts):
             if sum(calls) != x.shape[0]:
@@ -233,40 +257,49 @@ class ParaformerEncoder(torch.nn.Module):
             spans.append((first, c, x.shape[0]))
             if c == 0:
                 continue
-            y = self.embed(x, 0)
+            y = self.embed(x.to(dev), 0)
             z = F.pad(y, (0, 0, carry, step * c + r - carry - y.shape[0]))      # 5 zero rows in front
             windows.append(z.unfold(0, r, step)[:c].transpose(1, 2))          # [c, R, in]
-            n_rows.append(torch.tensor(calls) + carry)
+            n_rows.append(torch.tensor(calls, dtype=torch.int32) + carry)
             idx = torch.arange(c)
-            lb_len.append(torch.clamp(idx * step, max=cfg.look_back_rows))
+            lb_len.append(torch.clamp(idx * step, max=cfg.look_back_rows).to(torch.int32))
             # look-back slot m of window w holds row m % step of window w - L/step + m // step
             slot = torch.arange(cfg.look_back_rows)
             src_win = idx[:, None] - cfg.look_back_chunks + slot[None, :] // step
-            src = (first + src_win.clamp(min=0)) * r + slot[None, :] % step
-            lb_index.append(src)
+            lb_index.append((first + src_win.clamp(min=0)) * r + slot[None, :] % step)
             first += c
-        outs = []
-        if windows:
-            dev = self.device
-            h = torch.cat(windows).to(dev, self.dtype)
-            n_rows_t = torch.cat(n_rows).to(dev, torch.int32)
-            lb_len_t = torch.cat(lb_len).to(dev, torch.int32)
-            index = torch.cat(lb_index).to(dev)
+        total = max(first, pad_windows_to or 0)
+        if total > first:
+            pad = total - first
+            windows.append(torch.zeros(pad, r, cfg.input_size, device=dev))
+            n_rows.append(torch.full((pad,), r, dtype=torch.int32))
+            lb_len.append(torch.zeros(pad, dtype=torch.int32))
+            lb_index.append(torch.zeros(pad, cfg.look_back_rows, dtype=torch.long))
+        if total == 0:
+            return OfflineWindows(None, None, None, None, spans, 0)
+        h = torch.cat(windows).to(self.dtype)
+        meta = torch.stack([torch.cat(n_rows), torch.cat(lb_len)])
+        return OfflineWindows(h, to_device(meta[0], dev), to_device(meta[1], dev),
+                              to_device(torch.cat(lb_index), dev), spans, first)
 
-            def gather(k, v):
-                d = k.shape[-1]
-                return k.reshape(-1, d)[index], v.reshape(-1, d)[index]
+    def encode_windows(self, h: torch.Tensor, n_rows: torch.Tensor, lb_len: torch.Tensor,
+                       index: torch.Tensor) -> torch.Tensor:
+        """All 50 layers + after_norm over windows [W, R, in]; returns the new rows of each window
+        [W, step, D]. No host sync, fixed shapes: graph-capturable."""
+        cfg = self.cfg
+        for layer in self.layers:
+            h = self._layer(layer, h, n_rows, lb_len, index)[0]
+        rows = h[:, cfg.carried_frames:cfg.carried_frames + cfg.chunk_frames]
+        return F.layer_norm(rows, (cfg.output_size,), self.after_norm.weight, self.after_norm.bias, LAYER_NORM_EPS)
 
-            for layer in self.layers:
-                h = self._layer(layer, h, n_rows_t, lb_len_t, gather)[0]
-            h = F.layer_norm(h, (cfg.output_size,), self.after_norm.weight, self.after_norm.bias, LAYER_NORM_EPS)
-            new_rows = h[:, carry:carry + step]                                 # [W, step, D]
-        for first_win, c, n in spans:
-            if c == 0:
-                outs.append(torch.zeros(0, cfg.output_size, device=self.device, dtype=self.dtype))
-            else:
-                outs.append(new_rows[first_win:first_win + c].reshape(-1, cfg.output_size)[:n])
-        return outs
+    def encode_offline(self, feats: list[torch.Tensor], counts: list[list[int]]) -> list[torch.Tensor]:
+        """Encoder outputs [N_i, D] of utterances given their CMVN'd LFR rows [N_i, in] and rows per
+        call (`kaldi_features.chunk_row_counts`); every utterance equals its own streamed run."""
+        wins = self.prepare_offline(feats, counts)
+        new_rows = self.encode_windows(wins.h, wins.n_rows, wins.lb_len, wins.index) if wins.windows else None
+        return [new_rows[a:a + c].reshape(-1, self.cfg.output_size)[:n] if c else
+                torch.zeros(0, self.cfg.output_size, device=self.device, dtype=self.dtype)
+                for a, c, n in wins.spans]
 
     # ------------------------------------------------------------------ streaming (one call)
     def new_stream(self) -> StreamState:

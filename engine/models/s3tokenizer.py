@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..audio.tokenizer_errors import TokenizerCheckpointError
+from ..audio.tokenizer_frontend import to_device
 from ..audio.tokenizer_whisper_mel import whisper_log_mel
 from ..onnx_weights import OnnxWeights, read_onnx_weights
 from ...kernels.nearest_centroid import nearest_centroid
@@ -109,8 +110,10 @@ class S3Tokenizer(torch.nn.Module):
     def output_lengths(self, mel_len: torch.Tensor) -> torch.Tensor:
         return conv_out_len(conv_out_len(mel_len, self.cfg.conv1_stride), 2)
 
-    def encode_mel(self, mel: torch.Tensor, mel_len: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T', D] (before normalisation) of padded mel [B, n_mels, T]."""
+    def encode_mel(self, mel: torch.Tensor, mel_len: torch.Tensor, padded: bool | None = None) -> torch.Tensor:
+        """Hidden states [B, T', D] (before normalisation) of padded mel [B, n_mels, T].
+        `padded`: whether any piece is shorter than T (then padded keys are masked); None reads
+        it from `mel_len` (a host sync). Graph-capturable when given."""
         enc = self.encoder
         x = mel.to(self.dtype)
         t = torch.arange(x.shape[-1], device=x.device)
@@ -129,7 +132,9 @@ class S3Tokenizer(torch.nn.Module):
             raise ValueError(f"S3 tokenizer: {x.shape[1]} frames exceed the {self.cfg.n_ctx}-row positional table")
         x = x + enc.positional_embedding[: x.shape[1]]
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < len2[:, None]      # [B, T']
-        mask = None if bool(keep.all()) else keep[:, None, None, :]
+        if padded is None:
+            padded = not bool(keep.all())
+        mask = keep[:, None, None, :] if padded else None
         b, n, d = x.shape
         h = self.cfg.n_head
         for blk in enc.blocks:
@@ -151,28 +156,52 @@ class S3Tokenizer(torch.nn.Module):
         x = F.normalize(hidden.float(), p=2.0, dim=-1, eps=L2_EPS)
         return nearest_centroid(x, self.quantizer._codebook.embed, self._sqnorm)
 
-    def forward(self, mel: torch.Tensor, mel_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.encode_mel(mel, mel_len)
+    def forward(self, mel: torch.Tensor, mel_len: torch.Tensor, padded: bool | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encode_mel(mel, mel_len, padded)
         codes = self.quantize(hidden.reshape(-1, hidden.shape[-1])).view(hidden.shape[:2])
         return codes, self.output_lengths(mel_len)
+
+    def code_count(self, mel_frames: int) -> int:
+        return int(self.output_lengths(mel_frames))
+
+    def group_pieces(self, mel_frames: list[int], max_batch_frames: int = 16 * 3000,
+                     max_batch: int | None = None) -> list[list[int]]:
+        """Batches of piece indices, longest first, each within `max_batch_frames` padded frames
+        (and `max_batch` pieces)."""
+        order = sorted(range(len(mel_frames)), key=lambda i: -mel_frames[i])
+        groups, start = [], 0
+        while start < len(order):
+            size = max(1, max_batch_frames // max(mel_frames[order[start]], 1))
+            if max_batch:
+                size = min(size, max_batch)
+            groups.append(order[start:start + size])
+            start += len(groups[-1])
+        return groups
+
+    def batch_mels(self, mels: list[torch.Tensor], length: int | None = None, batch: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(mel [B, n_mels, T], mel_len [B], padded) of pieces' mels, zero-padded to `length`
+        frames and with full-length silent pieces appended up to `batch` (both optional).
+        The length tensor is copied from the host without a device sync."""
+        lens = [m.shape[-1] for m in mels]
+        length = max(lens) if length is None else length
+        batch = len(mels) if batch is None else batch
+        out = torch.zeros(batch, self.cfg.n_mels, length, device=self.device)
+        for j, m in enumerate(mels):
+            out[j, :, :lens[j]] = m
+        lens += [length] * (batch - len(mels))
+        return out, to_device(torch.tensor(lens), self.device), any(n < length for n in lens)
 
     def tokenize_pieces(self, pieces: list[torch.Tensor], max_batch_frames: int = 16 * 3000) -> list[torch.Tensor]:
         """Codes of independent 16 kHz pieces (each <= 30 s), batched up to `max_batch_frames` mel frames."""
         mels = [whisper_log_mel(p.to(self.device), self.cfg.n_mels) for p in pieces]
+        frames = [m.shape[-1] for m in mels]
         out: list[torch.Tensor | None] = [None] * len(mels)
-        order = sorted(range(len(mels)), key=lambda i: -mels[i].shape[-1])
-        start = 0
-        while start < len(order):
-            longest = mels[order[start]].shape[-1]
-            group = order[start:start + max(1, max_batch_frames // max(longest, 1))]
-            start += len(group)
-            lens = torch.tensor([mels[i].shape[-1] for i in group], device=self.device)
-            batch = torch.zeros(len(group), self.cfg.n_mels, longest, device=self.device)
+        for group in self.group_pieces(frames, max_batch_frames):
+            codes, _ = self(*self.batch_mels([mels[i] for i in group]))
             for j, i in enumerate(group):
-                batch[j, :, : mels[i].shape[-1]] = mels[i]
-            codes, code_lens = self(batch, lens)
-            for j, i in enumerate(group):
-                out[i] = codes[j, : int(code_lens[j])]
+                out[i] = codes[j, : self.code_count(frames[i])]
         return out
 
 
