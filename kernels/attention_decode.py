@@ -18,7 +18,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .alibi import sqrt_alibi_bias
 from .attention_common import LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, softmax_update
-from .backend import use_triton
+from .backend import num_sms, use_triton
 from .kv_cache import check_cache_pair, gather_pages, write_kv_reference
 from .pdl import pdl_enabled
 
@@ -178,10 +178,10 @@ def _locks(device: torch.device, count: int) -> torch.Tensor:
 MIN_KEYS_PER_SPLIT = 256
 
 
-def default_num_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+def default_num_splits(batch: int, kv_heads: int, max_seq_len: int, sm_count: int) -> int:
     """About one program per SM across the batch's (sequence, KV head) pairs, no split shorter
     than MIN_KEYS_PER_SPLIT keys (measured on an H100 by bench/attention.py)."""
-    want = triton.cdiv(num_sms, max(batch * kv_heads, 1))
+    want = triton.cdiv(sm_count, max(batch * kv_heads, 1))
     most = max(triton.cdiv(max_seq_len, MIN_KEYS_PER_SPLIT), 1)
     return max(1, min(want, most, 64))
 
@@ -197,18 +197,6 @@ def default_tile(head_dim: int, num_splits: int, on_cpu: bool) -> tuple[int, int
     if head_dim <= 64 and num_splits >= 4:
         return 256, 2, 8
     return 128, 3, 4
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -255,7 +243,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     if num_splits is None:
         cap = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
-        num_splits = default_num_splits(batch, hkv, cap, _num_sms(q.device))
+        num_splits = default_num_splits(batch, hkv, cap, num_sms(q.device))
     tile_n, tile_stages, tile_warps = default_tile(dim, num_splits, not q.is_cuda)
     num_warps = num_warps or tile_warps
     block_n = block_n or tile_n

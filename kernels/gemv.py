@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .backend import use_triton
+from .backend import num_sms, use_triton
 from .pdl import pdl_enabled
 
 MAX_M = 16
@@ -102,29 +102,17 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return buf
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
-def gemv_config(n: int, k: int, num_sms: int = 132) -> dict:
+def gemv_config(n: int, k: int, sm_count: int = 132) -> dict:
     """Tile and K split per weight shape (bench/gemv.py on an H100, weights streamed from HBM,
     products back to back as in a decode step)."""
     if n > 8192:                            # fused gate|up and the LM head fill the GPU already
         return dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3 if n < 32768 else 5)
     cfg = dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=5)
     blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    if k >= 8192 and blocks < num_sms:
+    if k >= 8192 and blocks < sm_count:
         # down_proj (K = 8192, ~100 row blocks): six K ranges beat one (18.8 vs 20.4 us); for
         # qkv and o_proj (K = 3072) the merge costs more than the extra programs bring
-        cfg.update(SPLIT_K=min(k // (4 * cfg["BLOCK_K"]), triton.cdiv(4 * num_sms, blocks)), num_stages=3)
+        cfg.update(SPLIT_K=min(k // (4 * cfg["BLOCK_K"]), triton.cdiv(4 * sm_count, blocks)), num_stages=3)
     return cfg
 
 
@@ -143,7 +131,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | No
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = dict(config or gemv_config(n, k, _num_sms(x.device)))
+    cfg = dict(config or gemv_config(n, k, num_sms(x.device)))
     block_n, block_k = cfg.pop("BLOCK_N"), cfg["BLOCK_K"]
     blocks = triton.cdiv(n, block_n)
     split = cfg.pop("SPLIT_K", 1)
