@@ -8,8 +8,10 @@ reference), then times with CUDA events (medians after warm-up):
   "elementwise" (the earlier fused path) and unfused with graphs, fused eager; the eager pre-solve
   alone; HiFT graphs / eager / unfused; offline token2wav end to end (RTF); streaming first-chunk
   latency (first window = 35 tokens); 8 concurrent streams fed 5 tokens (120 ms) per tick; peak
-  memory per section. Optional: `ops` (each estimator op alone, row_conv tiles against the
-  cuBLAS / cuDNN ops they replace) and `--tune` (whole-solve tile sweep).
+  memory per section. Optional: `variants` (first chunk, its solve / pre-solve / HiFT and offline 10 s
+  for the estimator with and without its attention kernel, merged res_conv and PDL), `ops` (each
+  estimator op alone, row_conv tiles against the cuBLAS / cuDNN ops they replace) and `--tune`
+  (whole-solve tile sweep).
 Targets: 10 s of audio in <= 50 ms end to end, first streamed chunk <= 30 ms.
 A failing section is reported and the others still run. Rows print as they come, the table last;
 JSON to $OUT/vocoder.json.
@@ -153,7 +155,7 @@ def check_kernels(device, res, rows):
     out.update(check_row_conv(device, dt, g))
     ok = (out["ode_step_max_abs"] == 0.0 and out["gn_mish_rel"] < 1e-2 and out["add_ln_rel"] < 1e-2
           and out["add_ln_residual_equal"] and out["snake_rel"] < 1e-5 and out["snake_masked_rel"] < 1e-5
-          and all(v < 1e-2 for k, v in out.items() if k.startswith("row_conv")))
+          and all(v < 1e-2 for k, v in out.items() if k.startswith(("row_conv", "flow_attention"))))
     out["ok"] = ok
     res["check_kernels"] = out
     rows.append(dict(section="check kernels", config="bf16 shapes", note=f"ok={ok} gn={out['gn_mish_rel']:.1e}"))
@@ -194,6 +196,25 @@ def check_row_conv(device, dt, g) -> dict:
     gw, gb, temb = rnd(c), rnd(c), rnd(c)
     out["row_conv_gn_rows"] = rel_err(group_norm_mish_rows(h, st, gw, gb, 1e-5, mask=m, temb=temb),
                                       group_norm_mish_rows_reference(h, gw, gb, 8, 1e-5, m, temb))
+    # conv1 and res_conv in one product, statistics of the first half only
+    w6, b6 = conv_weight(rnd(2 * c, c, 3, scale=0.03)), rnd(2 * c)
+    both, st = row_conv(x, w6, b6, conv_spec(3, 1, 1), mask_in=m, mask_out=m, gn_groups=8, stats_channels=c)
+    ref_both = row_conv_reference(x, w6, b6, conv_spec(3, 1, 1), mask_in=m)
+    out["row_conv_gn_rows_half"] = rel_err(
+        group_norm_mish_rows(both[:, :, :c], st, gw, gb, 1e-5, mask=m, residual=both[:, :, c:]),
+        group_norm_mish_rows_reference(ref_both[:, :, :c], gw, gb, 8, 1e-5, m, None, ref_both[:, :, c:]))
+    # estimator attention (8 heads x 64) on the fused q/k/v rows, against float64 on the same inputs
+    from stepvox.kernels.flow_attention import flow_attention
+    for rows_n in (176, 1120):
+        qkv = rnd(n, rows_n, 3 * 512)
+        km = m[:, :rows_n].clone()
+        km[1, rows_n * 2 // 3:] = 0
+        got = flow_attention(qkv, 8, km)
+        q, k, v = qkv.double().view(n, rows_n, 3, 8, 64).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = torch.zeros(n, 1, 1, rows_n, dtype=torch.float64, device=device).masked_fill(
+            km[:, None, None, :] == 0, float("-inf"))
+        ref = torch.softmax(q @ k.transpose(-1, -2) / 8 + bias, -1) @ v
+        out[f"flow_attention_{rows_n}_rel"] = rel_err(got, ref.transpose(1, 2).reshape(n, rows_n, 512))
     return out
 
 
@@ -400,6 +421,104 @@ def time_ops(device, res, rows):
     res["ops"] = out
 
 
+SHORT_TILES = {
+    "ln": [(32, 128, None, 4, 1), (16, 128, None, 4, 1), (32, 64, None, 4, 1), (16, 64, None, 2, 1),
+           (16, 256, None, 4, 1), (32, 32, None, 2, 1), (64, 64, None, 4, 1), (16, 32, None, 2, 1)],
+    "narrow": [(64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 64, 2, 3), (32, 32, 128, 4, 3),
+               (16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (16, 32, 128, 2, 3), (32, 32, 256, 4, 2),
+               (64, 32, 128, 4, 3), (16, 64, 256, 4, 2), (16, 32, 256, 4, 2)],
+    "conv": [(64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 64, 2, 3), (32, 64, 128, 4, 3),
+             (16, 64, 128, 4, 3), (64, 32, 64, 4, 3), (32, 32, 128, 4, 3), (16, 32, 128, 2, 3)],
+}
+SHORT_ATTENTION = [(32, 64, 4), (16, 64, 4), (16, 32, 2), (32, 32, 2), (32, 128, 4), (64, 64, 4), (16, 128, 4),
+                   (32, 64, 2)]
+SHORT_GN_ELEMENTS = [8192, 4096, 2048, 1024]
+
+
+def tune_short(device, res, rows):
+    """The first streamed window's op shapes (2 sequences x 176 and x 352 frames): every row_conv
+    tile kind, the estimator attention and the GroupNorm apply over candidate tiles (graph-replayed,
+    PDL as configured, us per call). Keeps per kind and length band the candidate with the least
+    summed time (flow_conv.TILES_SHORT, flow_attention.ATTENTION_TILES, GN_ROWS_ELEMENTS below 512
+    rows), and prints them as code."""
+    from _util import bench_graph
+    from stepvox.kernels import flow_attention, flow_conv, flow_fused
+    from stepvox.kernels.flow_conv import LINEAR, conv_spec, conv_weight, linear_weight, row_conv
+    from stepvox.kernels.flow_fused import group_norm_mish_rows
+    dt, c = torch.bfloat16, 256
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
+
+    w = dict(qkv=linear_weight(rnd(768, c, scale=c ** -0.5)), ff1=linear_weight(rnd(1024, c, scale=c ** -0.5)),
+             out=linear_weight(rnd(c, 512, scale=512 ** -0.5)), ff2=linear_weight(rnd(c, 1024, scale=1024 ** -0.5)),
+             conv=conv_weight(rnd(c, c, 3, scale=0.03)), conv_res=conv_weight(rnd(2 * c, c, 3, scale=0.03)))
+    b1, bc, b2c = rnd(1024), rnd(c), rnd(2 * c)
+    ln = (rnd(c), rnd(c), 1e-5)
+    gw, gb, temb = rnd(c), rnd(c), rnd(2, c)
+    base_short, base_att, base_gn = dict(flow_conv.TILES_SHORT), list(flow_attention.ATTENTION_TILES), \
+        flow_fused.GN_ROWS_ELEMENTS
+    out, chosen = {}, {"row_conv": {}, "attention": [], "gn": None}
+    for length, band in ((176, 256), (352, 384)):
+        x, a, f = rnd(2, length, c), rnd(2, length, 512), rnd(2, length, 1024)
+        qkv = rnd(2, length, 3 * 512)
+        m = torch.ones(2, length, device=device, dtype=dt)
+        m[1, length - 20:] = 0
+        ops = {"ln": {"qkv": lambda: row_conv(x, w["qkv"], None, LINEAR, ln=ln),
+                      "ff1": lambda: row_conv(x, w["ff1"], b1, LINEAR, ln=ln, gelu=True)},
+               "narrow": {"out": lambda: row_conv(a, w["out"], bc, LINEAR, residual=x),
+                          "ff2": lambda: row_conv(f, w["ff2"], bc, LINEAR, residual=x, mask_out=m, mul_mask_out=True)},
+               "conv": {"conv3+stats": lambda: row_conv(x, w["conv"], bc, conv_spec(3, 1, 1), mask_out=m, gn_groups=8),
+                        "conv1+res+stats": lambda: row_conv(x, w["conv_res"], b2c, conv_spec(3, 1, 1), mask_in=m,
+                                                            mask_out=m, gn_groups=8, stats_channels=c)}}
+        for kind, named in ops.items():
+            totals = {}
+            for cfg in SHORT_TILES[kind]:
+                flow_conv.TILES_SHORT = {**base_short, kind: [(100000, cfg)]}
+                try:
+                    per = {name: 1e3 * bench_graph(fn) for name, fn in named.items()}
+                except Exception as exc:  # noqa: BLE001 - a tile that does not fit is reported
+                    out[f"{kind} {cfg} L={length}"] = type(exc).__name__
+                    continue
+                totals[cfg] = sum(per.values())
+                out[f"{kind} {cfg} L={length}"] = {k: round(v, 2) for k, v in per.items()}
+            flow_conv.TILES_SHORT = base_short
+            best = min(totals, key=totals.get)
+            chosen["row_conv"].setdefault(kind, []).append((band, best))
+            rows.append(dict(section="short op us", config=f"{kind} 2x{length}", ms=f"{totals[best]:.1f}",
+                             note=f"default {totals.get(SHORT_TILES[kind][0], float('nan')):.1f}; best {best}"))
+        att = {}
+        for tile in SHORT_ATTENTION:
+            flow_attention.ATTENTION_TILES = [(None, tile)]
+            att[tile] = 1e3 * bench_graph(lambda: flow_attention.flow_attention(qkv, 8, m))
+        flow_attention.ATTENTION_TILES = base_att
+        best = min(att, key=att.get)
+        chosen["attention"].append((band, best))
+        out[f"attention L={length}"] = {str(k): round(v, 2) for k, v in att.items()}
+        rows.append(dict(section="short op us", config=f"attention 2x{length}", ms=f"{att[best]:.1f}",
+                         note=f"default {att[SHORT_ATTENTION[0]]:.1f}; best {best}"))
+        h, st = row_conv(x, w["conv"], bc, conv_spec(3, 1, 1), mask_out=m, gn_groups=8)
+        gn = {}
+        for elems in SHORT_GN_ELEMENTS:
+            flow_fused.GN_ROWS_ELEMENTS = elems
+            gn[elems] = 1e3 * bench_graph(lambda: group_norm_mish_rows(h, st, gw, gb, 1e-5, mask=m, temb=temb))
+        flow_fused.GN_ROWS_ELEMENTS = base_gn
+        out[f"gn apply L={length}"] = {str(k): round(v, 2) for k, v in gn.items()}
+        best = min(gn, key=gn.get)
+        if length == 176:
+            chosen["gn"] = best
+        rows.append(dict(section="short op us", config=f"gn apply 2x{length}", ms=f"{gn[best]:.1f}",
+                         note=f"default {gn[8192]:.1f}; best {best}"))
+    # apply: row_conv bands, attention bands (then the long default), GroupNorm elements
+    flow_conv.TILES_SHORT = {k: v for k, v in chosen["row_conv"].items()}
+    flow_attention.ATTENTION_TILES = chosen["attention"] + [(512, (32, 64, 4)), (None, (64, 64, 4))]
+    flow_fused.GN_ROWS_ELEMENTS = chosen["gn"]
+    res["tune_short"] = dict(ops=out, chosen={k: str(v) for k, v in chosen.items()})
+    print("chosen short tiles:\n  TILES_SHORT =", flow_conv.TILES_SHORT, "\n  ATTENTION_TILES =",
+          flow_attention.ATTENTION_TILES, "\n  GN_ROWS_ELEMENTS =", flow_fused.GN_ROWS_ELEMENTS, flush=True)
+
+
 TILE_CANDIDATES = {
     "ln": [(32, 128, None, 4, 1), (64, 64, None, 4, 1)],
     "wide": [(32, 128, 64, 4, 3), (64, 64, 64, 4, 3)],
@@ -466,6 +585,86 @@ def time_stream(dec, device, res, rows, prompt, reps, seconds):
     rows.append(dict(section="stream", config=f"worst window, {seconds:g}s", ms=f"{out['worst_step_ms']:.2f}"))
 
 
+# (label, estimator attention, res_conv merged into conv1, PDL); the final code comes first and last
+# so its two runs show the spread between repeats of one version
+VARIANTS = [
+    ("final: stepvox attention + merged res_conv + PDL", "stepvox", True, True),
+    ("before: SDPA, res_conv apart, no PDL", "sdpa", False, False),
+    ("stepvox attention only", "stepvox", False, False),
+    ("stepvox attention + merged res_conv", "stepvox", True, False),
+    ("PDL only", "sdpa", False, True),
+    ("final (repeat)", "stepvox", True, True),
+]
+
+
+def _set_variant(dec, attention: str, merge: bool, pdl: bool) -> None:
+    from stepvox.engine.models import flow_estimator
+    from stepvox.kernels.pdl import set_pdl
+    flow_estimator.ATTENTION, flow_estimator.MERGE_RES_CONV = attention, merge
+    set_pdl(pdl)
+    dec.solver.reset()                      # graphs keep what they captured: capture again
+    dec.flow_prep.reset()
+    dec.hift_graphs.reset()
+
+
+def _solve_kernels(dec, device, z, mu, spks, cond, mask) -> tuple[int, list]:
+    """Device activities in one replay of the solve graph, and the top ones by time."""
+    from torch.profiler import ProfilerActivity, profile
+    dec.solver.solve_padded(z, mu, spks, cond, mask, padded=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.solver.solve_padded(z, mu, spks, cond, mask, padded=True)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    top = [dict(name=e.key[:80], calls=e.count, us=round(e.self_device_time_total, 1)) for e in events[:14]]
+    return int(sum(e.count for e in events)), top
+
+
+def time_variants(dec, device, res, rows, prompt, reps, only=None):
+    """First streamed chunk (35 tokens after a 3 s prompt), the first window's solve alone (its graph:
+    batch 1, 352 frames, padded), the pre-solve and HiFT of that chunk, and offline 10 s, for each
+    estimator variant, all in this process."""
+    from stepvox.engine.models.flow import FlowRequest
+    toks = tokens_for(10.0, seed=5)
+    toks10 = tokens_for(10.0)
+    out = {}
+    for label, attention, merge, pdl in ([only] if only else VARIANTS):
+        _set_variant(dec, attention, merge, pdl)
+        _run_stream(dec, device, prompt, toks, seed=0)                # captures this variant's graphs
+        firsts = [_run_stream(dec, device, prompt, toks, seed=r)[0] for r in range(reps)]
+        st = dec.open_stream(prompt, seed=0)
+        dec.push(st, toks[:35])
+        w = st.pending_window()
+        req = FlowRequest(**st.flow_inputs(w))
+        frames = dec.solver.bucket_length(req.total_frames)
+        graphs = dec.solver.graphs_on(device)
+        mu, spks, mask = dec.flow_prep.run([req], frames, graphs=graphs)
+        z = torch.randn(1, 80, frames, device=device, dtype=mu.dtype)
+        cond = torch.zeros_like(z)
+        solve_ms = timed(lambda: dec.solver.solve_padded(z, mu, spks, cond, mask, padded=True), device, 20)
+        prep_ms = timed(lambda: dec.flow_prep.run([req], frames, graphs=graphs), device, 20)
+        piece = dec.config.flow.mel_frames(w.end - 20)
+        hin = st.hift_inputs(torch.zeros(80, piece, device=device))
+        hift_ms = timed(lambda: dec._run_hift(hin["mel"][None], hin["start_phase"][None], hin["noise"][None]),
+                        device, 20)
+        kernels, top = _solve_kernels(dec, device, z, mu, spks, cond, mask) if device.type == "cuda" else (None, [])
+        if label in (VARIANTS[0][0], VARIANTS[1][0]) or only:
+            print(f"   top device activities of one first-window solve ({label}):")
+            for t in top:
+                print(f"     {t['us']:9.1f} us {t['calls']:5d}x  {t['name']}")
+        offline_ms = timed(lambda: dec.token2wav(toks10, prompt=prompt, seed=0), device, reps)
+        r = dict(first_chunk_ms=statistics.median(firsts), first_chunk_all=firsts, solve_ms=solve_ms,
+                 pre_solve_ms=prep_ms, hift_ms=hift_ms, kernels_per_solve=kernels, offline_10s_ms=offline_ms,
+                 frames=frames, top=top)
+        out[label] = r
+        rows.append(dict(section="variant", config=label, ms=f"{r['first_chunk_ms']:.2f}",
+                         note=f"solve {solve_ms:.2f} / pre {prep_ms:.2f} / hift {hift_ms:.2f} ms, "
+                              f"{kernels} kernels/solve, 10 s offline {offline_ms:.1f} ms"))
+    _set_variant(dec, "stepvox", True, True)
+    res.setdefault("variants", {}).update(out)
+
+
 def time_concurrent(dec, device, res, rows, prompt, n_streams, seconds):
     toks = [tokens_for(seconds, seed=10 + i) for i in range(n_streams)]
 
@@ -512,8 +711,8 @@ def main():
     ap.add_argument("--model-dir", default=None, help="a real CosyVoice folder instead of random weights")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--sections", default="check_kernels,check_model,offline,stream,concurrent",
-                    help="comma-separated sections (default all but ops: check_kernels, check_model, offline, "
-                         "stream, concurrent, ops)")
+                    help="comma-separated sections (default all but ops and variants: check_kernels, check_model, "
+                         "offline, stream, variants, concurrent, ops)")
     ap.add_argument("--tune", action="store_true", help="sweep row_conv tiles last (GPU; keeps the fastest)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -546,6 +745,15 @@ def main():
             section("offline", lambda: time_offline(dec, device, res, rows, prompt, reps, seconds))
         if "stream" in sections:
             section("stream", lambda: time_stream(dec, device, res, rows, prompt, max(3, reps // 4), seconds[-1]))
+        if "variants" in sections:
+            section("variants", lambda: time_variants(dec, device, res, rows, prompt, max(5, reps // 2)))
+        if "tune_short" in sections and device.type == "cuda":
+            section("variants (default tiles)", lambda: time_variants(dec, device, res, rows, prompt, max(5, reps // 2),
+                                                                      only=("final: default tiles", "stepvox", True,
+                                                                            True)))
+            section("tune_short", lambda: tune_short(device, res, rows))
+            section("variants (short tiles)", lambda: time_variants(dec, device, res, rows, prompt, max(5, reps // 2),
+                                                                    only=("final: short tiles", "stepvox", True, True)))
         if "concurrent" in sections:
             section("concurrent", lambda: time_concurrent(dec, device, res, rows, prompt, 8, seconds[0]))
         if "ops" in sections and device.type == "cuda":

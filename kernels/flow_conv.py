@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
+from .pdl import pdl_enabled
 
 
 @dataclass(frozen=True)
@@ -145,14 +147,17 @@ def row_conv_reference(x, weight, bias=None, spec: RowConvSpec = LINEAR, *, mask
 # ----------------------------------------------------------------------------- Triton
 @triton.jit
 def _row_conv_kernel(X, W, Bias, R, Y, MI, MO, P, LNW, LNB,
-                     L_in, L_out, J, K, N, S, PH,
+                     L_in, L_out, J, K, N, S, PH, GS,
                      sx_n, sx_l, sx_k, sw_p, sw_t, sw_k,
                      sr_n, sr_l, sr_c, sy_n, sy_l, sy_c, smi_n, smi_l, smo_n, smo_l,
                      in_step, dil, off, phase_off, out_step, ln_eps,
                      TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MI: tl.constexpr, HAS_LN: tl.constexpr,
                      GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_MO: tl.constexpr, MUL_MO: tl.constexpr,
                      STATS: tl.constexpr, CG: tl.constexpr, PRECISION: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:                      # kernels/pdl.py: wait for the kernels that wrote x / residual
+        gdc_wait()
+        gdc_launch_dependents()
     pid0 = tl.program_id(0)
     seq = (pid0 // PH).to(tl.int64)
     phase = pid0 % PH
@@ -218,7 +223,7 @@ def _row_conv_kernel(X, W, Bias, R, Y, MI, MO, P, LNW, LNB,
         mean_g = tl.sum(tl.sum(tl.reshape(yf, (BM, NG, CG)), axis=2), axis=0) / tl.maximum(cnt, 1.0)
         dev = (tl.reshape(out.to(tl.float32), (BM, NG, CG)) - mean_g[None, :, None]) * tl.reshape(w2, (BM, NG, CG))
         m2 = tl.sum(tl.sum(dev * dev, axis=2), axis=0)
-        G = N // CG
+        G = GS                                               # groups of the first GS * CG channels
         g = pid_n * NG + tl.arange(0, NG)
         g_ok = g < G
         base = P + ((seq * G + g) * S + tile) * 3
@@ -240,6 +245,16 @@ TILES_LONG = {
     "ln": (500, (64, 256, None, 8, 1)),
     "narrow": (800, (64, 128, 64, 4, 3)),
 }
+# TILES_SHORT[kind] = [(rows, tiles), ...] ascending: the first band with at most `rows` rows per
+# sequence replaces TILES. A first streamed window (2 x 176 / 352 rows) is latency-bound: narrower
+# column tiles and deeper K steps give more programs and fewer serial iterations. From
+# `bench/vocoder.py --sections tune_short` on an H200 (2026-12-04; us per op, default -> kept:
+# qkv+ff1 at 176 rows 10.9 -> 9.7, out+ff2 10.9 -> 7.7, conv3+conv1|res 14.7 -> 12.8).
+TILES_SHORT: dict[str, list] = {
+    "ln": [(256, (16, 128, None, 4, 1))],
+    "narrow": [(384, (64, 32, 128, 4, 3))],
+    "conv": [(384, (64, 32, 64, 4, 3))],
+}
 
 
 def tile_kind(n_out: int, ln: bool, taps: int) -> str:
@@ -250,6 +265,10 @@ def _tiles(n_out: int, ln: bool, k: int, rows: int, taps: int, elem_bytes: int):
     kind = tile_kind(n_out, ln, taps)
     long_rows, long_tiles = TILES_LONG.get(kind, (None, None))
     bm, bn, bk, warps, stages = long_tiles if long_rows is not None and rows >= long_rows else TILES[kind]
+    for max_rows, tiles in TILES_SHORT.get(kind, ()):
+        if rows <= max_rows:
+            bm, bn, bk, warps, stages = tiles
+            break
     if elem_bytes > 2:                  # float32 operands: half the tile width, fewer stages (shared memory)
         bn, stages = min(bn, 64), min(stages, 2)
     bk = max(16, triton.next_power_of_2(k)) if ln else bk
@@ -271,11 +290,14 @@ def _mask_rows(mask, n, length, what):
 
 def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
              spec: RowConvSpec = LINEAR, *, mask_in=None, ln=None, gelu: bool = False, residual=None,
-             mask_out=None, mul_mask_out: bool = False, gn_groups: int = 0, out: torch.Tensor | None = None):
+             mask_out=None, mul_mask_out: bool = False, gn_groups: int = 0, stats_channels: int | None = None,
+             out: torch.Tensor | None = None):
     """x: [N, L_in, K] (any strides); weight [phases, taps, K, Nout] (linear_weight / conv_weight /
     upsample_weight); bias [Nout]; mask_in [N, L_in] (or [N, 1, L_in]); ln = (weight, bias, eps);
     residual [N, L_out, Nout]; mask_out [N, L_out]: multiplies the output when mul_mask_out, and
-    selects the frames of the GroupNorm statistics; gn_groups > 0: also return GroupStats.
+    selects the frames of the GroupNorm statistics; gn_groups > 0: also return GroupStats of the
+    first `stats_channels` output channels (all by default; fewer when one product computes a
+    normalised output beside an unnormalised one, as ResnetBlock1D's conv1 and res_conv).
     out: optional [N, L_out, Nout] destination (any strides, e.g. a transposed channel-first view).
     Returns y (and GroupStats when gn_groups)."""
     n, l_in, k = x.shape
@@ -291,8 +313,10 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         raise ValueError(f"row_conv: out must be [{n}, {l_out}, {n_out}], got {list(out.shape)}")
     if ln is not None and (taps != 1 or k > 512):
         raise ValueError("row_conv: the LayerNorm prologue needs one tap and K <= 512")
-    if gn_groups and (n_out % gn_groups or phases != 1):
-        raise ValueError("row_conv: GroupNorm statistics need Nout divisible by the groups and one phase")
+    stats_channels = n_out if stats_channels is None else stats_channels
+    if gn_groups and (stats_channels % gn_groups or not 0 < stats_channels <= n_out or phases != 1):
+        raise ValueError("row_conv: GroupNorm statistics need stats_channels (<= Nout) divisible by the groups "
+                         "and one phase")
     if not use_triton(x):
         y = row_conv_reference(x, weight, bias, spec, mask_in=mask_in, ln=ln, gelu=gelu, residual=residual,
                                mask_out=mask_out, mul_mask_out=mul_mask_out, out=out)
@@ -301,7 +325,7 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if weight.stride(-1) != 1 or weight.dtype != x.dtype:
         raise ValueError("row_conv: weight must be contiguous along Nout and in x's dtype")
     j = spec.rows_per_phase(l_out)
-    cg = n_out // gn_groups if gn_groups else 1
+    cg = stats_channels // gn_groups if gn_groups else 1
     bm, bn, bk, warps, stages = _tiles(n_out, ln is not None, k, j, taps, x.element_size())
     if gn_groups:
         bn = max(bn, triton.next_power_of_2(cg))
@@ -315,9 +339,10 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     mo = mask_out if mask_out is not None else dummy
     lnw, lnb, eps = ln if ln is not None else (dummy, dummy, 0.0)
     grid = (n * phases, tiles, triton.cdiv(n_out, bn))
+    use_pdl = pdl_enabled(x)
     _row_conv_kernel[grid](
         x, weight, bias if bias is not None else dummy, r, y, mi, mo, partial, lnw, lnb,
-        l_in, l_out, j, k, n_out, tiles, phases,
+        l_in, l_out, j, k, n_out, tiles, phases, gn_groups,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), weight.stride(2),
         r.stride(0) if residual is not None else 0, r.stride(1) if residual is not None else 0,
         r.stride(2) if residual is not None else 0,
@@ -328,5 +353,6 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         TAPS=taps, HAS_BIAS=bias is not None, HAS_MI=mask_in is not None, HAS_LN=ln is not None,
         GELU=gelu, HAS_RES=residual is not None, HAS_MO=mask_out is not None, MUL_MO=mul_mask_out,
         STATS=gn_groups > 0, CG=cg, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        BM=bm, BN=bn, BK=bk, USE_PDL=use_pdl, num_warps=warps, num_stages=stages,
+        **({"launch_pdl": True} if use_pdl else {}))
     return (y, GroupStats(partial, tiles, gn_groups)) if gn_groups else y

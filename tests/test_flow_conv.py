@@ -72,10 +72,13 @@ SMALL_TILES = {"ln": (16, 16, None, 1, 1), "wide": (16, 16, 16, 1, 2), "narrow":
                "conv": (16, 16, 16, 1, 2)}
 
 
-@pytest.fixture(params=["default_tiles", "small_tiles", "long_tiles"])
+@pytest.fixture(params=["default_tiles", "mid_tiles", "small_tiles", "long_tiles"])
 def tiles(request, monkeypatch):
-    """small_tiles: many row / channel / K tiles with ragged edges on the test's small shapes;
-    long_tiles: the long-sequence tiles at any length."""
+    """default_tiles: what the test's short shapes get (TILES_SHORT); mid_tiles: TILES; small_tiles:
+    many row / channel / K tiles with ragged edges on the test's small shapes; long_tiles: the
+    long-sequence tiles at any length."""
+    if request.param != "default_tiles":
+        monkeypatch.setattr(flow_conv, "TILES_SHORT", {})
     if request.param == "small_tiles":
         monkeypatch.setattr(flow_conv, "TILES", SMALL_TILES)
         monkeypatch.setattr(flow_conv, "TILES_LONG", {})
@@ -84,8 +87,8 @@ def tiles(request, monkeypatch):
     return request.param
 
 
-DTYPE_TILES = [(torch.float32, "default_tiles"), (torch.float16, "default_tiles"), (torch.float32, "small_tiles"),
-               (torch.float32, "long_tiles")]
+DTYPE_TILES = [(torch.float32, "default_tiles"), (torch.float16, "default_tiles"), (torch.float32, "mid_tiles"),
+               (torch.float32, "small_tiles"), (torch.float32, "long_tiles")]
 
 
 @interp
@@ -172,3 +175,29 @@ def test_conv_statistics_feed_group_norm_mish_rows(dtype, extra, tiles):
     torch.testing.assert_close(got, expect, **tol)
     if m is not None and "residual" not in extra:
         assert not got[2, 7:].any()
+
+
+@interp
+@pytest.mark.parametrize("dtype,tiles", DTYPE_TILES, indirect=["tiles"])
+def test_statistics_of_the_leading_channels_only(dtype, tiles):
+    """ResnetBlock1D's conv1 and res_conv as one product: statistics cover only the first half of the
+    output channels, the apply reads that half as a strided view and adds the other half."""
+    g = torch.Generator().manual_seed(7)
+    n, k, c, length, groups = 2, 12, 32, 53, 8
+    x = torch.randn(n, length, k, generator=g).to(dtype)
+    w = conv_weight(torch.randn(2 * c, k, 3, generator=g) / 6).to(dtype)
+    b = torch.randn(2 * c, generator=g).to(dtype)
+    gw, gb = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    m = _masks(n, length, [40, 53]).to(dtype)
+    with use_backend("triton"):
+        both, stats = row_conv(x, w, b, conv_spec(3, 1, 1), mask_in=m, mask_out=m, gn_groups=groups,
+                               stats_channels=c)
+        got = group_norm_mish_rows(both[:, :, :c], stats, gw, gb, 1e-5, mask=m, residual=both[:, :, c:])
+    assert stats.partial.numel() == n * groups * stats.tiles * 3
+    ref_both = row_conv_reference(x, w, b, conv_spec(3, 1, 1), mask_in=m)
+    expect = group_norm_mish_reference(ref_both[:, :, :c].transpose(1, 2), gw, gb, groups, 1e-5, m[:, None],
+                                       None, ref_both[:, :, c:].transpose(1, 2)).transpose(1, 2)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+    torch.testing.assert_close(got, expect, **tol)
+    with pytest.raises(ValueError, match="stats_channels"):
+        row_conv(x, w, b, conv_spec(3, 1, 1), gn_groups=groups, stats_channels=c + 4)

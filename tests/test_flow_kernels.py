@@ -122,3 +122,51 @@ def test_euler_schedule_rounds_like_the_official_loop():
 
 def test_bucket_length():
     assert [bucket_length(n, 32) for n in (1, 32, 33, 861)] == [32, 32, 64, 864]
+
+
+def _attention_f64(qkv, heads, key_mask):
+    """softmax(q k^T / sqrt(D)) v per head in float64, padded keys left out (written from the
+    formula, independent of the kernel's reference)."""
+    n, length, width = qkv.shape
+    d = width // (3 * heads)
+    x = qkv.double().view(n, length, 3, heads, d)
+    out = torch.empty(n, length, heads * d, dtype=torch.float64)
+    for b in range(n):
+        keep = torch.ones(length, dtype=torch.bool) if key_mask is None else key_mask[b] != 0
+        for h in range(heads):
+            q, k, v = x[b, :, 0, h], x[b, keep, 1, h], x[b, keep, 2, h]
+            out[b, :, h * d:(h + 1) * d] = torch.softmax(q @ k.T / d ** 0.5, -1) @ v
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,head_dim,length,masked", [(2, 8, 37, True), (3, 16, 90, False), (2, 64, 70, True)])
+def test_flow_attention_matches_formula(dtype, heads, head_dim, length, masked):
+    from stepvox.kernels.flow_attention import flow_attention, flow_attention_reference
+    g = torch.Generator().manual_seed(4)
+    n = 2
+    qkv = (torch.randn(n, length, 3 * heads * head_dim, generator=g) * 1.5).to(dtype)
+    key_mask = None
+    if masked:
+        key_mask = torch.ones(n, length, dtype=dtype)
+        key_mask[1, length - 23:] = 0
+        qkv[1, length - 23:] = 1e4 * torch.rand(23, qkv.shape[2], generator=g).to(dtype)   # never attended to
+    expect = _attention_f64(qkv, heads, key_mask)
+    out = torch.full((n, length, heads * head_dim), float("nan"), dtype=dtype)
+    with use_backend("triton"):
+        flow_attention(qkv, heads, key_mask, out=out)
+    assert not torch.isnan(out).any()
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(out.double(), expect, atol=tol, rtol=tol)
+    # the reference (SDPA on views) computes the same function
+    torch.testing.assert_close(flow_attention_reference(qkv.float(), heads, key_mask).double(), expect,
+                               atol=1e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+
+
+def test_flow_attention_rejects_bad_shapes():
+    from stepvox.kernels.flow_attention import flow_attention
+    qkv = torch.randn(2, 10, 3 * 2 * 8)
+    with pytest.raises(ValueError, match="width"):
+        flow_attention(qkv, 5)
+    with pytest.raises(ValueError, match="key_mask"):
+        flow_attention(qkv, 2, torch.ones(2, 9))

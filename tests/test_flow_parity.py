@@ -146,11 +146,15 @@ def test_estimator_padding_is_invisible(length, fused):
 
 
 @pytest.mark.skipif(not INTERPRETER_ACTIVE, reason="needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("fused", [True, "elementwise", "rows+library_ff"])
+@pytest.mark.parametrize("fused", [True, "elementwise", "rows+library_ff", "rows+sdpa+separate_res"])
 @pytest.mark.parametrize("padded", [True, False])
 def test_fused_estimator_matches_unfused_under_interpreter(fused, padded, monkeypatch):
     if fused == "rows+library_ff":           # the long-sequence variant of the feed-forward input
         monkeypatch.setattr(flow_estimator, "FF_IN_UNFUSED_ROWS", 0)
+        fused = True
+    if fused == "rows+sdpa+separate_res":    # the comparison variants bench/vocoder.py times
+        monkeypatch.setattr(flow_estimator, "ATTENTION", "sdpa")
+        monkeypatch.setattr(flow_estimator, "MERGE_RES_CONV", False)
         fused = True
     est = _micro_estimator()
     x = torch.randn(2, 32, 20)

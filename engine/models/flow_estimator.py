@@ -18,14 +18,17 @@ Differences from the official module, none of which change the result on valid f
   input frame mask, the LayerNorm before it (transformer norm1 / norm3), the bias, GELU, the
   residual add, the stage's output mask and the GroupNorm statistics of what follows; GroupNorm +
   Mish + mask + time embedding / residual is one more kernel (flow_fused.group_norm_mish_rows).
-  No layout transposes, no separate norms or elementwise passes: 5 kernels per ResnetBlock1D and
-  per transformer block (q/k/v, attention, out-projection, feed-forward in, feed-forward out); on
+  No layout transposes, no separate norms or elementwise passes: 4 kernels per ResnetBlock1D (its
+  1x1 res_conv rides along block1's conv) and 5 per transformer block (q/k/v, attention,
+  out-projection, feed-forward in, feed-forward out); on
   long sequences (FF_IN_UNFUSED_ROWS) the feed-forward input runs as LayerNorm, cuBLAS, GELU.
 - `fused="elementwise"` keeps PyTorch's convolutions and linears and fuses only the elementwise
   chains (flow_fused.group_norm_mish, add_layer_norm; q/k/v in one matmul): the earlier fast path,
   kept for comparisons.
-- In padded mode attention takes an additive float key mask built once per solve
-  (`attention_biases`), not a boolean one SDPA would convert in every call.
+- Attention in the fused path is kernels/flow_attention.py: one launch that reads q/k/v from the
+  fused projection's rows and takes the frame mask as its key mask. The other paths (and
+  ATTENTION = "sdpa") use SDPA; in padded mode with an additive float key mask built once per
+  solve (`attention_biases`), not a boolean one SDPA would convert in every call.
 Parameter names match the released flow.pt (`decoder.estimator.*`).
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels.flow_attention import flow_attention
 from ...kernels.flow_conv import (LINEAR, UPSAMPLE_K4S2P1, conv_spec, conv_weight, linear_weight, row_conv,
                                    upsample_weight)
 from ...kernels.flow_fused import add_layer_norm, group_norm_mish, group_norm_mish_reference, group_norm_mish_rows
@@ -312,7 +316,7 @@ class ConditionalDecoder(nn.Module):
         n, _, length = inp.shape
         projections = iter(time_proj)
         levels = len(self.down_blocks)
-        if padded and attn_bias is None:
+        if padded and attn_bias is None and ATTENTION == "sdpa":
             attn_bias = self.attention_biases(mask, levels)
         row_masks = [mask[:, 0, :]]
         for _ in range(levels - 1):
@@ -321,7 +325,7 @@ class ConditionalDecoder(nn.Module):
         def stage(resnet, blocks, x, level):
             m = row_masks[level] if padded else None
             x = _resnet_rows(resnet, x, m, next(projections))
-            return _transformer_rows(blocks, x, m, attn_bias[level] if padded else None)
+            return _transformer_rows(blocks, x, m, attn_bias[level] if attn_bias is not None else None)
 
         hiddens = []
         x = inp.transpose(1, 2)                                   # [N, L, 4*80] view, no copy
@@ -352,6 +356,13 @@ class ConditionalDecoder(nn.Module):
 
 
 _CONV3 = conv_spec(3, 1, 1)
+# Attention of the channels-last path: "stepvox" (kernels/flow_attention.py, one launch reading the
+# fused q/k/v rows) or "sdpa" (torch's scaled_dot_product_attention on q/k/v views; kept for
+# comparison in bench/vocoder.py). Graphs captured under one setting keep it (FlowSolver.reset).
+ATTENTION = "stepvox"
+# ResnetBlock1D's res_conv computed inside block1's conv launch (True) or as its own (False; kept for
+# comparison in bench/vocoder.py).
+MERGE_RES_CONV = True
 # From this many frames per sequence the feed-forward input (LayerNorm, Linear 256 -> 1024, GELU) runs
 # as three library ops: the fused kernel recomputes the LayerNorm in every output-column tile and
 # evaluates erf at low occupancy, which loses to cuBLAS + two light kernels on long sequences (H100:
@@ -390,8 +401,39 @@ def _upsample_rows(conv: nn.ConvTranspose1d, x, m):
     return row_conv(x, _prepared(conv, upsample_weight), conv.bias, UPSAMPLE_K4S2P1, mask_in=m)
 
 
+def _conv1_and_res(r: "ResnetBlock1D") -> tuple[torch.Tensor, torch.Tensor]:
+    """block1's k3 conv and the 1x1 res_conv as one k3 product (res_conv on the centre tap, zeros on
+    the others; both read x * m): [1, 3, Cin, 2 * Cout] weight and bias, cached on the module."""
+    c1, rc = r.block1.block[0], r.res_conv
+    w = c1.weight
+    cache = getattr(r, "_rows_weight", None)
+    if cache is None or cache[0] != (w.device, w.dtype, "conv1+res"):
+        res = torch.zeros_like(w)
+        res[:, :, 1] = rc.weight[:, :, 0]
+        cache = ((w.device, w.dtype, "conv1+res"),
+                 (conv_weight(torch.cat([w, res]).detach()), torch.cat([c1.bias, rc.bias]).detach()))
+        r._rows_weight = cache
+    return cache[1]
+
+
 def _resnet_rows(r: "ResnetBlock1D", x, m, temb):
-    """ResnetBlock1D on rows: x [N, L, Cin] (any strides; frames with m = 0 are ignored)."""
+    """ResnetBlock1D on rows: x [N, L, Cin] (any strides; frames with m = 0 are ignored). Four
+    kernels: conv1 with res_conv beside it (GroupNorm statistics of the conv1 half), GroupNorm+Mish
+    (+ time embedding), conv2, GroupNorm+Mish + the res_conv half."""
+    n1 = r.block1.block[1]
+    c2, n2 = r.block2.block[0], r.block2.block[1]
+    cout = c2.weight.shape[0]
+    if not MERGE_RES_CONV:
+        return _resnet_rows_separate(r, x, m, temb)
+    w1, b1 = _conv1_and_res(r)
+    both, st = row_conv(x, w1, b1, _CONV3, mask_in=m, mask_out=m, gn_groups=GN_GROUPS, stats_channels=cout)
+    h = group_norm_mish_rows(both[:, :, :cout], st, n1.weight, n1.bias, n1.eps, mask=m, temb=temb)
+    h, st = row_conv(h, _prepared(c2, conv_weight), c2.bias, _CONV3, mask_out=m, gn_groups=GN_GROUPS)
+    return group_norm_mish_rows(h, st, n2.weight, n2.bias, n2.eps, mask=m, residual=both[:, :, cout:])
+
+
+def _resnet_rows_separate(r: "ResnetBlock1D", x, m, temb):
+    """The five-kernel form (res_conv as its own product), for comparisons."""
     c1, n1 = r.block1.block[0], r.block1.block[1]
     c2, n2 = r.block2.block[0], r.block2.block[1]
     h, st = row_conv(x, _prepared(c1, conv_weight), c1.bias, _CONV3, mask_in=m, mask_out=m, gn_groups=GN_GROUPS)
@@ -403,15 +445,19 @@ def _resnet_rows(r: "ResnetBlock1D", x, m, temb):
 
 def _transformer_rows(blocks, x, m, bias):
     """BasicTransformerBlocks on the residual stream x [N, L, C]; the last block's output is
-    multiplied by m (every consumer of a stage output masks it)."""
+    multiplied by m (every consumer of a stage output masks it). Attention takes its key mask from
+    m (flow_attention) or, with ATTENTION = "sdpa", from the additive `bias`."""
     n, length, _ = x.shape
     for i, blk in enumerate(blocks):
         at = blk.attn1
         n1, n3 = blk.norm1, blk.norm3
         qkv = row_conv(x, _qkv_rows(at), None, LINEAR, ln=(n1.weight, n1.bias, n1.eps))
-        q, k, v = qkv.view(n, length, 3, at.heads, at.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        a = o.transpose(1, 2).reshape(n, length, at.heads * at.dim_head)
+        if ATTENTION == "sdpa":
+            q, k, v = qkv.view(n, length, 3, at.heads, at.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            a = o.transpose(1, 2).reshape(n, length, at.heads * at.dim_head)
+        else:
+            a = flow_attention(qkv, at.heads, m)
         out = at.to_out[0]
         x = row_conv(a, _prepared(out, linear_weight), out.bias, LINEAR, residual=x)
         p1, p2 = blk.ff.net[0].proj, blk.ff.net[2]
