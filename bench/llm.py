@@ -70,13 +70,22 @@ def prompt_ids(n: int, seed: int) -> list[int]:
     return [1] + torch.randint(5, 60000, (n - 1,), generator=g).tolist()
 
 
-def decode_ms_per_token(llm, new_tokens: int = 256) -> float:
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+TTS_SAMPLING = dict(temperature=0.7, top_k=50, repetition_aware=True)   # the official TTS path (SPEC §7.4)
+
+
+def decode_ms_per_token(llm, new_tokens: int = 256, sampling: dict | None = None, seed: int = 0,
+                        outputs: list | None = None) -> float:
+    """Median over 3 prompts of ms per generated token after the first (batch 1); greedy, or
+    seeded sampling with `sampling`. The token ids go to `outputs` when given."""
+    params = SamplingParams(**(sampling or dict(temperature=0)), seed=seed, max_tokens=new_tokens,
+                            ignore_eos=True)
     times = []
     for rep in range(3):
         out = llm.generate([prompt_ids(32, rep)], params)[0]
         m = out.metrics
         times.append((m.finished_time - m.first_token_time) * 1e3 / (new_tokens - 1))
+        if outputs is not None:
+            outputs.append(out.outputs[0].token_ids)
     return statistics.median(times)
 
 
@@ -135,12 +144,52 @@ def throughput(llm, batch: int, prompt_len: int = 400, new_tokens: int = 256) ->
     return dict(seconds=dt, generated_tok_s=gen / dt, total_tok_s=(gen + batch * prompt_len) / dt)
 
 
+def _first_difference(a: list, b: list) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def check_async(folder: str) -> dict:
+    """Async scheduling against plain stepping inside one engine (the same graphs and weights):
+    greedy and seeded TTS-style sampling, 3 prompts x 128 tokens, each mode twice; then again with
+    every GEMV unsplit (split-K sums with float atomics, so its results may differ run to run)."""
+    from stepvox.kernels import gemv
+    out = {}
+    for label in ("default GEMV", "unsplit GEMV"):
+        if label == "unsplit GEMV":
+            base = gemv.gemv_config
+            gemv.gemv_config = lambda n, k, sm_count=132: {**base(n, k, sm_count), "SPLIT_K": 1}
+        llm = LLM(folder, max_num_batched_tokens=4096, max_num_seqs=8, cuda_graph_max_batch=8,
+                  gpu_memory_utilization=0.5, enable_prefix_caching=False)   # every run computes alike
+        runs = []
+        for mode in ("sync", "async", "sync", "async"):
+            llm.engine.async_scheduling = mode == "async"
+            toks = []
+            for sampling in (dict(temperature=0), TTS_SAMPLING):
+                params = SamplingParams(**sampling, seed=7, max_tokens=128, ignore_eos=True)
+                toks.append([o.outputs[0].token_ids for o in llm.generate([prompt_ids(32, r) for r in range(3)],
+                                                                           params)])
+            runs.append((mode, toks))
+        out[label] = dict(sync_repeat_equal=runs[0][1] == runs[2][1], async_repeat_equal=runs[1][1] == runs[3][1],
+                          async_equals_sync=runs[0][1] == runs[1][1],
+                          first_greedy_difference=_first_difference(runs[0][1][0][0], runs[1][1][0][0]))
+        print(label, out[label], flush=True)
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        if label == "unsplit GEMV":
+            gemv.gemv_config = base
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-only", action="store_true",
-                    help="batch-1 decode only: CUDA graphs with and without PDL, eager")
+                    help="batch-1 decode only: CUDA graphs with and without async scheduling and PDL, eager")
+    ap.add_argument("--check-async", action="store_true",
+                    help="only: async scheduling vs plain stepping, same engine, token equality")
     args = ap.parse_args()
     shape = dict(TTS_3B)
     if args.layers:
@@ -151,10 +200,16 @@ def main():
     write_checkpoint(folder, shape)
     results["write_checkpoint_s"] = time.perf_counter() - t0
     print(f"checkpoint written in {results['write_checkpoint_s']:.1f} s", flush=True)
+    if args.check_async:
+        results["check_async"] = check_async(folder)
+        write_json("llm_check_async.json", results)
+        return
     rows = []
     runs = [("graphs", {}), ("eager", {"enforce_eager": True}), ("tp1-worker-path", {"distributed_executor": "mp"})]
     if args.decode_only:
-        runs = [("graphs", {}), ("graphs-no-pdl", {}), ("eager", {"enforce_eager": True})]
+        runs = [("graphs", {}), ("graphs-sync", {"async_scheduling": False}), ("graphs-no-pdl", {}),
+                ("eager", {"enforce_eager": True})]
+    tokens: dict[str, list] = {}
     for tag, opts in runs:
         graphs = tag == "graphs" and not args.decode_only
         pdl_before = set_pdl(tag != "graphs-no-pdl")
@@ -168,8 +223,13 @@ def main():
                                 graph_capture_s=getattr(runner, "graph_capture_seconds", 0.0),
                                 kv_pages=runner.num_pages)
         print(f"{tag}: init {load:.1f} s (weights {runner.load_seconds:.1f} s)", flush=True)
-        r["decode_b1_ms"] = guarded(results, f"{tag} decode", lambda: decode_ms_per_token(llm))
+        greedy, sampled = tokens.setdefault(f"{tag} greedy", []), tokens.setdefault(f"{tag} sampled", [])
+        r["decode_b1_ms"] = guarded(results, f"{tag} decode", lambda: decode_ms_per_token(llm, outputs=greedy))
         print(f"{tag}: decode b1 {r['decode_b1_ms']} ms/token", flush=True)
+        if tag in ("graphs", "graphs-sync"):
+            r["decode_b1_tts_sampling_ms"] = guarded(results, f"{tag} sampled decode", lambda: decode_ms_per_token(
+                llm, sampling=TTS_SAMPLING, seed=7, outputs=sampled))
+            print(f"{tag}: decode b1, TTS sampling {r['decode_b1_tts_sampling_ms']} ms/token", flush=True)
         if not opts.get("enforce_eager") and tag != "tp1-worker-path":
             r["graph_replay_b1_ms"] = guarded(results, f"{tag} replay", lambda: graph_replay_ms(llm))
             r["graph_launch_b1_us"] = guarded(results, f"{tag} launch", lambda: graph_launch_us(llm))
@@ -187,15 +247,22 @@ def main():
         del llm, runner
         gc.collect()
         torch.cuda.empty_cache()
+    if "graphs-sync" in results:         # async scheduling must not change a token
+        results["async_equals_sync"] = dict(
+            greedy=tokens["graphs greedy"] == tokens["graphs-sync greedy"],
+            sampled=tokens["graphs sampled"] == tokens["graphs-sync sampled"] and bool(tokens["graphs sampled"]))
+        print("async scheduling gives the same tokens:", results["async_equals_sync"], flush=True)
     g, e, w = results["graphs"], results.get("eager", {}), results.get("tp1-worker-path", {})
 
     def f(v, fmt="{:.2f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
     if args.decode_only:
-        rows = [dict(metric=f"{tag}: decode b1 ms/token | replay ms | launch call us",
-                     value=" | ".join(f(results[tag].get(k)) for k in ("decode_b1_ms", "graph_replay_b1_ms",
-                                                                       "graph_launch_b1_us")))
+        rows = [dict(metric=f"{tag}: decode b1 ms/token | TTS sampling ms/token | replay ms | launch call us",
+                     value=" | ".join(f(results[tag].get(k)) for k in ("decode_b1_ms", "decode_b1_tts_sampling_ms",
+                                                                       "graph_replay_b1_ms", "graph_launch_b1_us")))
                 for tag, _ in runs if tag in results]
+        rows.append(dict(metric="async scheduling: same greedy / sampled tokens as without",
+                         value=str(results.get("async_equals_sync"))))
         results["table"] = rows
         write_json("llm_decode.json", results)
         print(f"\ndevice: {results['device']}")

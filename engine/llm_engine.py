@@ -1,6 +1,15 @@
-"""The synchronous engine: requests in, one scheduled step at a time, outputs out."""
+"""The synchronous engine: requests in, one scheduled step at a time, outputs out.
+
+Async scheduling (EngineConfig.async_scheduling, one rank): when the step after this one is known
+to be a decode of the same sequences (nobody waits, nobody is preempted), it is launched right after
+this step's sampling is queued, fed with the sampled ids on the device, before the host reads them.
+The GPU then runs step n+1 while the host does step n's bookkeeping (stop checks, detokenisation,
+outputs). A sequence that stops at step n (an end token, an abort) wastes its row of step n+1;
+the row is dropped, the KV it wrote lies past the sequence's end in a page it owned.
+"""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -11,13 +20,50 @@ from .config import EngineConfig, Step1Config, resolve_dtype
 from .errors import ConfigError, InvalidRequestError, KVCacheExhaustedError, PromptTooLongError
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampler import Sampler
+from .sampler import Sampler, to_device
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .tokenizer import Step1Tokenizer
 
 log = logging.getLogger("stepvox")
+
+
+@dataclasses.dataclass
+class LaunchedStep:
+    """A step queued on the device whose tokens the host has not read yet."""
+    sched: SchedulerOutput
+    logits: torch.Tensor
+    sampling: list[ScheduledChunk]           # the chunks that sample, in logits row order
+    greedy: torch.Tensor | None              # their argmax when the step computed it
+
+
+class TokenReadback:
+    """Sampled ids from the device to the host, waiting only for the work queued before the copy
+    (a step launched after it keeps the GPU busy meanwhile)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffer = None
+
+    def start(self, tokens: torch.Tensor):
+        if not self.cuda:
+            return tokens
+        n = tokens.numel()
+        if self.buffer is None or self.buffer.numel() < n:
+            self.buffer = torch.empty(max(n, 256), dtype=torch.long, pin_memory=True)
+        # one buffer is enough: a step's ids are read (wait) before the next step's copy is queued
+        self.buffer[:n].copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return self.buffer[:n], done
+
+    def wait(self, handle) -> list[int]:
+        if not self.cuda:
+            return handle.tolist()
+        host, done = handle
+        done.synchronize()
+        return host.tolist()
 
 
 class LLMEngine:
@@ -45,7 +91,10 @@ class LLMEngine:
         self.sampler = Sampler(executor.sampling_device, self.cfg.eos_token_id, self.ecfg.seed)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "preemptions": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "preemptions": 0, "steps_ahead": 0}
+        self.async_scheduling = self.ecfg.async_scheduling and getattr(executor, "supports_async_scheduling", False)
+        self._readback = TokenReadback(executor.sampling_device)
+        self._pending: LaunchedStep | None = None      # the step launched ahead, not read yet
 
     # ---------------------------------------------------------------- requests
     def make_sequence(self, prompt, params: SamplingParams | None, request_id: str | None = None) -> Sequence:
@@ -98,22 +147,35 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- stepping
     def step(self, stream: bool = True) -> list[RequestOutput]:
-        """Schedule and run one step; report every request that got a token (stream=True) or
-        only those that finished (stream=False, which skips detokenising unfinished ones)."""
-        sched = self.scheduler.schedule()
-        self.stats["preemptions"] += len(sched.preempted)
-        if sched.is_empty:
-            return self._fail_unschedulable()
-        logits, sampling, greedy_ids = self.executor.execute(sched)
+        """Schedule and run one step (or finish the one launched ahead); report every request that
+        got a token (stream=True) or only those that finished (stream=False, which skips
+        detokenising unfinished ones)."""
+        launched, self._pending = self._pending, None
+        if launched is not None and all(c.seq.is_finished for c in launched.sampling):
+            launched = None                       # every row of the step run ahead was dropped
+        if launched is None:
+            sched = self.scheduler.schedule()
+            self.stats["preemptions"] += len(sched.preempted)
+            if sched.is_empty:
+                return self._fail_unschedulable()
+            launched = self._launch(sched)
+        sampling, logits, greedy_ids = self._live_rows(launched)
+        seqs = [c.seq for c in sampling]
+        tokens = []
+        if seqs:
+            device_tokens = self.sampler.sample(logits, seqs, greedy_ids)
+            handle = self._readback.start(device_tokens)
+            self._pending = self._launch_ahead(sampling, device_tokens)
+            tokens = self._readback.wait(handle)
         self.stats["steps"] += 1
-        for c in sched.chunks:
+        for c in launched.sched.chunks:
+            if c.seq.is_finished:                 # aborted while its step ran ahead
+                continue
             c.seq.num_computed += c.length
             if c.length == 1:
                 self.stats["decode_tokens"] += 1
             else:
                 self.stats["prefill_tokens"] += c.length
-        seqs = [c.seq for c in sampling]
-        tokens = self.sampler(logits, seqs, greedy_ids) if seqs else []
         now = time.monotonic()
         reported = []
         for seq, token in zip(seqs, tokens):
@@ -122,7 +184,7 @@ class LLMEngine:
                 seq.first_token_time = now
             self._check_stop(seq, token)
             reported.append(seq)
-        for c in sched.chunks:
+        for c in launched.sched.chunks:
             if not c.seq.is_finished:
                 self.block_manager.register_computed(c.seq)
         outputs = [self._output(seq) for seq in reported if stream or seq.is_finished]
@@ -130,6 +192,41 @@ class LLMEngine:
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
         return outputs
+
+    def _launch(self, sched: SchedulerOutput, input_tokens: torch.Tensor | None = None) -> LaunchedStep:
+        if input_tokens is None:
+            logits, sampling, greedy_ids = self.executor.execute(sched)
+        else:
+            logits, sampling, greedy_ids = self.executor.execute(sched, input_tokens=input_tokens)
+        return LaunchedStep(sched, logits, sampling, greedy_ids)
+
+    def _live_rows(self, launched: LaunchedStep):
+        """The sampling chunks (and their logits / argmax rows) of sequences still running: one
+        aborted, or stopped by the step before, while this step ran ahead, samples nothing."""
+        sampling = launched.sampling
+        live = [i for i, c in enumerate(sampling) if not c.seq.is_finished]
+        if len(live) == len(sampling):
+            return sampling, launched.logits, launched.greedy
+        index = to_device(live, torch.long, launched.logits.device)
+        greedy = launched.greedy[index] if launched.greedy is not None else None
+        return [sampling[i] for i in live], launched.logits[index], greedy
+
+    def _launch_ahead(self, sampling: list[ScheduledChunk], device_tokens: torch.Tensor) -> LaunchedStep | None:
+        """Queue the next decode step now, fed with this step's samples on the device, when it is
+        certain to be wanted: each sampling sequence continues unless its token turns out to be a
+        stop (then its row is dropped); one that reaches max_tokens or the context end now stops."""
+        if not self.async_scheduling:
+            return None
+        for c in sampling:
+            seq, p = c.seq, c.seq.params
+            if (p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens) \
+                    or seq.num_tokens + 1 >= self.max_model_len:
+                return None
+        sched = self.scheduler.schedule_ahead(sampling)
+        if sched is None:
+            return None
+        self.stats["steps_ahead"] += 1
+        return self._launch(sched, input_tokens=device_tokens)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

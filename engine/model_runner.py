@@ -200,14 +200,20 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- execution
     @torch.inference_mode()
-    def execute(self, plans: list[ChunkPlan]):
-        """Run the step. Returns (float32 logits [N, V], the indices into `plans` of the N chunks
-        that sample, in row order, their argmax ids [N] when the step computed them, else None)."""
+    def execute(self, plans: list[ChunkPlan], input_tokens: torch.Tensor | None = None):
+        """Run the step. Returns (logits [N, V], the indices into `plans` of the N chunks that sample,
+        in row order, their argmax ids [N] when the step computed them, else None). Nothing waits for
+        the device. input_tokens: the plans' token ids as a device tensor [len(plans)] (every plan a
+        decode planned ahead; the ids in the plans are placeholders)."""
+        if input_tokens is not None and not all(c.length == 1 for c in plans):
+            raise ValueError("input_tokens feeds decode steps only")
         if self.use_graphs and all(c.length == 1 for c in plans):
             size = self._graph_size(len(plans))
             if size is not None:
-                return self._replay(plans, size)
+                return self._replay(plans, size, input_tokens)
         input_ids, meta, order, rows = self.prepare(plans)
+        if input_tokens is not None:
+            input_ids = input_tokens.to(device=input_ids.device, dtype=input_ids.dtype)   # decodes keep plan order
         hidden = self.model(input_ids, meta)
         sampling = [i for i in order if plans[i].samples]
         if not rows:
@@ -241,8 +247,12 @@ class ModelRunner:
         sizes = self._graph_sizes()
         biggest = sizes[-1]
         dev = self.device
-        self.host_io = torch.zeros(3, biggest, dtype=torch.long, pin_memory=True)
-        self.host_tables = torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, pin_memory=True)
+        # two sets of pinned staging buffers, used by turns: with a step launched ahead, a step's
+        # inputs are staged while the previous step's copies may still be queued on the device
+        self.host_io = [torch.zeros(3, biggest, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self.host_tables = [torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, pin_memory=True)
+                            for _ in range(2)]
+        self._turn = 0
         self.io = torch.zeros(3, biggest, dtype=torch.long, device=dev)
         self.io[1].fill_(-1)
         self.tables = torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, device=dev)
@@ -268,10 +278,12 @@ class ModelRunner:
         self.graph_capture_seconds = time.perf_counter() - t0
         log.info("captured %d decode graphs in %.1f s", len(sizes), self.graph_capture_seconds)
 
-    def _replay(self, plans: list[ChunkPlan], size: int):
+    def _replay(self, plans: list[ChunkPlan], size: int, input_tokens: torch.Tensor | None = None):
         n, ps = len(plans), self.page_size
-        io = self.host_io.numpy()
-        tables = self.host_tables.numpy()
+        host_io, host_tables = self.host_io[self._turn], self.host_tables[self._turn]
+        self._turn ^= 1
+        io = host_io.numpy()
+        tables = host_tables.numpy()
         width = 1
         for i, c in enumerate(plans):
             table = c.block_table
@@ -283,12 +295,16 @@ class ModelRunner:
         io[0, n:size] = 0
         io[1, n:size] = -1
         io[2, n:size] = 0
-        self.io[:, :size].copy_(self.host_io[:, :size], non_blocking=True)
-        self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+        self.io[:, :size].copy_(host_io[:, :size], non_blocking=True)
+        if input_tokens is not None:
+            self.io[0, :n].copy_(input_tokens)            # the previous step's samples, never on the host
+        self.tables[:n, :width].copy_(host_tables[:n, :width], non_blocking=True)
         graph, logits, greedy = self.graphs[size]
         graph.replay()
-        # the pinned buffers are refilled next step only after this step's results were read
-        # (the sampler synchronises), so the asynchronous copies above never race the host
+        # A staging set is refilled two launches later. The engine reads a step's tokens before it
+        # launches the step after next, and that step's copies ran before its graph, so the host
+        # never overwrites a buffer that a queued copy still reads. The outputs are static buffers:
+        # the next replay overwrites them, so the caller consumes them (on the stream) before that.
         rows = [i for i, c in enumerate(plans) if c.samples]
         if len(rows) == n:
             return logits[:n], rows, greedy[:n]

@@ -25,6 +25,15 @@ def repetition_banned_token(token_ids: list[int]) -> int | None:
     return last if window.count(last) >= 2 else None
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without waiting for the GPU: a plain host-to-device copy
+    synchronises the stream, which would stall a step launched ahead (engine/llm_engine.py)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _call_processor(fn, seq: Sequence, row: torch.Tensor) -> torch.Tensor:
     params = len(inspect.signature(fn).parameters)
     if params == 3:
@@ -61,7 +70,8 @@ class Sampler:
                     rows.append(i)
                     cols.append(banned)
         if rows:
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+            dev = logits.device
+            logits[to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)] = float("-inf")
         for i, seq in enumerate(seqs):
             for fn in seq.params.logits_processors:
                 logits[i] = _call_processor(fn, seq, logits[i])
@@ -82,14 +92,21 @@ class Sampler:
         """logits [N, V] (one row per sequence that samples this step; any float dtype, sampled in
         float32) -> N token ids. greedy_ids: the rows' argmax if the step already computed it
         (CUDA-graph decode steps)."""
+        return self.sample(logits, seqs, greedy_ids).tolist()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """As __call__, but the ids stay on the device ([N] integers; may be `greedy_ids` itself):
+        nothing here waits for the GPU. The processors see each sequence's tokens as they stand."""
         if greedy_ids is not None and self._plain_greedy(seqs):
-            return greedy_ids.tolist()
+            return greedy_ids
         logits = self.apply_processors(logits.float(), seqs)
         if all(s.params.greedy for s in seqs):
-            return logits.argmax(-1).tolist()
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-        temps = torch.tensor([s.params.temperature if not s.params.greedy else 1.0 for s in seqs],
-                             device=logits.device, dtype=torch.float32)
+            return logits.argmax(-1)
+        dev = logits.device
+        greedy = to_device([s.params.greedy for s in seqs], torch.bool, dev)
+        temps = to_device([s.params.temperature if not s.params.greedy else 1.0 for s in seqs], torch.float32, dev)
         greedy_ids = logits.argmax(-1)
         scaled = logits / temps[:, None]
         top_ks = [s.params.top_k if s.params.top_k > 0 else 0 for s in seqs]
@@ -97,25 +114,28 @@ class Sampler:
             scaled = self._top_k(scaled, top_ks)
         top_ps = [s.params.top_p for s in seqs]
         if any(p < 1.0 for p in top_ps):
-            scaled = self._top_p(scaled, torch.tensor(top_ps, device=logits.device, dtype=torch.float32))
+            scaled = self._top_p(scaled, to_device(top_ps, torch.float32, dev))
         probs = scaled.softmax(-1)
         noise = torch.empty_like(probs)
         shared = [i for i, s in enumerate(seqs) if s.params.seed is None]
-        if shared:
-            noise[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator)
+        if len(shared) == len(seqs):
+            noise.exponential_(generator=self.generator)
+        elif shared:
+            noise[to_device(shared, torch.long, dev)] = torch.empty(
+                len(shared), probs.shape[1], device=dev).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):
             gen = self._request_generator(seq)
             if gen is not None:
                 noise[i].exponential_(generator=gen)
         sampled = (probs / noise).argmax(-1)
-        return torch.where(greedy, greedy_ids, sampled).tolist()
+        return torch.where(greedy, greedy_ids, sampled)
 
     @staticmethod
     def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
         vocab = logits.shape[1]
-        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
-        kth = logits.topk(int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
+        ks_host = [k if 0 < k < vocab else vocab for k in top_ks]
+        ks = to_device(ks_host, torch.long, logits.device)
+        kth = logits.topk(max(ks_host), dim=-1).values.gather(1, (ks - 1)[:, None])
         return logits.masked_fill(logits < kth, float("-inf"))
 
     @staticmethod

@@ -34,15 +34,17 @@ class ScheduledChunk:
     seq: Sequence
     start: int          # first position computed this step (= tokens already in the cache)
     length: int         # tokens computed this step
+    ahead: bool = False  # a decode planned before its input token was known (schedule_ahead)
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's end, so the step yields its next token."""
-        return self.start + self.length == self.seq.num_tokens
+        return self.ahead or self.start + self.length == self.seq.num_tokens
 
     def plan(self) -> ChunkPlan:
-        return ChunkPlan(self.seq.token_ids[self.start:self.start + self.length], self.start,
-                         self.seq.block_table, self.samples)
+        # a chunk planned ahead takes its token from the device (the previous step's sample)
+        tokens = [0] if self.ahead else self.seq.token_ids[self.start:self.start + self.length]
+        return ChunkPlan(tokens, self.start, self.seq.block_table, self.samples)
 
 
 @dataclasses.dataclass
@@ -122,6 +124,25 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, start, length))
             budget -= length
         return SchedulerOutput(chunks, preempted)
+
+    def schedule_ahead(self, sampled: list[ScheduledChunk]) -> SchedulerOutput | None:
+        """The decode step that follows a step whose chunks `sampled` each yield a token, planned
+        before those tokens are known (the engine feeds them on the device). Only when that step is
+        what schedule() would give next: nobody waits to be admitted, every running sequence samples
+        now, and each gets the page its next position needs without preempting anybody. Returns
+        None otherwise (pages taken for the sequences before a failure stay with them: the next
+        step needs them anyway)."""
+        if self.waiting or len(sampled) != len(self.running) or not sampled:
+            return None
+        if {id(c.seq) for c in sampled} != {id(s) for s in self.running}:
+            return None
+        chunks = []
+        for c in sampled:
+            start = c.start + c.length
+            if not self.bm.grow(c.seq, start + 1):
+                return None
+            chunks.append(ScheduledChunk(c.seq, start, 1, ahead=True))
+        return SchedulerOutput(chunks, [])
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished and release pages at once (also for aborts)."""

@@ -5,9 +5,11 @@ bound by streaming W. Each program owns BLOCK_N output rows of W and walks a ran
 chunks, keeping the few input rows (padded to 16 for the tensor-core dot) beside them.
 
 Split K: a layer of 3072 output rows gives only ~100 programs of 32 rows, fewer than the 132 SMs of
-an H100, so those shapes also cut K into SPLIT_K ranges. Each program adds its float32 partial
-into a shared workspace with atomics; the last program of a row block (an atomic counter tells)
-writes the sum in the output dtype and zeroes the workspace and counter for the next product.
+an H100, so those shapes also cut K into SPLIT_K ranges. Each program stores its float32 partial
+in its own slot of a workspace; the last program of a row block (an atomic counter tells) adds
+the slots in K order, writes the sum in the output dtype and resets the counter for the next
+product. The fixed order keeps the result bit-identical run to run (float atomics summing the
+partials in arrival order did not: greedy decoding then drifted between identical runs).
 Nothing is launched beside the kernel, so it stays one node in a CUDA graph.
 
 With PDL (kernels/pdl.py) each program requests its first weight tile before it waits for the
@@ -27,7 +29,7 @@ from .backend import num_sms, use_triton
 from .pdl import pdl_enabled
 
 MAX_M = 16
-WORKSPACE_ELEMENTS = 16 * 65536       # float32 partial sums: M * N must fit to split K
+WORKSPACE_ELEMENTS = 16 * 65536       # float32 partial sums: SPLIT_K * M * N must fit to split K
 MAX_ROW_BLOCKS = 8192                 # counters, one per BLOCK_N rows
 
 
@@ -75,14 +77,15 @@ def _gemv_kernel(X, W, Out, Work, Counters, M, N, K, stride_xm, stride_wn, strid
     omask = mmask[:, None] & rmask[None, :]
     out_ptrs = Out + ms[:, None] * stride_om + rows[None, :]
     if SPLIT:
-        work = Work + ms[:, None] * N + rows[None, :]
-        tl.atomic_add(work, acc, mask=omask, sem="relaxed", scope="gpu")
+        slot = Work + ms[:, None] * N + rows[None, :]          # slot s of Work: [s * M * N, (s + 1) * M * N)
+        tl.store(slot + tl.program_id(1) * M * N, acc, mask=omask)
         tl.debug_barrier()
         done = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
         if done == tl.num_programs(1) - 1:
-            total = tl.load(work, mask=omask, other=0.0, cache_modifier=".cg")
+            total = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+            for s in range(tl.num_programs(1)):
+                total += tl.load(slot + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, total.to(Out.dtype.element_ty), mask=omask)
-            tl.store(work, tl.zeros([M_PAD, BLOCK_N], tl.float32), mask=omask)
             tl.atomic_xchg(Counters + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=omask)
@@ -92,8 +95,9 @@ _WORK: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed float32 partial sums and counters, allocated once per device (CUDA graphs keep their
-    addresses, so they are never reallocated); every split product leaves them zero again."""
+    """Float32 partial-sum slots and zeroed counters, allocated once per device (CUDA graphs keep
+    their addresses, so they are never reallocated); every split product leaves the counters zero
+    and writes each slot it reads first."""
     buf = _WORK.get(device)
     if buf is None:
         buf = (torch.zeros(WORKSPACE_ELEMENTS, dtype=torch.float32, device=device),
@@ -135,11 +139,11 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | No
     block_n, block_k = cfg.pop("BLOCK_N"), cfg["BLOCK_K"]
     blocks = triton.cdiv(n, block_n)
     split = cfg.pop("SPLIT_K", 1)
-    if m * n > WORKSPACE_ELEMENTS or blocks > MAX_ROW_BLOCKS:
-        split = 1
     # each K range is a whole number of tiles, and none is empty
     k_range = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_range)
+    if split * m * n > WORKSPACE_ELEMENTS or blocks > MAX_ROW_BLOCKS:
+        split, k_range = 1, k
     work, counters = _workspace(x.device) if split > 1 else (out, out)
     use_pdl = pdl_enabled(x)
     extra = {"launch_pdl": True} if use_pdl else {}

@@ -87,8 +87,9 @@ def test_silu_and_mul_matches_definition(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m,n,k,split", [(1, 70, 96, 1), (3, 48, 200, 3), (16, 33, 256, 4), (5, 64, 64, 8)])
 def test_linear_small_m_matches_matmul_with_k_split(dtype, m, n, k, split):
-    """Ragged N and K, several K ranges merged through the atomic workspace; a second product on the
-    same workspace must not see the first one's partial sums."""
+    """Ragged N and K, several K ranges merged through the workspace slots; a second product on the
+    same workspace must not see the first one's partial sums; the same product twice is identical
+    (the slots are summed in K order)."""
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     cfg = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=split, num_warps=4, num_stages=1)
     for rep in range(2):
@@ -99,8 +100,9 @@ def test_linear_small_m_matches_matmul_with_k_split(dtype, m, n, k, split):
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         assert out.dtype == dtype and out.shape == (m, n)
         assert torch.allclose(out.double(), ref, rtol=tol, atol=tol), f"rep {rep}"
+        assert torch.equal(linear_small_m(x, w, config=cfg), out)
     work, counters = _workspace(x.device)
-    assert not work.any() and not counters.any()      # left zero for the next split product
+    assert not counters.any()                          # left zero for the next split product
 
 
 def test_linear_small_m_rejects_mismatched_weight():

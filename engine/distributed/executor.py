@@ -165,7 +165,12 @@ class TensorParallelExecutor:
             raise WorkerFailedError(failure)
 
     # ---------------------------------------------------------------- steps
-    def execute(self, sched: SchedulerOutput):
+    # the workers would need the previous step's samples too (not broadcast yet): no steps ahead
+    supports_async_scheduling = False
+
+    def execute(self, sched: SchedulerOutput, input_tokens: torch.Tensor | None = None):
+        if input_tokens is not None:
+            raise ValueError("the tensor-parallel executor takes token ids from the plan only")
         self._check_workers()
         plans = [c.plan() for c in sched.chunks]
         try:
