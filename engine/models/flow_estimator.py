@@ -420,11 +420,11 @@ def _resnet_rows(r: "ResnetBlock1D", x, m, temb):
     """ResnetBlock1D on rows: x [N, L, Cin] (any strides; frames with m = 0 are ignored). Four
     kernels: conv1 with res_conv beside it (GroupNorm statistics of the conv1 half), GroupNorm+Mish
     (+ time embedding), conv2, GroupNorm+Mish + the res_conv half."""
+    if not MERGE_RES_CONV:
+        return _resnet_rows_separate(r, x, m, temb)
     n1 = r.block1.block[1]
     c2, n2 = r.block2.block[0], r.block2.block[1]
     cout = c2.weight.shape[0]
-    if not MERGE_RES_CONV:
-        return _resnet_rows_separate(r, x, m, temb)
     w1, b1 = _conv1_and_res(r)
     both, st = row_conv(x, w1, b1, _CONV3, mask_in=m, mask_out=m, gn_groups=GN_GROUPS, stats_channels=cout)
     h = group_norm_mish_rows(both[:, :, :cout], st, n1.weight, n1.bias, n1.eps, mask=m, temb=temb)
