@@ -194,11 +194,7 @@ class LLMEngine:
         return outputs
 
     def _launch(self, sched: SchedulerOutput, input_tokens: torch.Tensor | None = None) -> LaunchedStep:
-        if input_tokens is None:
-            logits, sampling, greedy_ids = self.executor.execute(sched)
-        else:
-            logits, sampling, greedy_ids = self.executor.execute(sched, input_tokens=input_tokens)
-        return LaunchedStep(sched, logits, sampling, greedy_ids)
+        return LaunchedStep(sched, *self.executor.execute(sched, input_tokens=input_tokens))
 
     def _live_rows(self, launched: LaunchedStep):
         """The sampling chunks (and their logits / argmax rows) of sequences still running: one

@@ -8,7 +8,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
-from .pdl import pdl_enabled
+from .pdl import pdl_launch_options
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(n), 1024)
     grid = (x2.shape[0], triton.cdiv(n, block))
-    use_pdl = pdl_enabled(x2)
-    _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, USE_PDL=use_pdl, num_warps=4,
-                               **({"launch_pdl": True} if use_pdl else {}))
+    _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
+                               **pdl_launch_options(x2))
     return out.view(*x.shape[:-1], n)

@@ -20,7 +20,7 @@ from .alibi import sqrt_alibi_bias
 from .attention_common import LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, softmax_update
 from .backend import num_sms, use_triton
 from .kv_cache import check_cache_pair, gather_pages, write_kv_reference
-from .pdl import pdl_enabled
+from .pdl import pdl_launch_options
 
 
 def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale):
@@ -262,13 +262,12 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         new_args = (q, q, seq_lens, 0, 0)
     kn, vn, ns, stride_nb, stride_nh = new_args
-    use_pdl = pdl_enabled(q)
     _decode_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, slopes, out, o_part, lse_part, locks, kn, vn, ns,
         scale * LOG2E_HOST, num_splits, max(1, int(min_keys_per_split)),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), stride_nb, stride_nh,
         GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=dim, BLOCK_N=block_n, PAGE=page,
-        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype), USE_PDL=use_pdl,
-        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if use_pdl else {}))
+        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch_options(q))
     return out

@@ -22,7 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .attention_common import LOG2E_HOST, dot_precision, softmax_update
 from .backend import use_triton
-from .pdl import pdl_enabled
+from .pdl import pdl_launch_options
 
 
 def flow_attention_reference(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,13 +117,12 @@ def flow_attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None 
         raise ValueError("flow_attention: out must be contiguous along channels")
     km = key_mask if key_mask is not None else qkv
     block_m, block_n, warps = attention_tile(length)
-    use_pdl = pdl_enabled(qkv)
     grid = (triton.cdiv(length, block_m), n * heads)
     _flow_attention_kernel[grid](
         qkv, km, out, length, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         km.stride(0) if key_mask is not None else 0, km.stride(1) if key_mask is not None else 0,
         LOG2E_HOST / math.sqrt(d), H=heads, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(qkv.dtype), USE_PDL=use_pdl, num_warps=warps, num_stages=2,
-        **({"launch_pdl": True} if use_pdl else {}))
+        DOT_PRECISION=dot_precision(qkv.dtype), num_warps=warps, num_stages=2,
+        **pdl_launch_options(qkv))
     return out

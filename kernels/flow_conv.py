@@ -34,7 +34,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
-from .pdl import pdl_enabled
+from .pdl import pdl_launch_options
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,6 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     mo = mask_out if mask_out is not None else dummy
     lnw, lnb, eps = ln if ln is not None else (dummy, dummy, 0.0)
     grid = (n * phases, tiles, triton.cdiv(n_out, bn))
-    use_pdl = pdl_enabled(x)
     _row_conv_kernel[grid](
         x, weight, bias if bias is not None else dummy, r, y, mi, mo, partial, lnw, lnb,
         l_in, l_out, j, k, n_out, tiles, phases, gn_groups,
@@ -353,6 +352,5 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         TAPS=taps, HAS_BIAS=bias is not None, HAS_MI=mask_in is not None, HAS_LN=ln is not None,
         GELU=gelu, HAS_RES=residual is not None, HAS_MO=mask_out is not None, MUL_MO=mul_mask_out,
         STATS=gn_groups > 0, CG=cg, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BM=bm, BN=bn, BK=bk, USE_PDL=use_pdl, num_warps=warps, num_stages=stages,
-        **({"launch_pdl": True} if use_pdl else {}))
+        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, **pdl_launch_options(x))
     return (y, GroupStats(partial, tiles, gn_groups)) if gn_groups else y

@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
-from .pdl import pdl_enabled
+from .pdl import pdl_launch_options
 
 
 # ----------------------------------------------------------------------------- GroupNorm + Mish
@@ -318,7 +318,6 @@ def group_norm_mish_rows(x: torch.Tensor, stats, weight: torch.Tensor, bias: tor
     m = mask if mask is not None else x
     block_c = triton.next_power_of_2(c)
     block_l = max(1, min(triton.next_power_of_2(length), GN_ROWS_ELEMENTS // block_c))
-    use_pdl = pdl_enabled(x)
     _gn_rows_apply_kernel[(n, triton.cdiv(length, block_l))](
         x, stats.partial, weight, bias, t, r, m, out, length, c, stats.tiles, eps,
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1), t_stride,
@@ -326,5 +325,5 @@ def group_norm_mish_rows(x: torch.Tensor, stats, weight: torch.Tensor, bias: tor
         G=groups, CG=c // groups, HAS_MASK=mask is not None, HAS_TEMB=temb is not None,
         HAS_RES=residual is not None, BLOCK_G=triton.next_power_of_2(groups),
         BLOCK_S=max(triton.next_power_of_2(stats.tiles), 2), BLOCK_C=block_c, BLOCK_L=block_l,
-        USE_PDL=use_pdl, num_warps=4, **({"launch_pdl": True} if use_pdl else {}))
+        num_warps=4, **pdl_launch_options(x))
     return out

@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
-from .pdl import pdl_enabled
+from .pdl import pdl_launch_options
 
 
 def cfg_euler_step_reference(v, x, mask, dt: float, cfg_rate: float, out=None, next_input=None):
@@ -96,11 +96,10 @@ def cfg_euler_step(v: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dt: flo
     ni = next_input if next_input is not None else out
     block = min(triton.next_power_of_2(length), 1024)
     grid = (bsz * c, triton.cdiv(length, block))
-    use_pdl = pdl_enabled(x)
     _cfg_euler_kernel[grid](v, x, mask, out, ni, c, length, bsz,
                             v.stride(0), v.stride(1), x.stride(0), x.stride(1), mask.stride(0),
                             out.stride(0), out.stride(1), ni.stride(0), ni.stride(1),
                             float(dt), float(1.0 + cfg_rate), float(cfg_rate),
-                            HAS_NEXT=next_input is not None, BLOCK=block, USE_PDL=use_pdl, num_warps=4,
-                            **({"launch_pdl": True} if use_pdl else {}))
+                            HAS_NEXT=next_input is not None, BLOCK=block, num_warps=4,
+                            **pdl_launch_options(x))
     return out

@@ -26,7 +26,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import num_sms, use_triton
-from .pdl import pdl_enabled
+from .pdl import pdl_launch_options
 
 MAX_M = 16
 WORKSPACE_ELEMENTS = 16 * 65536       # float32 partial sums: SPLIT_K * M * N must fit to split K
@@ -145,9 +145,8 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | No
     if split * m * n > WORKSPACE_ELEMENTS or blocks > MAX_ROW_BLOCKS:
         split, k_range = 1, k
     work, counters = _workspace(x.device) if split > 1 else (out, out)
-    use_pdl = pdl_enabled(x)
-    extra = {"launch_pdl": True} if use_pdl else {}
     _gemv_kernel[(blocks, split)](
         x, weight, out, work, counters, m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_range,
-        BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0, USE_PDL=use_pdl, **cfg, **extra)
+        BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0, **cfg,
+        **pdl_launch_options(x))
     return out

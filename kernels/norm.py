@@ -13,7 +13,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .backend import use_triton
-from .pdl import pdl_enabled
+from .pdl import pdl_launch_options
 
 
 def rms_norm_reference(x, weight, eps, residual=None):
@@ -59,11 +59,10 @@ def _rms_norm_triton(x, weight, eps, residual):
         r2 = residual.view(-1, n)  # updated in place: must be a view of the caller's tensor
     block = triton.next_power_of_2(n)
     num_warps = min(max(block // 256, 1), 16)
-    use_pdl = pdl_enabled(x2)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=use_pdl, num_warps=num_warps,
-        **({"launch_pdl": True} if use_pdl else {}))
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+        **pdl_launch_options(x2))
     out = out.view(x.shape)
     return out if residual is None else (out, residual)
 

@@ -33,6 +33,12 @@ def pdl_enabled(t: torch.Tensor) -> bool:
     return capable
 
 
+def pdl_launch_options(t: torch.Tensor) -> dict:
+    """Keyword arguments for launching a kernel that takes a `USE_PDL` constexpr (and waits in
+    `gdc_wait` when it is set): the constexpr, plus Triton's `launch_pdl` when PDL is on."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(t) else {"USE_PDL": False}
+
+
 def set_pdl(enabled: bool) -> bool:
     """Switch PDL on or off for later launches (benchmarks compare both); returns the old value."""
     global _ENABLED

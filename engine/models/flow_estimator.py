@@ -252,6 +252,13 @@ class ConditionalDecoder(nn.Module):
         temb = self.time_mlp(sinusoidal_time_embedding(t, self.cfg.in_channels))
         return [r.mlp[1](F.mish(temb)) for r in self.resnets()]
 
+    def key_biases(self, mask: torch.Tensor, fused: bool | str) -> list[torch.Tensor] | None:
+        """attention_biases for a padded forward of path `fused`, or None when that path attends
+        without them (the channels-last path's flow_attention takes the frame mask itself)."""
+        if not fused or (fused is True and ATTENTION != "sdpa"):
+            return None
+        return self.attention_biases(mask, len(self.down_blocks))
+
     @staticmethod
     def attention_biases(mask: torch.Tensor, levels: int) -> list[torch.Tensor]:
         """Additive key masks [N, 1, 1, L_k] (0 valid, -inf padded) for the `levels` resolutions of
@@ -316,8 +323,8 @@ class ConditionalDecoder(nn.Module):
         n, _, length = inp.shape
         projections = iter(time_proj)
         levels = len(self.down_blocks)
-        if padded and attn_bias is None and ATTENTION == "sdpa":
-            attn_bias = self.attention_biases(mask, levels)
+        if padded and attn_bias is None:
+            attn_bias = self.key_biases(mask, True)
         row_masks = [mask[:, 0, :]]
         for _ in range(levels - 1):
             row_masks.append(row_masks[-1][:, ::2])
@@ -370,23 +377,22 @@ MERGE_RES_CONV = True
 FF_IN_UNFUSED_ROWS = 800
 
 
-def _prepared(module: nn.Module, prepare) -> torch.Tensor:
-    """The module's weight in row_conv layout, cached on the module (FlowSolver.reset drops it)."""
-    w = module.weight
+def _cached_on(module: nn.Module, weight: torch.Tensor, tag: str, build):
+    """build() cached on `module` for the weight's device and dtype (FlowSolver.reset drops it)."""
+    key = (weight.device, weight.dtype, tag)
     cache = getattr(module, "_rows_weight", None)
-    if cache is None or cache[0] != (w.device, w.dtype, prepare.__name__):
-        cache = ((w.device, w.dtype, prepare.__name__), prepare(w.detach()))
-        module._rows_weight = cache
+    if cache is None or cache[0] != key:
+        cache = module._rows_weight = (key, build())
     return cache[1]
+
+
+def _prepared(module: nn.Module, prepare) -> torch.Tensor:
+    """The module's weight in row_conv layout."""
+    return _cached_on(module, module.weight, prepare.__name__, lambda: prepare(module.weight.detach()))
 
 
 def _qkv_rows(attn: "Attention") -> torch.Tensor:
-    w = attn.to_q.weight
-    cache = getattr(attn, "_rows_weight", None)
-    if cache is None or cache[0] != (w.device, w.dtype, "qkv"):
-        cache = ((w.device, w.dtype, "qkv"), linear_weight(attn.fused_qkv_weight()))
-        attn._rows_weight = cache
-    return cache[1]
+    return _cached_on(attn, attn.to_q.weight, "qkv", lambda: linear_weight(attn.fused_qkv_weight()))
 
 
 def _conv_rows(conv: nn.Conv1d, x, m):
@@ -405,15 +411,12 @@ def _conv1_and_res(r: "ResnetBlock1D") -> tuple[torch.Tensor, torch.Tensor]:
     """block1's k3 conv and the 1x1 res_conv as one k3 product (res_conv on the centre tap, zeros on
     the others; both read x * m): [1, 3, Cin, 2 * Cout] weight and bias, cached on the module."""
     c1, rc = r.block1.block[0], r.res_conv
-    w = c1.weight
-    cache = getattr(r, "_rows_weight", None)
-    if cache is None or cache[0] != (w.device, w.dtype, "conv1+res"):
-        res = torch.zeros_like(w)
+
+    def build():
+        res = torch.zeros_like(c1.weight)
         res[:, :, 1] = rc.weight[:, :, 0]
-        cache = ((w.device, w.dtype, "conv1+res"),
-                 (conv_weight(torch.cat([w, res]).detach()), torch.cat([c1.bias, rc.bias]).detach()))
-        r._rows_weight = cache
-    return cache[1]
+        return conv_weight(torch.cat([c1.weight, res]).detach()), torch.cat([c1.bias, rc.bias]).detach()
+    return _cached_on(r, c1.weight, "conv1+res", build)
 
 
 def _resnet_rows(r: "ResnetBlock1D", x, m, temb):

@@ -18,7 +18,6 @@ import torch
 from ...kernels.flow_ode import cfg_euler_step, cfg_euler_step_reference
 from ..cosyvoice_config import CFMConfig
 from ..cuda_graphs import capture_graph
-from . import flow_estimator
 from .flow_estimator import ConditionalDecoder
 
 
@@ -90,9 +89,7 @@ class FlowSolver:
         inp[:b, :c] = z
         inp[b:, :c] = z
         mask2 = torch.cat([mask, mask])
-        # additive key masks once per solve, for the paths that attend through SDPA
-        bias = (self.estimator.attention_biases(mask2, len(self.estimator.down_blocks))
-                if padded and fused and (fused is not True or flow_estimator.ATTENTION == "sdpa") else None)
+        bias = self.estimator.key_biases(mask2, fused) if padded else None   # once per solve, not per step
         x = z
         steps = self._step_constants(z.device, z.dtype)
         for k, (proj, dt, dt_tensor) in enumerate(steps):
