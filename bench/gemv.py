@@ -16,7 +16,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import bench_graph, device_name, guarded, print_table, write_json  # noqa: E402
 
-from stepvox.kernels.gemv import gemv_config, linear_small_m  # noqa: E402
+from stepvox.kernels.gemv import (gemv_config, linear_small_m, linear_small_m_add_,  # noqa: E402
+                                  rms_linear_small_m)
 from stepvox.kernels.pdl import set_pdl  # noqa: E402
 
 SHAPES = {"qkv": (3584, 3072), "o_proj": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192),
@@ -33,6 +34,19 @@ CHAIN_VARIANTS = {
     "down split4": {"down": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3)},
     "down nosplit st5": {"down": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=5)},
     "gate_up bk128 st4": {"gate_up": dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=4)},
+    "down split8": {"down": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=8, num_warps=4, num_stages=3)},
+    "down split8 st2": {"down": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=8, num_warps=4, num_stages=2)},
+    "down split8 st4": {"down": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=8, num_warps=4, num_stages=4)},
+    "down split16 st2": {"down": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=16, num_warps=4, num_stages=2)},
+    "down bn16 split4": {"down": dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3)},
+    "down bn16 split8": {"down": dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=8, num_warps=4, num_stages=3)},
+    "down bn64 split8": {"down": dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=8, num_warps=4, num_stages=3)},
+    "down bk512 split8": {"down": dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=8, num_warps=8, num_stages=2)},
+    "small split2": {"small": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=2, num_warps=4, num_stages=3)},
+    "small bn16 st3": {"small": dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3)},
+    "small bk512 st3": {"small": dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=8, num_stages=3)},
+    "small bn16 bk512": {"small": dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=3)},
+    "defaults (repeat)": {},
 }
 
 
@@ -67,12 +81,52 @@ def layer_chain(layers: int = 32, variants=("defaults",)) -> list[dict]:
     return rows
 
 
+def check_fused(eps: float = 1e-5) -> list[dict]:
+    """The fused decode-step products in bf16 on the layer shapes against float64 formulas:
+    normalised qkv, normalised gate|up with SiLU-and-mul, o_proj / down (split K) added to the residual."""
+    rows = []
+    hid, inter, n_q = 3072, 8192, 3584
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for m in (1, 8, 16):
+        res = torch.randn(m, hid, device="cuda", generator=gen).bfloat16()
+        norm_w = (1 + 0.1 * torch.randn(hid, device="cuda", generator=gen)).bfloat16()
+        normed = res.double() * torch.rsqrt(res.double().pow(2).mean(-1, keepdim=True) + eps) * norm_w.double()
+        sumsq = res.float().pow(2).sum(1)[None, :]
+        for name, n, silu in (("qkv", n_q, False), ("gate_up", 2 * inter, True)):
+            w = (torch.randn(n, hid, device="cuda", generator=gen) / hid ** 0.5).bfloat16()
+            got = rms_linear_small_m(res, (w.float() * norm_w.float()).bfloat16(), sumsq, eps, silu_and_mul=silu)
+            want = normed @ w.double().T
+            if silu:
+                gate, up = want.chunk(2, dim=-1)
+                want = F.silu(gate) * up
+            err = ((got.double() - want).norm() / want.norm()).item()
+            rows.append(dict(op=f"rms {name}", m=m, rel_err=err, ok=err < 1e-2))
+        for name, n, k in (("o_proj", hid, hid), ("down", hid, inter)):
+            x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+            w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).bfloat16()
+            r = res.clone()
+            sq = linear_small_m_add_(x, w, r)
+            want = res.double() + x.double() @ w.double().T
+            err = ((r.double() - want).norm() / want.norm()).item()
+            sq_err = ((sq.sum(0).double() - r.double().pow(2).sum(1)).abs().max() / r.double().pow(2).sum(1).max()).item()
+            rows.append(dict(op=f"add {name}", m=m, rel_err=err, ok=err < 1e-2 and sq_err < 1e-5))
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
 def main():
     import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--chain-only", action="store_true", help="only the whole-step chain, all variants")
+    ap.add_argument("--check-fused", action="store_true", help="only the fused products' bf16 check")
     args = ap.parse_args()
     results = {"device": device_name(), "rows": []}
+    if args.check_fused:
+        results["check_fused"] = check_fused()
+        write_json("gemv_check_fused.json", results)
+        print("fused products:", "all ok" if all(r["ok"] for r in results["check_fused"]) else "FAILED")
+        return
     if args.chain_only:
         results["chain"] = layer_chain(variants=tuple(CHAIN_VARIANTS))
         write_json("gemv_chain.json", results)

@@ -27,6 +27,7 @@ from _util import device_name, guarded, print_table, write_json  # noqa: E402
 from stepvox import LLM, SamplingParams  # noqa: E402
 from stepvox.engine.checkpoint import INDEX_FILE, expected_shapes  # noqa: E402
 from stepvox.engine.config import Step1Config  # noqa: E402
+from stepvox.engine.models import step1  # noqa: E402
 from stepvox.engine.random_checkpoint import TTS_3B, build_tokenizer_model, config_dict  # noqa: E402
 from stepvox.kernels.pdl import set_pdl  # noqa: E402
 
@@ -182,6 +183,38 @@ def check_async(folder: str) -> dict:
     return out
 
 
+CONFIG_VARIANTS = {     # GEMV tiles for the fused step's products: (n, k) shape test -> overrides
+    "defaults": (lambda n, k: False, {}),
+    "qkv/o st5 (before)": (lambda n, k: n <= 8192 and k < 8192, dict(num_stages=5)),
+    "gate_up st2": (lambda n, k: 8192 < n < 32768, dict(num_stages=2)),
+    "down st2": (lambda n, k: k >= 8192, dict(num_stages=2)),
+    "down split4 st4": (lambda n, k: k >= 8192, dict(SPLIT_K=4, num_stages=4)),
+    "lm_head st6": (lambda n, k: n >= 32768, dict(num_stages=6)),
+    "defaults again": (lambda n, k: False, {}),
+}
+
+
+def config_sweep(folder: str) -> list[dict]:
+    """Batch-1 decode (CUDA graphs, async, fused step) per GEMV configuration variant, each on a
+    fresh engine (graphs keep the configuration they were captured with)."""
+    from stepvox.kernels import gemv
+    base = gemv.gemv_config
+    rows = []
+    for tag, (applies, over) in CONFIG_VARIANTS.items():
+        gemv.gemv_config = lambda n, k, sm_count=132, applies=applies, over=over: (
+            {**base(n, k, sm_count), **over} if applies(n, k) else base(n, k, sm_count))
+        llm = LLM(folder, max_num_seqs=8, cuda_graph_max_batch=8, gpu_memory_utilization=0.5)
+        rows.append(dict(variant=tag, decode_b1_ms=decode_ms_per_token(llm, new_tokens=128),
+                         replay_ms=graph_replay_ms(llm)))
+        print(rows[-1], flush=True)
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    gemv.gemv_config = base
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
@@ -190,6 +223,8 @@ def main():
                     help="batch-1 decode only: CUDA graphs with and without async scheduling and PDL, eager")
     ap.add_argument("--check-async", action="store_true",
                     help="only: async scheduling vs plain stepping, same engine, token equality")
+    ap.add_argument("--config-sweep", action="store_true",
+                    help="only: batch-1 decode for GEMV configuration variants (CONFIG_VARIANTS)")
     args = ap.parse_args()
     shape = dict(TTS_3B)
     if args.layers:
@@ -200,6 +235,10 @@ def main():
     write_checkpoint(folder, shape)
     results["write_checkpoint_s"] = time.perf_counter() - t0
     print(f"checkpoint written in {results['write_checkpoint_s']:.1f} s", flush=True)
+    if args.config_sweep:
+        results["config_sweep"] = config_sweep(folder)
+        write_json("llm_config_sweep.json", results)
+        return
     if args.check_async:
         results["check_async"] = check_async(folder)
         write_json("llm_check_async.json", results)
@@ -207,12 +246,13 @@ def main():
     rows = []
     runs = [("graphs", {}), ("eager", {"enforce_eager": True}), ("tp1-worker-path", {"distributed_executor": "mp"})]
     if args.decode_only:
-        runs = [("graphs", {}), ("graphs-sync", {"async_scheduling": False}), ("graphs-no-pdl", {}),
-                ("eager", {"enforce_eager": True})]
+        runs = [("graphs", {}), ("graphs-sync", {"async_scheduling": False}), ("graphs-unfused", {}),
+                ("graphs-no-pdl", {}), ("eager", {"enforce_eager": True})]
     tokens: dict[str, list] = {}
     for tag, opts in runs:
         graphs = tag == "graphs" and not args.decode_only
         pdl_before = set_pdl(tag != "graphs-no-pdl")
+        step1.FUSED_DECODE = tag != "graphs-unfused"
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         llm = LLM(folder, max_num_batched_tokens=4096, max_num_seqs=64, cuda_graph_max_batch=64,
@@ -226,7 +266,7 @@ def main():
         greedy, sampled = tokens.setdefault(f"{tag} greedy", []), tokens.setdefault(f"{tag} sampled", [])
         r["decode_b1_ms"] = guarded(results, f"{tag} decode", lambda: decode_ms_per_token(llm, outputs=greedy))
         print(f"{tag}: decode b1 {r['decode_b1_ms']} ms/token", flush=True)
-        if tag in ("graphs", "graphs-sync"):
+        if tag in ("graphs", "graphs-sync", "graphs-unfused"):
             r["decode_b1_tts_sampling_ms"] = guarded(results, f"{tag} sampled decode", lambda: decode_ms_per_token(
                 llm, sampling=TTS_SAMPLING, seed=7, outputs=sampled))
             print(f"{tag}: decode b1, TTS sampling {r['decode_b1_tts_sampling_ms']} ms/token", flush=True)
@@ -243,6 +283,7 @@ def main():
                 r[f"batch{b}"] = guarded(results, f"batch {b}", lambda b=b: throughput(llm, b))
                 print(f"batch {b}: {r[f'batch{b}']}", flush=True)
         set_pdl(pdl_before)
+        step1.FUSED_DECODE = True
         llm.shutdown()
         del llm, runner
         gc.collect()
@@ -252,6 +293,10 @@ def main():
             greedy=tokens["graphs greedy"] == tokens["graphs-sync greedy"],
             sampled=tokens["graphs sampled"] == tokens["graphs-sync sampled"] and bool(tokens["graphs sampled"]))
         print("async scheduling gives the same tokens:", results["async_equals_sync"], flush=True)
+    if "graphs-unfused" in results:      # bf16 rounding differs: report how long greedy decoding agrees
+        results["fused_vs_unfused_greedy_agree"] = [
+            len(a) if _first_difference(a, b) is None else _first_difference(a, b) for a, b in zip(tokens["graphs greedy"], tokens["graphs-unfused greedy"])]
+        print("fused vs unfused: greedy tokens agree for the first", results["fused_vs_unfused_greedy_agree"], flush=True)
     g, e, w = results["graphs"], results.get("eager", {}), results.get("tp1-worker-path", {})
 
     def f(v, fmt="{:.2f}"):
@@ -263,6 +308,8 @@ def main():
                 for tag, _ in runs if tag in results]
         rows.append(dict(metric="async scheduling: same greedy / sampled tokens as without",
                          value=str(results.get("async_equals_sync"))))
+        rows.append(dict(metric="fused vs unfused step: greedy tokens equal for the first (of 256, 3 prompts)",
+                         value=str(results.get("fused_vs_unfused_greedy_agree"))))
         results["table"] = rows
         write_json("llm_decode.json", results)
         print(f"\ndevice: {results['device']}")

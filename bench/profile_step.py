@@ -16,15 +16,17 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import out_dir  # noqa: E402
-from llm import prompt_ids, write_checkpoint  # noqa: E402
+from llm import TTS_SAMPLING, prompt_ids, write_checkpoint  # noqa: E402
 
 from stepvox import LLM, SamplingParams  # noqa: E402
+from stepvox.engine.models import step1  # noqa: E402
 from stepvox.engine.random_checkpoint import TTS_3B  # noqa: E402
 
 
-def profile_decode(llm, tag, steps=20):
+def profile_decode(llm, tag, steps=20, sampling: dict | None = None):
     engine = llm.engine
-    engine.add_request(prompt_ids(64, 5), SamplingParams(temperature=0, max_tokens=steps + 30, ignore_eos=True))
+    engine.add_request(prompt_ids(64, 5), SamplingParams(**(sampling or dict(temperature=0)), seed=3,
+                                                         max_tokens=steps + 30, ignore_eos=True))
     for _ in range(10):
         engine.step()                      # prefill + warm decode steps
     torch.cuda.synchronize()
@@ -46,6 +48,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--graphs-only", action="store_true")
+    ap.add_argument("--unfused-too", action="store_true", help="also profile graphs with step1.FUSED_DECODE off")
+    ap.add_argument("--tts-sampling-too", action="store_true",
+                    help="also profile graphs with the TTS sampling settings (bench/llm.py TTS_SAMPLING)")
     args = ap.parse_args()
     shape = dict(TTS_3B)
     if args.layers:
@@ -53,12 +58,19 @@ def main():
     folder = os.path.join(tempfile.gettempdir(), "stepvox-bench-tts3b")
     if not os.path.isfile(os.path.join(folder, "tokenizer.model")):
         write_checkpoint(folder, shape)
-    for eager in ((False,) if args.graphs_only else (True, False)):
+    runs = [("graphs", False, True)] if args.graphs_only else [("eager", True, True), ("graphs", False, True)]
+    if args.unfused_too:
+        runs.append(("graphs-unfused", False, False))
+    if args.tts_sampling_too:
+        runs.append(("graphs-tts-sampling", False, True))
+    for tag, eager, fused in runs:
+        step1.FUSED_DECODE = fused
         llm = LLM(folder, max_num_seqs=8, cuda_graph_max_batch=8, enforce_eager=eager, gpu_memory_utilization=0.5)
-        profile_decode(llm, "eager" if eager else "graphs")
+        profile_decode(llm, tag, sampling=TTS_SAMPLING if "sampling" in tag else None)
         llm.shutdown()
         del llm
         torch.cuda.empty_cache()
+    step1.FUSED_DECODE = True
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class ModelRunner:
         self.model = Step1ForCausalLM(cfg, dtype, device)
         with CheckpointReader(model_path, cfg) as reader:
             self.model.load_weights(reader, progress=_LoadProgress(tp.rank, tp.size))
+        self.model.fold_norm_weights()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.load_seconds = time.perf_counter() - t0

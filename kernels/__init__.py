@@ -9,7 +9,9 @@ from .alibi import alibi_slopes, sqrt_alibi_bias
 from .attention_decode import attention_decode, attention_decode_reference, default_num_splits
 from .attention_prefill import attention_prefill, attention_prefill_reference
 from .backend import use_backend, use_triton
-from .gemv import linear_small_m, linear_small_m_reference
+from .embedding import embedding_sumsq, embedding_sumsq_reference
+from .gemv import (linear_small_m, linear_small_m_add_, linear_small_m_add_reference, linear_small_m_reference,
+                   rms_linear_small_m, rms_linear_small_m_reference)
 from .kv_cache import write_kv, write_kv_reference
 from .norm import rms_norm, rms_norm_reference
 
@@ -21,5 +23,7 @@ __all__ = [
     "rms_norm", "rms_norm_reference",
     "silu_and_mul", "silu_and_mul_reference",
     "linear_small_m", "linear_small_m_reference",
+    "rms_linear_small_m", "rms_linear_small_m_reference", "linear_small_m_add_", "linear_small_m_add_reference",
+    "embedding_sumsq", "embedding_sumsq_reference",
     "use_backend", "use_triton",
 ]

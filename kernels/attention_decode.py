@@ -50,9 +50,8 @@ def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, Lo
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if USE_PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    # sequence lengths, block tables, slopes and the cached keys are written before the step's
+    # first kernel, never by the kernel this one follows: they are read before the PDL wait
     seq_len = tl.load(SeqLens + seq)
     # a CUDA graph fixes num_splits for the longest context it serves; a shorter sequence uses
     # only as many ranges as it has MIN_KEYS-key pieces, and the other programs leave at once
@@ -61,7 +60,29 @@ def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, Lo
         _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
                         qk_scale, num_splits, seq, kvh, split, seq_len, active,
                         stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
-                        stride_nb, stride_nh, GROUP, GROUP_PAD, D, BLOCK_N, PAGE, SPLIT, HAS_NEW, DOT_PRECISION)
+                        stride_nb, stride_nh, GROUP, GROUP_PAD, D, BLOCK_N, PAGE, SPLIT, HAS_NEW, DOT_PRECISION,
+                        USE_PDL)
+
+
+@triton.jit
+def _load_keys(KC, VC, bt_row, kvh, n0, cached_end, offs_n, offs_d, stride_cp, stride_ch, stride_cs,
+               PAGE: tl.constexpr):
+    kidx = n0 + offs_n
+    kmask = kidx < cached_end
+    page = tl.load(bt_row + kidx // PAGE, mask=kmask, other=0).to(tl.int64)
+    base = page * stride_cp + kvh * stride_ch + (kidx % PAGE) * stride_cs
+    k = tl.load(KC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(VC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    return k, v, kidx, kmask
+
+
+@triton.jit
+def _attend_keys(q, k, v, kidx, kmask, coef, qpos, qk_scale, acc, l_i, m_i, DOT_PRECISION: tl.constexpr):
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    root = tl.sqrt(tl.maximum(qpos - kidx.to(tl.float32), 0.0))   # once per key, for all heads
+    s = qk * qk_scale + coef[:, None] * root[None, :]
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    return softmax_update(acc, l_i, m_i, s, v, True, DOT_PRECISION)
 
 
 @triton.jit
@@ -70,7 +91,8 @@ def _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNe
                     stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
                     stride_nb, stride_nh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     chunk = tl.cdiv(tl.cdiv(seq_len, active), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
@@ -83,33 +105,35 @@ def _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNe
     hmask = rows < GROUP
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
     coef = -tl.load(Slopes + heads, mask=hmask, other=0.0) * LOG2E
     qpos = (seq_len - 1).to(tl.float32)
+    bt_row = BlockTable + seq.to(tl.int64) * stride_bt
+    # the first tile of cached keys is requested before the wait (a short context has no other)
+    k, v, kidx, kmask = _load_keys(KC, VC, bt_row, kvh, start, cached_end, offs_n, offs_d,
+                                   stride_cp, stride_ch, stride_cs, PAGE)
+    if USE_PDL:                      # kernels/pdl.py: q and the new K/V come from the kernel before
+        gdc_wait()
+        gdc_launch_dependents()
+    q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
+    # the split holding position seq_len - 1 takes the new key from KNew (requested beside q)
+    new_here = HAS_NEW & (seq_len > 0) & (start <= seq_len - 1) & (seq_len - 1 < end)
+    if HAS_NEW:
+        k_new = tl.load(KNew + seq * stride_nb + kvh * stride_nh + offs_d, mask=(offs_d < D) & new_here, other=0.0)
+        v_new = tl.load(VNew + seq * stride_nb + kvh * stride_nh + offs_d, mask=(offs_d < D) & new_here, other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    bt_row = BlockTable + seq.to(tl.int64) * stride_bt
-    for n0 in range(start, cached_end, BLOCK_N):
-        kidx = n0 + offs_n
-        kmask = kidx < cached_end
-        page = tl.load(bt_row + kidx // PAGE, mask=kmask, other=0).to(tl.int64)
-        base = page * stride_cp + kvh * stride_ch + (kidx % PAGE) * stride_cs
-        k = tl.load(KC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(VC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        root = tl.sqrt(tl.maximum(qpos - kidx.to(tl.float32), 0.0))   # once per key, for all heads
-        s = qk * qk_scale + coef[:, None] * root[None, :]
-        s = tl.where(kmask[None, :], s, float("-inf"))
-        acc, l_i, m_i = softmax_update(acc, l_i, m_i, s, v, True, DOT_PRECISION)
+    if start < cached_end:
+        acc, l_i, m_i = _attend_keys(q, k, v, kidx, kmask, coef, qpos, qk_scale, acc, l_i, m_i, DOT_PRECISION)
+    for n0 in range(start + BLOCK_N, cached_end, BLOCK_N):
+        k, v, kidx, kmask = _load_keys(KC, VC, bt_row, kvh, n0, cached_end, offs_n, offs_d,
+                                       stride_cp, stride_ch, stride_cs, PAGE)
+        acc, l_i, m_i = _attend_keys(q, k, v, kidx, kmask, coef, qpos, qk_scale, acc, l_i, m_i, DOT_PRECISION)
 
     if HAS_NEW:
-        # the split holding position seq_len - 1 takes the new key from registers (distance 0, no
-        # bias) and writes it to its cache slot: no separate KV-write kernel, and no program reads
-        # that slot in this launch
-        if (seq_len > 0) & (start <= seq_len - 1) & (seq_len - 1 < end):
-            k_new = tl.load(KNew + seq * stride_nb + kvh * stride_nh + offs_d)
-            v_new = tl.load(VNew + seq * stride_nb + kvh * stride_nh + offs_d)
+        # the new key joins from registers (distance 0, no bias) and is written to its cache slot:
+        # no separate KV-write kernel, and no program reads that slot in this launch
+        if new_here:
             slot = tl.load(NewSlots + seq).to(tl.int64)
             if slot >= 0:
                 dst = (slot // PAGE) * stride_cp + kvh * stride_ch + (slot % PAGE) * stride_cs + offs_d

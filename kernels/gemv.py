@@ -15,7 +15,12 @@ Nothing is launched beside the kernel, so it stays one node in a CUDA graph.
 With PDL (kernels/pdl.py) each program requests its first weight tile before it waits for the
 previous kernel: weights are never written during a step, so that load may overlap the previous
 kernel's end. (Prefetching more tiles into L2 that way, and folding SiLU-and-mul into the down
-projection's input load, both measured slower on an H100; see bench/RESULTS.md.)
+projection's input load, both measured slower on an H100; an L2 bulk prefetch of up to 8-32 MB
+of each product's weights before the wait made a whole H200 step 0.1-0.5 ms slower.)
+
+Epilogues for the fused decode step (below the plain product): scale rows by an RMSNorm factor
+from partial sums of squares, SiLU-and-mul of paired gate/up rows, or add the product to the
+residual stream in place and leave the new rows' partial sums of squares.
 """
 from __future__ import annotations
 
@@ -37,17 +42,27 @@ def linear_small_m_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return F.linear(x, weight)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(X, W, Out, Work, Counters, M, N, K, stride_xm, stride_wn, stride_om, k_range,
+@triton.jit(do_not_specialize=["M", "num_in_slots"])
+def _gemv_kernel(X, W, Out, Work, Counters, SqIn, SqOut, M, N, K, stride_xm, stride_wn, stride_om, k_range,
+                 num_in_slots, eps,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr,
-                 SPLIT: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                 SPLIT: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+                 RMS_IN: tl.constexpr, SLOTS_PAD: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr):
     pid_n = tl.program_id(0)
     k_begin = tl.program_id(1) * k_range
     k_end = tl.minimum(k_begin + k_range, K)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.arange(0, BLOCK_N)
+    if SILU:
+        # W holds gate rows [0, N/2) then up rows [N/2, N); tile column 2c is gate row, 2c + 1 the
+        # up row, of output column pid_n * BLOCK_N / 2 + c
+        first = pid_n * (BLOCK_N // 2)
+        rows = first + j // 2 + (j % 2) * (N // 2)
+        rmask = (first + j // 2) < N // 2
+    else:
+        rows = pid_n * BLOCK_N + j
+        rmask = rows < N
     ms = tl.arange(0, M_PAD)
     cols = tl.arange(0, BLOCK_K)
-    rmask = rows < N
     mmask = ms < M
     w_base = W + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
     x_base = X + ms[:, None] * stride_xm + cols[None, :]
@@ -57,6 +72,14 @@ def _gemv_kernel(X, W, Out, Work, Counters, M, N, K, stride_xm, stride_wn, strid
     else:
         kmask = (k_begin + cols) < k_end
         w = tl.load(w_base + k_begin, mask=rmask[:, None] & kmask[None, :], other=0.0)
+    if RESIDUAL:
+        # the residual rows this program adds to were written two or more kernels back, which had
+        # completed before this kernel could start (the kernel just before waited for them): safe
+        # to request before the wait, so the epilogue does not wait for them
+        previous = tl.load(Out + ms[:, None] * stride_om + rows[None, :], mask=mmask[:, None] & rmask[None, :],
+                           other=0.0)
+    else:
+        previous = tl.zeros([M_PAD, BLOCK_N], Out.dtype.element_ty)
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -64,6 +87,15 @@ def _gemv_kernel(X, W, Out, Work, Counters, M, N, K, stride_xm, stride_wn, strid
         x = tl.load(x_base + k_begin, mask=mmask[:, None], other=0.0)
     else:
         x = tl.load(x_base + k_begin, mask=mmask[:, None] & kmask[None, :], other=0.0)
+    if RMS_IN:
+        # RMSNorm of the input rows: their sums of squares come in partial sums from the kernel that
+        # wrote them, requested here and added (in a fixed order) after the loop; the norm's weight
+        # is folded into W's columns
+        slots = tl.arange(0, SLOTS_PAD)
+        sq = tl.load(SqIn + slots[:, None] * M + ms[None, :],
+                     mask=(slots[:, None] < num_in_slots) & mmask[None, :], other=0.0)
+    else:
+        sq = tl.zeros([SLOTS_PAD, M_PAD], tl.float32)
     acc = tl.dot(x, tl.trans(w), tl.zeros([M_PAD, BLOCK_N], tl.float32))
     for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
         if EVEN_K:
@@ -74,9 +106,12 @@ def _gemv_kernel(X, W, Out, Work, Counters, M, N, K, stride_xm, stride_wn, strid
             w = tl.load(w_base + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
             x = tl.load(x_base + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    omask = mmask[:, None] & rmask[None, :]
-    out_ptrs = Out + ms[:, None] * stride_om + rows[None, :]
+    if RMS_IN:
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / K + eps)
+    else:
+        rstd = tl.full([M_PAD], 1.0, tl.float32)
     if SPLIT:
+        omask = mmask[:, None] & rmask[None, :]
         slot = Work + ms[:, None] * N + rows[None, :]          # slot s of Work: [s * M * N, (s + 1) * M * N)
         tl.store(slot + tl.program_id(1) * M * N, acc, mask=omask)
         tl.debug_barrier()
@@ -85,10 +120,39 @@ def _gemv_kernel(X, W, Out, Work, Counters, M, N, K, stride_xm, stride_wn, strid
             total = tl.zeros([M_PAD, BLOCK_N], tl.float32)
             for s in range(tl.num_programs(1)):
                 total += tl.load(slot + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(Out.dtype.element_ty), mask=omask)
+            _gemv_epilogue(total, rstd, previous, Out, SqOut, M, N, stride_om, pid_n, ms, mmask, rows, rmask,
+                           BLOCK_N, RMS_IN, SILU, RESIDUAL)
             tl.atomic_xchg(Counters + pid_n, 0, sem="relaxed", scope="gpu")
     else:
-        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=omask)
+        _gemv_epilogue(acc, rstd, previous, Out, SqOut, M, N, stride_om, pid_n, ms, mmask, rows, rmask,
+                       BLOCK_N, RMS_IN, SILU, RESIDUAL)
+
+
+@triton.jit
+def _gemv_epilogue(acc, rstd, previous, Out, SqOut, M, N, stride_om, pid_n, ms, mmask, rows, rmask,
+                   BLOCK_N: tl.constexpr, RMS_IN: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Writes the finished product tile: scaled by the input rows' RMSNorm factor, reduced to
+    silu(gate) * up, or added to the residual stream held in Out (whose new rows' partial sums of
+    squares go to SqOut, one slot per program, for the next normalised product)."""
+    y = acc
+    if RMS_IN:
+        y = y * rstd[:, None]
+    if SILU:
+        gate, up = tl.split(tl.reshape(y, [y.shape[0], BLOCK_N // 2, 2]))
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        cmask = cols < N // 2
+    else:
+        cols = rows
+        cmask = rmask
+    omask = mmask[:, None] & cmask[None, :]
+    out_ptrs = Out + ms[:, None] * stride_om + cols[None, :]
+    if RESIDUAL:
+        # rounded as the unfused step rounds: the product to the dtype, then the sum
+        product = y.to(Out.dtype.element_ty).to(tl.float32)
+        y = (product + previous.to(tl.float32)).to(Out.dtype.element_ty).to(tl.float32)
+        tl.store(SqOut + pid_n * M + ms, tl.sum(y * y, axis=1), mask=mmask)
+    tl.store(out_ptrs, y.to(Out.dtype.element_ty), mask=omask)
 
 
 _WORK: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -111,7 +175,9 @@ def gemv_config(n: int, k: int, sm_count: int = 132) -> dict:
     products back to back as in a decode step)."""
     if n > 8192:                            # fused gate|up and the LM head fill the GPU already
         return dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3 if n < 32768 else 5)
-    cfg = dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=5)
+    # qkv and o_proj: six stages keep five weight tiles in flight per program from its start (H200,
+    # whole decode step: 2.10 ms/token with 6, 2.18 with 5, 2.12 with 7; bench/llm.py --config-sweep)
+    cfg = dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=6)
     blocks = triton.cdiv(n, cfg["BLOCK_N"])
     if k >= 8192 and blocks < sm_count:
         # down_proj (K = 8192, ~100 row blocks): six K ranges beat one (18.8 vs 20.4 us); for
@@ -120,24 +186,17 @@ def gemv_config(n: int, k: int, sm_count: int = 132) -> dict:
     return cfg
 
 
-def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                   config: dict | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 16) times weight [N, K]^T, float32 accumulation, output in x's dtype."""
+def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{what}: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+
+
+def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, sumsq_out=None):
     m, k = x.shape
     n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"linear_small_m: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
-    if m > MAX_M or not use_triton(x):
-        return linear_small_m_reference(x, weight)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
     cfg = dict(config or gemv_config(n, k, num_sms(x.device)))
     block_n, block_k = cfg.pop("BLOCK_N"), cfg["BLOCK_K"]
-    blocks = triton.cdiv(n, block_n)
+    blocks = triton.cdiv(n // 2 if silu else n, block_n // 2 if silu else block_n)
     split = cfg.pop("SPLIT_K", 1)
     # each K range is a whole number of tiles, and none is empty
     k_range = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
@@ -145,8 +204,91 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | No
     if split * m * n > WORKSPACE_ELEMENTS or blocks > MAX_ROW_BLOCKS:
         split, k_range = 1, k
     work, counters = _workspace(x.device) if split > 1 else (out, out)
+    slots = sumsq_in.shape[0] if sumsq_in is not None else 1
     _gemv_kernel[(blocks, split)](
-        x, weight, out, work, counters, m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_range,
-        BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0, **cfg,
-        **pdl_launch_options(x))
+        x, weight, out, work, counters, sumsq_in if sumsq_in is not None else out,
+        sumsq_out if sumsq_out is not None else out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        k_range, slots, eps,
+        BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0,
+        RMS_IN=sumsq_in is not None, SLOTS_PAD=max(16, triton.next_power_of_2(slots)), SILU=silu,
+        RESIDUAL=sumsq_out is not None, **cfg, **pdl_launch_options(x))
+    return blocks
+
+
+def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                   config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 16) times weight [N, K]^T, float32 accumulation, output in x's dtype."""
+    _check(x, weight, "linear_small_m")
+    m = x.shape[0]
+    if m > MAX_M or not use_triton(x):
+        return linear_small_m_reference(x, weight)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
+    if m:
+        _launch(x, weight, out, config)
     return out
+
+
+# ------------------------------------------------------------------ fused decode-step products
+# A decode step of one GPU keeps the residual stream in one buffer: the products that end a
+# sub-block (o_proj, down_proj) add themselves to it in their epilogue and leave per-block sums of
+# squares of its new rows; the products that start one (qkv, gate|up) normalise from those sums
+# (the RMSNorm weight folded into their columns beforehand) and gate|up also applies SiLU-and-mul.
+# That removes the step's RMSNorm and SiLU launches (3 of 8 per layer).
+
+def rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul=False):
+    rstd = torch.rsqrt(sumsq.float().sum(0) / x.shape[1] + eps)
+    y = F.linear(x.float(), weight.float()) * rstd[:, None]
+    if silu_and_mul:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y.to(x.dtype)
+
+
+def rms_linear_small_m(x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor, eps: float, *,
+                       silu_and_mul: bool = False, config: dict | None = None) -> torch.Tensor:
+    """RMSNorm(x) W^T for x [M, K] the un-normalised residual rows (M <= 16) and W [N, K] with the
+    norm's weight already multiplied into its columns; sumsq [S, M] float32 holds partial sums of
+    x's squares per row (from linear_small_m_add_ or embedding_sumsq). With silu_and_mul, W's rows
+    are [gate; up] and the result is silu(gate) * up, [M, N / 2]."""
+    _check(x, weight, "rms_linear_small_m")
+    m, n = x.shape[0], weight.shape[0]
+    if sumsq.dim() != 2 or sumsq.shape[1] != m or sumsq.dtype != torch.float32:
+        raise ValueError(f"rms_linear_small_m: sumsq must be float32 [slots, {m}], got "
+                         f"{sumsq.dtype} {tuple(sumsq.shape)}")
+    if silu_and_mul and n % 2:
+        raise ValueError(f"rms_linear_small_m: silu_and_mul needs an even row count, got {n}")
+    if m > MAX_M or not use_triton(x):
+        return rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul)
+    x, sumsq = x.contiguous(), sumsq.contiguous()
+    out = torch.empty(m, n // 2 if silu_and_mul else n, dtype=x.dtype, device=x.device)
+    if m:
+        _launch(x, weight, out, config, sumsq_in=sumsq, eps=eps, silu=silu_and_mul)
+    return out
+
+
+def linear_small_m_add_reference(x, weight, residual):
+    residual.copy_(F.linear(x, weight) + residual)
+    return residual.float().pow(2).sum(1)[None, :]
+
+
+def linear_small_m_add_(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                        config: dict | None = None) -> torch.Tensor:
+    """residual += x W^T in place (the product rounded to the dtype, then the sum, as separate ops
+    would round), for x [M, K] (M <= 16); returns float32 [S, M] partial sums of squares of the new
+    residual rows, which rms_linear_small_m takes."""
+    _check(x, weight, "linear_small_m_add_")
+    m, n = x.shape[0], weight.shape[0]
+    if residual.shape != (m, n) or residual.dtype != x.dtype or not residual.is_contiguous():
+        raise ValueError(f"linear_small_m_add_: residual must be a contiguous {x.dtype} [{m}, {n}], got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    if m > MAX_M or not use_triton(x):
+        return linear_small_m_add_reference(x, weight, residual)
+    x = x.contiguous()
+    cfg = dict(config or gemv_config(n, x.shape[1], num_sms(x.device)))
+    sumsq = torch.empty(triton.cdiv(n, cfg["BLOCK_N"]), m, dtype=torch.float32, device=x.device)
+    if m:
+        _launch(x, weight, residual, cfg, sumsq_out=sumsq)
+    return sumsq

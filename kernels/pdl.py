@@ -5,10 +5,13 @@ grid and ramps up the next. Launched with PDL, a kernel's programs may be schedu
 kernel before it is still finishing: they run their prologue (a GEMV starts streaming its weights,
 which no earlier kernel writes), then block in `griddepcontrol.wait` until the previous grid has
 completed and its writes are visible. Every kernel launched this way must therefore wait before
-it reads anything an earlier kernel wrote or writes anything an earlier kernel reads; the kernels
-here wait at the top, before any such access. Waiting is transitive (the previous kernel itself
-waited for its predecessor before finishing), and a kernel launched without PDL after one with it
-waits as usual.
+it reads anything the kernel before it wrote or writes anything an earlier kernel reads; most
+kernels here wait at the top, before any such access. Waiting is transitive: a kernel's programs
+can only start once every program of the kernel before has started and waited (or left without
+touching memory; in every kernel here some programs wait), so whatever was written two or more
+kernels back, or before the step, is complete by then. The
+decode attention (block tables, cached keys) and the residual-adding GEMV (the residual rows) read
+such data before their wait. A kernel launched without PDL after one with it waits as usual.
 
 STEPVOX_PDL=0 turns it off (the kernels then launch plainly and the wait compiles away).
 """

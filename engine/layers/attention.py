@@ -61,12 +61,14 @@ class Step1Attention(nn.Module):
         self.attn = PagedSqrtAlibiAttention(self.local_heads, self.local_kv, head_dim, slopes)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        return self.o_proj(self.attend(self.qkv_proj(x), meta))
+
+    def attend(self, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the fused q|k|v rows [T, (Hq + 2 Hkv) D]; returns [T, Hq D] for o_proj."""
+        t = qkv.shape[0]
         q_end = self.local_heads * self.head_dim
         kv_end = q_end + self.local_kv * self.head_dim
         q = qkv[:, :q_end].view(t, self.local_heads, self.head_dim)
         k = qkv[:, q_end:kv_end].view(t, self.local_kv, self.head_dim)
         v = qkv[:, kv_end:].view(t, self.local_kv, self.head_dim)
-        o = self.attn(q, k, v, meta)
-        return self.o_proj(o.view(t, -1))
+        return self.attn(q, k, v, meta).view(t, -1)

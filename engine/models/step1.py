@@ -2,17 +2,25 @@
 
 Pre-norm blocks with sqrt-ALiBi attention and a SwiGLU MLP; q/k/v and gate/up are fused at load
 time; the LM head is its own tensor (never tied to the embedding).
+
+After loading, `fold_norm_weights` multiplies each layer's two RMSNorm weights into the columns of
+the product that reads the norm (q|k|v, gate|up). The function is unchanged; what it buys is the
+fused decode step: on one GPU, a step of at most 16 tokens keeps the residual stream in one
+buffer, the products that end a sub-block add themselves to it, and the products that start one
+normalise in their epilogue (kernels/gemv.py), so a layer is 5 launches instead of 8.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from stepvox.kernels import silu_and_mul
+from stepvox.kernels import embedding_sumsq, linear_small_m_add_, rms_linear_small_m, silu_and_mul, use_triton
+from stepvox.kernels.gemv import MAX_M as FUSED_MAX_TOKENS
 
 from ..attention_metadata import AttentionMetadata
 from ..checkpoint import CheckpointReader
 from ..config import Step1Config
+from ..distributed.parallel_state import get_tp_group
 from ..layers.attention import Step1Attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -27,6 +35,11 @@ class Step1MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+    def forward_fused(self, residual: torch.Tensor, sumsq: torch.Tensor, eps: float) -> torch.Tensor:
+        """residual += MLP(RMSNorm(residual)) in two launches; returns the new rows' sums of squares."""
+        act = rms_linear_small_m(residual, self.gate_up_proj.weight, sumsq, eps, silu_and_mul=True)
+        return linear_small_m_add_(act, self.down_proj.weight, residual)
 
 
 class Step1DecoderLayer(nn.Module):
@@ -48,11 +61,25 @@ class Step1DecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def forward_fused(self, residual: torch.Tensor, sumsq: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The layer on the fused decode path (norm weights folded): `residual` is updated in place;
+        returns the sums of squares of its new rows for the next layer's first product."""
+        attn = self.self_attn
+        qkv = rms_linear_small_m(residual, attn.qkv_proj.weight, sumsq, self.input_layernorm.eps)
+        sumsq = linear_small_m_add_(attn.attend(qkv, meta), attn.o_proj.weight, residual)
+        return self.mlp.forward_fused(residual, sumsq, self.post_attention_layernorm.eps)
+
+
+# comparison switch for benchmarks: False runs every step on the unfused path
+FUSED_DECODE = True
+
 
 class Step1ForCausalLM(nn.Module):
     def __init__(self, cfg: Step1Config, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.cfg = cfg
+        self.tp_size = get_tp_group().size
+        self.norm_weights_folded = False
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         self.layers = nn.ModuleList(Step1DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -61,12 +88,38 @@ class Step1ForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [T, hidden] of the step's tokens."""
+        if self.fused_step(input_ids):
+            residual, sumsq = embedding_sumsq(input_ids, self.embed_tokens.weight)
+            for layer in self.layers:
+                sumsq = layer.forward_fused(residual, sumsq, meta)
+            return self.norm(residual)
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def fused_step(self, input_ids: torch.Tensor) -> bool:
+        """Whether a step of these tokens runs the fused decode path: one GPU (the row-parallel
+        products of tensor parallelism must all-reduce before the residual add), norm weights
+        folded, at most 16 tokens, Triton kernels."""
+        return (FUSED_DECODE and self.norm_weights_folded and self.tp_size == 1
+                and 0 < input_ids.shape[0] <= FUSED_MAX_TOKENS and use_triton(input_ids))
+
+    @torch.inference_mode()
+    def fold_norm_weights(self) -> None:
+        """Multiply each layer's RMSNorm weights into the columns of the product after it and set the
+        norms to 1 (same function; rounded once to the weight dtype). Idempotent."""
+        if self.norm_weights_folded:
+            return
+        for layer in self.layers:
+            for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                                 (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                w = linear.weight
+                w.copy_((w.float() * norm.weight.float()[None, :]).to(w.dtype))
+                norm.weight.fill_(1.0)
+        self.norm_weights_folded = True
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
