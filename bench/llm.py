@@ -247,7 +247,7 @@ def main():
     runs = [("graphs", {}), ("eager", {"enforce_eager": True}), ("tp1-worker-path", {"distributed_executor": "mp"})]
     if args.decode_only:
         runs = [("graphs", {}), ("graphs-sync", {"async_scheduling": False}), ("graphs-unfused", {}),
-                ("graphs-no-pdl", {}), ("eager", {"enforce_eager": True})]
+                ("graphs-torch-sampler", {}), ("graphs-no-pdl", {}), ("eager", {"enforce_eager": True})]
     tokens: dict[str, list] = {}
     for tag, opts in runs:
         graphs = tag == "graphs" and not args.decode_only
@@ -259,6 +259,7 @@ def main():
                   gpu_memory_utilization=0.85, **opts)
         load = time.perf_counter() - t0
         runner = llm.engine.executor.runner
+        llm.engine.sampler.fused = tag != "graphs-torch-sampler"      # Triton sampling kernels or torch
         r = results[tag] = dict(init_s=load, weights_s=runner.load_seconds,
                                 graph_capture_s=getattr(runner, "graph_capture_seconds", 0.0),
                                 kv_pages=runner.num_pages)
@@ -266,7 +267,7 @@ def main():
         greedy, sampled = tokens.setdefault(f"{tag} greedy", []), tokens.setdefault(f"{tag} sampled", [])
         r["decode_b1_ms"] = guarded(results, f"{tag} decode", lambda: decode_ms_per_token(llm, outputs=greedy))
         print(f"{tag}: decode b1 {r['decode_b1_ms']} ms/token", flush=True)
-        if tag in ("graphs", "graphs-sync", "graphs-unfused"):
+        if tag in ("graphs", "graphs-sync", "graphs-unfused", "graphs-torch-sampler"):
             r["decode_b1_tts_sampling_ms"] = guarded(results, f"{tag} sampled decode", lambda: decode_ms_per_token(
                 llm, sampling=TTS_SAMPLING, seed=7, outputs=sampled))
             print(f"{tag}: decode b1, TTS sampling {r['decode_b1_tts_sampling_ms']} ms/token", flush=True)

@@ -2,13 +2,24 @@
 
 Order as in HF/vLLM: logits processors (min_tokens stop masking, the Step-Audio repetition rule,
 user processors), then temperature, top-k, top-p, then a draw. Draws use the exponential-race form
-(argmax of p / E, E ~ Exp(1)), with a per-request generator when the request has a seed.
+(argmax of p / E, E ~ Exp(1)).
+
+Two paths draw that way. On a GPU, when every row is greedy or uses top-k with k <= 64 and no
+top-p (the TTS settings: temperature 0.7, top-k 50), one Triton sampling kernel pair does the
+whole draw (kernels/sampling.py): its noise comes from Philox seeded per row and step, from the
+request's seed and its output length, or from the engine's host generator. Otherwise (and on the
+CPU) the torch path below runs, with a per-request torch generator when the request has a seed.
+Both are deterministic for a seed; they do not draw the same tokens as each other.
 """
 from __future__ import annotations
 
 import inspect
+import random
 
 import torch
+
+from stepvox.kernels import use_triton
+from stepvox.kernels.sampling import MAX_TOP_K, sample_top_k
 
 from .sequence import Sequence
 
@@ -41,12 +52,24 @@ def _call_processor(fn, seq: Sequence, row: torch.Tensor) -> torch.Tensor:
     return fn(seq.output_token_ids, row)
 
 
+def _step_seed(seed: int, step: int) -> int:
+    """A 63-bit Philox seed for a request's draw number `step` (splitmix64 of the pair)."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
 class Sampler:
-    def __init__(self, device: torch.device, eos_token_id: int, seed: int = 0):
+    def __init__(self, device: torch.device, eos_token_id: int, seed: int = 0, fused: bool | None = None):
+        """fused: use the Triton sampling kernels where they apply (None: on CUDA devices only; tests
+        on the CPU pass True to run them under the interpreter)."""
         self.device = device
         self.eos_token_id = eos_token_id
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.host_generator = random.Random(seed)
+        self.fused = device.type == "cuda" if fused is None else fused
 
     def _request_generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:
@@ -101,6 +124,8 @@ class Sampler:
         nothing here waits for the GPU. The processors see each sequence's tokens as they stand."""
         if greedy_ids is not None and self._plain_greedy(seqs):
             return greedy_ids
+        if self._fused_applies(logits, seqs):
+            return self._sample_fused(logits, seqs)
         logits = self.apply_processors(logits.float(), seqs)
         if all(s.params.greedy for s in seqs):
             return logits.argmax(-1)
@@ -129,6 +154,22 @@ class Sampler:
                 noise[i].exponential_(generator=gen)
         sampled = (probs / noise).argmax(-1)
         return torch.where(greedy, greedy_ids, sampled)
+
+    def _fused_applies(self, logits: torch.Tensor, seqs: list[Sequence]) -> bool:
+        if not self.fused or not use_triton(logits):
+            return False
+        return all(s.params.greedy or (s.params.top_p == 1.0 and 0 < s.params.top_k <= MAX_TOP_K) for s in seqs)
+
+    def _sample_fused(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if any(s.params.logits_processors for s in seqs):
+            logits = logits.float()          # user processors get float32 rows
+        logits = self.apply_processors(logits, seqs)
+        dev = logits.device
+        temps = to_device([0.0 if s.params.greedy else s.params.temperature for s in seqs], torch.float32, dev)
+        seeds = [self.host_generator.getrandbits(63) if s.params.seed is None
+                 else _step_seed(s.params.seed, s.num_output_tokens) for s in seqs]
+        ints = to_device([1 if s.params.greedy else s.params.top_k for s in seqs] + seeds, torch.int64, dev)
+        return sample_top_k(logits, temps, ints[:len(seqs)], ints[len(seqs):])
 
     @staticmethod
     def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:

@@ -82,3 +82,38 @@ def test_user_logits_processors_of_both_arities():
     assert Sampler(torch.device("cpu"), 3)(logits.clone(), [seq]) == [1]
     seq = _seq(SamplingParams(temperature=0, logits_processors=[prefer_prompt_len]), tokens=[1, 1])
     assert Sampler(torch.device("cpu"), 3)(logits.clone(), [seq]) == [2]
+
+
+def _fused_sampler(seed=0):
+    """The sampler's Triton path (kernels/sampling.py), run by the interpreter on small rows."""
+    return Sampler(torch.device("cpu"), eos_token_id=3, seed=seed, fused=True)
+
+
+def test_fused_path_limits_the_support_and_repeats_by_seed():
+    from stepvox.kernels import use_backend
+    logits = torch.log(torch.tensor([[0.40, 0.30, 0.20, 0.06, 0.04] + [0.0001] * 95]))
+    with use_backend("triton"):
+        sampler = _fused_sampler()
+        seqs = [_seq(SamplingParams(temperature=1.0, top_k=2)) for _ in range(12)]
+        drawn = sampler(logits.repeat(12, 1), seqs)
+        assert set(drawn) == {0, 1}                            # 12 draws of p = .57 / .43 hit both
+        seeded = [_seq(SamplingParams(temperature=0.7, top_k=50, seed=s)) for s in (5, 5, 6)]
+        a = sampler(logits.repeat(3, 1), seeded)
+        b = _fused_sampler(seed=99)(logits.repeat(3, 1), seeded)
+        assert a[0] == a[1] and a == b                         # the request seed decides, not the engine's
+        assert _fused_sampler()._fused_applies(logits, seeded)
+        assert not _fused_sampler()._fused_applies(logits, [_seq(SamplingParams(top_p=0.9, top_k=5))])
+        assert not _fused_sampler()._fused_applies(logits, [_seq(SamplingParams(top_k=100))])
+
+
+def test_fused_path_applies_min_tokens_and_the_repetition_rule():
+    from stepvox.kernels import use_backend
+    logits = torch.tensor([[0.0, 0.0, 0.0, 10.0, 5.0, 4.0] + [-9.0] * 58])
+    with use_backend("triton"):
+        sampler = _fused_sampler()
+        early = _seq(SamplingParams(temperature=0, min_tokens=2), out=[4])
+        assert sampler(logits.clone(), [early]) == [4]          # eos (3) masked: greedy takes 4
+        repeated = _seq(SamplingParams(temperature=0, repetition_aware=True), tokens=[1] * 8, out=[4, 4])
+        assert sampler(logits.clone(), [repeated]) == [3]       # 4 banned after filling 2 of the last 10
+        hot = _seq(SamplingParams(temperature=0.5, top_k=1, min_tokens=3), out=[7])
+        assert sampler(logits.clone(), [hot]) == [4]            # top-1 after masking eos
