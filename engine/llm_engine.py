@@ -20,7 +20,8 @@ from .config import EngineConfig, Step1Config, resolve_dtype
 from .errors import ConfigError, InvalidRequestError, KVCacheExhaustedError, PromptTooLongError
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampler import Sampler, to_device
+from .device_copy import values_to_device
+from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from .sequence import Sequence
@@ -203,7 +204,7 @@ class LLMEngine:
         live = [i for i, c in enumerate(sampling) if not c.seq.is_finished]
         if len(live) == len(sampling):
             return sampling, launched.logits, launched.greedy
-        index = to_device(live, torch.long, launched.logits.device)
+        index = values_to_device(live, torch.long, launched.logits.device)
         greedy = launched.greedy[index] if launched.greedy is not None else None
         return [sampling[i] for i in live], launched.logits[index], greedy
 

@@ -20,6 +20,7 @@ from stepvox.kernels.argmax import argmax_rows
 from .attention_metadata import AttentionMetadata
 from .checkpoint import CheckpointReader
 from .config import EngineConfig, Step1Config
+from .device_copy import to_device, values_to_device
 from .distributed.parallel_state import get_tp_group, tp_min_int
 from .errors import ConfigError
 from .kv_cache import allocate_kv_cache, kv_page_bytes
@@ -164,7 +165,9 @@ class ModelRunner:
         return [table[p // ps] * ps + p % ps for p in range(start, start + length)]
 
     def prepare(self, plans: list[ChunkPlan]):
-        """Device inputs for a step: (input_ids, metadata, plan indices in token order, sample rows)."""
+        """Device inputs for a step: (input_ids, metadata, plan indices in token order, sample rows).
+        Every host value goes over through pinned memory without a stream sync (engine/device_copy.py),
+        so preparing an eager step never waits for a step launched ahead."""
         decodes = [i for i, c in enumerate(plans) if c.length == 1]
         prefills = [i for i, c in enumerate(plans) if c.length > 1]
         ids, slots = [], []
@@ -173,30 +176,29 @@ class ModelRunner:
             ids += c.tokens
             slots += self._slots(c.block_table, c.start, c.length)
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                                 num_decode=len(decodes))
+        meta = AttentionMetadata(slot_mapping=values_to_device(slots, torch.long, dev), num_decode=len(decodes))
         if decodes:
             lens = [plans[i].start + 1 for i in decodes]
-            meta.decode_seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-            meta.decode_block_table = torch.from_numpy(_pad_tables([plans[i].block_table for i in decodes])).to(dev)
+            meta.decode_seq_lens = values_to_device(lens, torch.int32, dev)
+            meta.decode_block_table = to_device(torch.from_numpy(_pad_tables([plans[i].block_table for i in decodes])),
+                                                dev)
             meta.decode_max_seq_len = max(lens)
             meta.decode_num_splits = default_num_splits(len(decodes), self.local_kv_heads, max(lens), self.num_sms)
         if prefills:
             cu = np.cumsum([0] + [plans[i].length for i in prefills])
             meta.num_prefill_tokens = int(cu[-1])
-            meta.prefill_cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=dev)
+            meta.prefill_cu_seqlens = values_to_device(cu, torch.int32, dev)
             meta.prefill_max_len = max(plans[i].length for i in prefills)
             if any(plans[i].start for i in prefills):
-                meta.prefill_context_lens = torch.tensor([plans[i].start for i in prefills], dtype=torch.int32,
-                                                         device=dev)
-                meta.prefill_block_table = torch.from_numpy(
-                    _pad_tables([plans[i].block_table for i in prefills])).to(dev)
+                meta.prefill_context_lens = values_to_device([plans[i].start for i in prefills], torch.int32, dev)
+                meta.prefill_block_table = to_device(
+                    torch.from_numpy(_pad_tables([plans[i].block_table for i in prefills])), dev)
         rows, pos = [], 0
         for i in decodes + prefills:
             pos += plans[i].length
             if plans[i].samples:
                 rows.append(pos - 1)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        input_ids = values_to_device(ids, torch.long, dev)
         return input_ids, meta, decodes + prefills, rows
 
     # ---------------------------------------------------------------- execution
@@ -222,7 +224,7 @@ class ModelRunner:
         if len(rows) == hidden.shape[0]:
             selected = hidden
         else:
-            selected = hidden[torch.tensor(rows, device=self.device)]
+            selected = hidden[values_to_device(rows, torch.long, self.device)]
         return self.model.compute_logits(selected), sampling, None
 
     # ---------------------------------------------------------------- CUDA graphs
@@ -309,5 +311,5 @@ class ModelRunner:
         rows = [i for i, c in enumerate(plans) if c.samples]
         if len(rows) == n:
             return logits[:n], rows, greedy[:n]
-        index = torch.tensor(rows, device=self.device)   # a 1-token prompt chunk that doesn't sample yet
+        index = values_to_device(rows, torch.long, self.device)   # a 1-token prompt chunk that doesn't sample yet
         return logits[index], rows, greedy[index]

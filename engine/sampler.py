@@ -21,6 +21,7 @@ import torch
 from stepvox.kernels import use_triton
 from stepvox.kernels.sampling import MAX_TOP_K, sample_top_k
 
+from .device_copy import values_to_device
 from .sequence import Sequence
 
 REPETITION_WINDOW = 10
@@ -34,15 +35,6 @@ def repetition_banned_token(token_ids: list[int]) -> int | None:
     window = token_ids[-REPETITION_WINDOW:]
     last = window[-1]
     return last if window.count(last) >= 2 else None
-
-
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor without waiting for the GPU: a plain host-to-device copy
-    synchronises the stream, which would stall a step launched ahead (engine/llm_engine.py)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _call_processor(fn, seq: Sequence, row: torch.Tensor) -> torch.Tensor:
@@ -94,7 +86,7 @@ class Sampler:
                     cols.append(banned)
         if rows:
             dev = logits.device
-            logits[to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)] = float("-inf")
+            logits[values_to_device(rows, torch.long, dev), values_to_device(cols, torch.long, dev)] = float("-inf")
         for i, seq in enumerate(seqs):
             for fn in seq.params.logits_processors:
                 logits[i] = _call_processor(fn, seq, logits[i])
@@ -130,8 +122,8 @@ class Sampler:
         if all(s.params.greedy for s in seqs):
             return logits.argmax(-1)
         dev = logits.device
-        greedy = to_device([s.params.greedy for s in seqs], torch.bool, dev)
-        temps = to_device([s.params.temperature if not s.params.greedy else 1.0 for s in seqs], torch.float32, dev)
+        greedy = values_to_device([s.params.greedy for s in seqs], torch.bool, dev)
+        temps = values_to_device([s.params.temperature if not s.params.greedy else 1.0 for s in seqs], torch.float32, dev)
         greedy_ids = logits.argmax(-1)
         scaled = logits / temps[:, None]
         top_ks = [s.params.top_k if s.params.top_k > 0 else 0 for s in seqs]
@@ -139,14 +131,14 @@ class Sampler:
             scaled = self._top_k(scaled, top_ks)
         top_ps = [s.params.top_p for s in seqs]
         if any(p < 1.0 for p in top_ps):
-            scaled = self._top_p(scaled, to_device(top_ps, torch.float32, dev))
+            scaled = self._top_p(scaled, values_to_device(top_ps, torch.float32, dev))
         probs = scaled.softmax(-1)
         noise = torch.empty_like(probs)
         shared = [i for i, s in enumerate(seqs) if s.params.seed is None]
         if len(shared) == len(seqs):
             noise.exponential_(generator=self.generator)
         elif shared:
-            noise[to_device(shared, torch.long, dev)] = torch.empty(
+            noise[values_to_device(shared, torch.long, dev)] = torch.empty(
                 len(shared), probs.shape[1], device=dev).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):
             gen = self._request_generator(seq)
@@ -165,17 +157,17 @@ class Sampler:
             logits = logits.float()          # user processors get float32 rows
         logits = self.apply_processors(logits, seqs)
         dev = logits.device
-        temps = to_device([0.0 if s.params.greedy else s.params.temperature for s in seqs], torch.float32, dev)
+        temps = values_to_device([0.0 if s.params.greedy else s.params.temperature for s in seqs], torch.float32, dev)
         seeds = [self.host_generator.getrandbits(63) if s.params.seed is None
                  else _step_seed(s.params.seed, s.num_output_tokens) for s in seqs]
-        ints = to_device([1 if s.params.greedy else s.params.top_k for s in seqs] + seeds, torch.int64, dev)
+        ints = values_to_device([1 if s.params.greedy else s.params.top_k for s in seqs] + seeds, torch.int64, dev)
         return sample_top_k(logits, temps, ints[:len(seqs)], ints[len(seqs):])
 
     @staticmethod
     def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
         vocab = logits.shape[1]
         ks_host = [k if 0 < k < vocab else vocab for k in top_ks]
-        ks = to_device(ks_host, torch.long, logits.device)
+        ks = values_to_device(ks_host, torch.long, logits.device)
         kth = logits.topk(max(ks_host), dim=-1).values.gather(1, (ks - 1)[:, None])
         return logits.masked_fill(logits < kth, float("-inf"))
 

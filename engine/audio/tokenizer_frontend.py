@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torchaudio
 
+from ..device_copy import to_device
 from .tokenizer_errors import AudioInputError
 
 TOKENIZER_SAMPLE_RATE = 16000
@@ -29,14 +30,6 @@ MAX_FLOAT_PEAK = 2.0
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_SCALES = {torch.int16: 2.0 ** 15, torch.int32: 2.0 ** 31}
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A tensor on `device`; host tensors go to a GPU through pinned memory without a stream sync."""
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def check_sample_rate(sample_rate) -> int:

@@ -28,7 +28,7 @@ import yaml
 
 from ..audio.kaldi_features import FbankConfig, ParaformerFeatures, load_am_mvn
 from ..audio.tokenizer_errors import TokenizerCheckpointError
-from ..audio.tokenizer_frontend import to_device
+from ..device_copy import to_device
 from ...kernels.sanm import sanm_attention, sanm_attention_indexed
 
 PARAFORMER_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"

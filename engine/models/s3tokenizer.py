@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..audio.tokenizer_errors import TokenizerCheckpointError
-from ..audio.tokenizer_frontend import to_device
+from ..device_copy import to_device
 from ..audio.tokenizer_whisper_mel import whisper_log_mel
 from ..onnx_weights import OnnxWeights, read_onnx_weights
 from ...kernels.nearest_centroid import nearest_centroid
