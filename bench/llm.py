@@ -294,6 +294,11 @@ def main():
             greedy=tokens["graphs greedy"] == tokens["graphs-sync greedy"],
             sampled=tokens["graphs sampled"] == tokens["graphs-sync sampled"] and bool(tokens["graphs sampled"]))
         print("async scheduling gives the same tokens:", results["async_equals_sync"], flush=True)
+    if "eager" in results:               # eager steps tile attention by the batch's length, graphs by the longest
+        results["eager_vs_graphs_greedy_agree"] = [   # context: rounding may differ, so report how far they agree
+            len(a) if _first_difference(a, b) is None else _first_difference(a, b)
+            for a, b in zip(tokens["eager greedy"], tokens["graphs greedy"])]
+        print("eager vs graphs: greedy tokens agree for the first", results["eager_vs_graphs_greedy_agree"], flush=True)
     if "graphs-unfused" in results:      # bf16 rounding differs: report how long greedy decoding agrees
         results["fused_vs_unfused_greedy_agree"] = [
             len(a) if _first_difference(a, b) is None else _first_difference(a, b) for a, b in zip(tokens["graphs greedy"], tokens["graphs-unfused greedy"])]
@@ -309,6 +314,8 @@ def main():
                 for tag, _ in runs if tag in results]
         rows.append(dict(metric="async scheduling: same greedy / sampled tokens as without",
                          value=str(results.get("async_equals_sync"))))
+        rows.append(dict(metric="eager vs graph steps: greedy tokens equal for the first (of 256, 3 prompts)",
+                         value=str(results.get("eager_vs_graphs_greedy_agree"))))
         rows.append(dict(metric="fused vs unfused step: greedy tokens equal for the first (of 256, 3 prompts)",
                          value=str(results.get("fused_vs_unfused_greedy_agree"))))
         results["table"] = rows

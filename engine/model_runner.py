@@ -20,12 +20,13 @@ from stepvox.kernels.argmax import argmax_rows
 from .attention_metadata import AttentionMetadata
 from .checkpoint import CheckpointReader
 from .config import EngineConfig, Step1Config
-from .device_copy import to_device, values_to_device
+from .device_copy import values_to_device
 from .distributed.parallel_state import get_tp_group, tp_min_int
 from .errors import ConfigError
 from .kv_cache import allocate_kv_cache, kv_page_bytes
 from .models.step1 import Step1ForCausalLM
 from .scheduler import ChunkPlan
+from .step_inputs import StagedInputs
 
 log = logging.getLogger("stepvox")
 
@@ -88,6 +89,10 @@ class ModelRunner:
                                           self.page_size, cfg.head_dim, dtype, device)
         for layer, (k_cache, v_cache) in zip(self.model.attention_layers(), self.kv_cache):
             layer.k_cache, layer.v_cache = k_cache, v_cache
+        pages = self.max_pages_per_seq * ecfg.max_num_seqs
+        # staged on the CPU too (unpinned there), so the CPU tests run the same path
+        self.staging = StagedInputs({torch.long: 3 * ecfg.max_num_batched_tokens,
+                                     torch.int32: 2 * pages + 3 * ecfg.max_num_seqs + 1}, device, stage=True)
         self.graphs: dict[int, tuple] = {}
         self.use_graphs = device.type == "cuda" and not ecfg.enforce_eager
         if device.type == "cuda":
@@ -165,9 +170,10 @@ class ModelRunner:
         return [table[p // ps] * ps + p % ps for p in range(start, start + length)]
 
     def prepare(self, plans: list[ChunkPlan]):
-        """Device inputs for a step: (input_ids, metadata, plan indices in token order, sample rows).
-        Every host value goes over through pinned memory without a stream sync (engine/device_copy.py),
-        so preparing an eager step never waits for a step launched ahead."""
+        """Device inputs for a step: (input_ids, metadata, plan indices in token order, sample rows
+        as a device index or None when every token samples). The host values go over in one staged,
+        non-blocking copy per dtype (engine/step_inputs.py), so preparing an eager step never waits
+        for a step launched ahead."""
         decodes = [i for i, c in enumerate(plans) if c.length == 1]
         prefills = [i for i, c in enumerate(plans) if c.length > 1]
         ids, slots = [], []
@@ -175,31 +181,39 @@ class ModelRunner:
             c = plans[i]
             ids += c.tokens
             slots += self._slots(c.block_table, c.start, c.length)
-        dev = self.device
-        meta = AttentionMetadata(slot_mapping=values_to_device(slots, torch.long, dev), num_decode=len(decodes))
-        if decodes:
-            lens = [plans[i].start + 1 for i in decodes]
-            meta.decode_seq_lens = values_to_device(lens, torch.int32, dev)
-            meta.decode_block_table = to_device(torch.from_numpy(_pad_tables([plans[i].block_table for i in decodes])),
-                                                dev)
-            meta.decode_max_seq_len = max(lens)
-            meta.decode_num_splits = default_num_splits(len(decodes), self.local_kv_heads, max(lens), self.num_sms)
-        if prefills:
-            cu = np.cumsum([0] + [plans[i].length for i in prefills])
-            meta.num_prefill_tokens = int(cu[-1])
-            meta.prefill_cu_seqlens = values_to_device(cu, torch.int32, dev)
-            meta.prefill_max_len = max(plans[i].length for i in prefills)
-            if any(plans[i].start for i in prefills):
-                meta.prefill_context_lens = values_to_device([plans[i].start for i in prefills], torch.int32, dev)
-                meta.prefill_block_table = to_device(
-                    torch.from_numpy(_pad_tables([plans[i].block_table for i in prefills])), dev)
         rows, pos = [], 0
         for i in decodes + prefills:
             pos += plans[i].length
             if plans[i].samples:
                 rows.append(pos - 1)
-        input_ids = values_to_device(ids, torch.long, dev)
-        return input_ids, meta, decodes + prefills, rows
+        i64, i32 = torch.long, torch.int32
+        parts = {"ids": (ids, i64), "slots": (slots, i64)}
+        if len(rows) != len(ids):
+            parts["rows"] = (rows, i64)
+        if decodes:
+            lens = [plans[i].start + 1 for i in decodes]
+            parts["lens"] = (lens, i32)
+            parts["decode_table"] = (_pad_tables([plans[i].block_table for i in decodes]), i32)
+        if prefills:
+            cu = np.cumsum([0] + [plans[i].length for i in prefills])
+            parts["cu"] = (cu, i32)
+            if any(plans[i].start for i in prefills):
+                parts["ctx"] = ([plans[i].start for i in prefills], i32)
+                parts["prefill_table"] = (_pad_tables([plans[i].block_table for i in prefills]), i32)
+        on_device = dict(zip(parts, self.staging.put(list(parts.values()))))
+        meta = AttentionMetadata(slot_mapping=on_device["slots"], num_decode=len(decodes))
+        if decodes:
+            meta.decode_seq_lens = on_device["lens"]
+            meta.decode_block_table = on_device["decode_table"]
+            meta.decode_max_seq_len = max(lens)
+            meta.decode_num_splits = default_num_splits(len(decodes), self.local_kv_heads, max(lens), self.num_sms)
+        if prefills:
+            meta.num_prefill_tokens = int(cu[-1])
+            meta.prefill_cu_seqlens = on_device["cu"]
+            meta.prefill_max_len = max(plans[i].length for i in prefills)
+            meta.prefill_context_lens = on_device.get("ctx")
+            meta.prefill_block_table = on_device.get("prefill_table")
+        return on_device["ids"], meta, decodes + prefills, on_device.get("rows")
 
     # ---------------------------------------------------------------- execution
     @torch.inference_mode()
@@ -219,12 +233,9 @@ class ModelRunner:
             input_ids = input_tokens.to(device=input_ids.device, dtype=input_ids.dtype)   # decodes keep plan order
         hidden = self.model(input_ids, meta)
         sampling = [i for i in order if plans[i].samples]
-        if not rows:
+        if not sampling:
             return hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32), sampling, None
-        if len(rows) == hidden.shape[0]:
-            selected = hidden
-        else:
-            selected = hidden[values_to_device(rows, torch.long, self.device)]
+        selected = hidden if rows is None else hidden[rows]
         return self.model.compute_logits(selected), sampling, None
 
     # ---------------------------------------------------------------- CUDA graphs
