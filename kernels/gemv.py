@@ -212,7 +212,6 @@ def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, sumsq
         BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0,
         RMS_IN=sumsq_in is not None, SLOTS_PAD=max(16, triton.next_power_of_2(slots)), SILU=silu,
         RESIDUAL=sumsq_out is not None, **cfg, **pdl_launch_options(x))
-    return blocks
 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
@@ -278,7 +277,9 @@ def linear_small_m_add_(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
                         config: dict | None = None) -> torch.Tensor:
     """residual += x W^T in place (the product rounded to the dtype, then the sum, as separate ops
     would round), for x [M, K] (M <= 16); returns float32 [S, M] partial sums of squares of the new
-    residual rows, which rms_linear_small_m takes."""
+    residual rows, which rms_linear_small_m takes. With PDL the kernel reads `residual` before it
+    waits for the kernel launched just before it, so that kernel must not be the one that wrote
+    `residual` (in the decode step it is two or three launches back; kernels/pdl.py)."""
     _check(x, weight, "linear_small_m_add_")
     m, n = x.shape[0], weight.shape[0]
     if residual.shape != (m, n) or residual.dtype != x.dtype or not residual.is_contiguous():
