@@ -96,7 +96,7 @@ class EngineConfig:
     distributed_executor: str = "auto"        # "auto": in-process for one rank; "mp": worker processes (any size)
     seed: int = 0
     async_scheduling: bool = True             # launch a decode step before the host has read the previous
-                                              # one's tokens (one in-process rank; see llm_engine.py)
+                                              # one's tokens (any executor; see llm_engine.py)
 
     def validate(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.page_size < 1:

@@ -1,6 +1,7 @@
 """The synchronous engine: requests in, one scheduled step at a time, outputs out.
 
-Async scheduling (EngineConfig.async_scheduling, one rank): when the step after this one is known
+Async scheduling (EngineConfig.async_scheduling; with tensor parallelism the workers get the ids in
+a broadcast behind the plan): when the step after this one is known
 to be a decode of the same sequences (nobody waits, nobody is preempted), it is launched right after
 this step's sampling is queued, fed with the sampled ids on the device, before the host reads them.
 The GPU then runs step n+1 while the host does step n's bookkeeping (stop checks, detokenisation,

@@ -137,3 +137,22 @@ def test_plan_for_the_chat_model():
     assert "must divide" in rows[3]["note"]
     assert rows[4]["kv_tokens"] > 10_000 and abs(rows[4]["floor_ms"] - 19.7) < 0.1
     assert rows[8]["kv_tokens"] > 2 * rows[4]["kv_tokens"]
+
+
+def test_tp_async_scheduling_gives_the_same_tokens(two_groups):
+    """Steps planned ahead reach the workers with their token ids in a broadcast behind the plan:
+    greedy and seeded sampled outputs equal stepping one step at a time."""
+    prompts = PROMPTS + ["a third prompt"]
+    params = [GREEDY, SamplingParams(temperature=0.8, top_k=20, seed=11, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+    outs = {}
+    for async_on in (True, False):
+        llm = LLM(two_groups, device="cpu", max_model_len=256, tensor_parallel_size=2, async_scheduling=async_on)
+        try:
+            outs[async_on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            ahead = llm.engine.stats["steps_ahead"]
+        finally:
+            llm.shutdown()
+        assert (ahead > 0) == async_on
+    assert outs[True] == outs[False]
+    assert [len(t) for t in outs[True]] == [10, 10, 4]

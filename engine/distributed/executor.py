@@ -1,7 +1,9 @@
 """The driver side of tensor parallelism: rank 0 in this process, ranks 1..N-1 in workers.
 
 Each step the driver broadcasts the step's plan (plain chunk data) over a gloo group, then runs
-its own shard; the workers run theirs on the same plan, so no rank can diverge. The layers'
+its own shard; the workers run theirs on the same plan, so no rank can diverge. A decode step
+launched ahead (async scheduling) takes its token ids from the previous step's samples on rank 0's
+device; they follow the plan in a broadcast on the model's group, so no rank waits for the host. The layers'
 all-reduces (NCCL on GPUs) join the ranks inside the forward pass; the LM head gathers the full
 logits and the driver samples. A worker that dies is noticed before the next step, or while the
 driver waits in a collective, and reported with its rank and its failure.
@@ -165,18 +167,20 @@ class TensorParallelExecutor:
             raise WorkerFailedError(failure)
 
     # ---------------------------------------------------------------- steps
-    # the workers would need the previous step's samples too (not broadcast yet): no steps ahead
-    supports_async_scheduling = False
+    # a step planned ahead carries its token ids on rank 0's device: the plan says so, and the ids
+    # follow in a broadcast on the model's group (NCCL on GPUs), queued behind the sampling
+    supports_async_scheduling = True
 
     def execute(self, sched: SchedulerOutput, input_tokens: torch.Tensor | None = None):
-        if input_tokens is not None:
-            raise ValueError("the tensor-parallel executor takes token ids from the plan only")
         self._check_workers()
         plans = [c.plan() for c in sched.chunks]
         try:
             if self.workers:           # one rank alone has nobody to tell
-                dist.broadcast_object_list([("step", plans)], src=0, group=self.control)
-            logits, order, greedy = self.runner.execute(plans)
+                dist.broadcast_object_list([("step", (plans, input_tokens is not None))], src=0, group=self.control)
+                if input_tokens is not None:
+                    input_tokens = input_tokens.to(device=self.device, dtype=torch.long).contiguous()
+                    dist.broadcast(input_tokens, src=0)
+            logits, order, greedy = self.runner.execute(plans, input_tokens)
         except Exception as exc:
             failure = self._collect_failure()
             if failure:

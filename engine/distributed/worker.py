@@ -2,7 +2,7 @@
 
 It joins the process groups, builds its ModelRunner (reading only its slices of the checkpoint),
 reports readiness to the driver, then runs every step plan the driver broadcasts until told to
-stop. Any failure is reported to the driver (rank and traceback) before the process exits.
+stop (with the token ids that follow a plan made ahead). Any failure is reported to the driver (rank and traceback) before the process exits.
 """
 from __future__ import annotations
 
@@ -64,7 +64,12 @@ def worker_main(rank: int, size: int, init_method: str, model_path: str, ecfg, d
             kind, payload = receive_plan(control)
             if kind == "stop":
                 break
-            runner.execute(payload)
+            plans, tokens_follow = payload
+            input_tokens = None
+            if tokens_follow:          # a step planned ahead: rank 0's samples, on the device
+                input_tokens = torch.empty(len(plans), dtype=torch.long, device=device)
+                dist.broadcast(input_tokens, src=0)
+            runner.execute(plans, input_tokens)
         conn.send(("stopped", None))
     except BaseException:  # noqa: BLE001 - the driver must learn why this rank failed
         try:
