@@ -108,7 +108,8 @@ def check_fused(eps: float = 1e-5) -> list[dict]:
             sq = linear_small_m_add_(x, w, r)
             want = res.double() + x.double() @ w.double().T
             err = ((r.double() - want).norm() / want.norm()).item()
-            sq_err = ((sq.sum(0).double() - r.double().pow(2).sum(1)).abs().max() / r.double().pow(2).sum(1).max()).item()
+            sq_want = r.double().pow(2).sum(1)
+            sq_err = ((sq.sum(0).double() - sq_want).abs().max() / sq_want.max()).item()
             rows.append(dict(op=f"add {name}", m=m, rel_err=err, ok=err < 1e-2 and sq_err < 1e-5))
     for row in rows:
         print(row, flush=True)

@@ -301,8 +301,10 @@ def main():
         print("eager vs graphs: greedy tokens agree for the first", results["eager_vs_graphs_greedy_agree"], flush=True)
     if "graphs-unfused" in results:      # bf16 rounding differs: report how long greedy decoding agrees
         results["fused_vs_unfused_greedy_agree"] = [
-            len(a) if _first_difference(a, b) is None else _first_difference(a, b) for a, b in zip(tokens["graphs greedy"], tokens["graphs-unfused greedy"])]
-        print("fused vs unfused: greedy tokens agree for the first", results["fused_vs_unfused_greedy_agree"], flush=True)
+            len(a) if _first_difference(a, b) is None else _first_difference(a, b)
+            for a, b in zip(tokens["graphs greedy"], tokens["graphs-unfused greedy"])]
+        print("fused vs unfused: greedy tokens agree for the first", results["fused_vs_unfused_greedy_agree"],
+              flush=True)
     g, e, w = results["graphs"], results.get("eager", {}), results.get("tp1-worker-path", {})
 
     def f(v, fmt="{:.2f}"):

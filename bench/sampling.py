@@ -75,7 +75,8 @@ def main():
     rows = []
     for batch in (1, 16):
         fused, plain = time_sampler(batch, True), time_sampler(batch, False)
-        rows.append(dict(batch=batch, triton_us=f"{fused:.1f}", torch_us=f"{plain:.1f}", speedup=f"{plain / fused:.1f}x"))
+        rows.append(dict(batch=batch, triton_us=f"{fused:.1f}", torch_us=f"{plain:.1f}",
+                         speedup=f"{plain / fused:.1f}x"))
         print(rows[-1], flush=True)
     results["rows"] = rows
     write_json("sampling.json", results)

@@ -123,7 +123,8 @@ class Sampler:
             return logits.argmax(-1)
         dev = logits.device
         greedy = values_to_device([s.params.greedy for s in seqs], torch.bool, dev)
-        temps = values_to_device([s.params.temperature if not s.params.greedy else 1.0 for s in seqs], torch.float32, dev)
+        temps = values_to_device([s.params.temperature if not s.params.greedy else 1.0 for s in seqs],
+                                 torch.float32, dev)
         greedy_ids = logits.argmax(-1)
         scaled = logits / temps[:, None]
         top_ks = [s.params.top_k if s.params.top_k > 0 else 0 for s in seqs]

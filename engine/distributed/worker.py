@@ -2,7 +2,8 @@
 
 It joins the process groups, builds its ModelRunner (reading only its slices of the checkpoint),
 reports readiness to the driver, then runs every step plan the driver broadcasts until told to
-stop (with the token ids that follow a plan made ahead). Any failure is reported to the driver (rank and traceback) before the process exits.
+stop (with the token ids that follow a plan made ahead). Any failure is reported to the driver
+(rank and traceback) before the process exits.
 """
 from __future__ import annotations
 
