@@ -90,9 +90,8 @@ class ModelRunner:
         for layer, (k_cache, v_cache) in zip(self.model.attention_layers(), self.kv_cache):
             layer.k_cache, layer.v_cache = k_cache, v_cache
         pages = self.max_pages_per_seq * ecfg.max_num_seqs
-        # staged on the CPU too (unpinned there), so the CPU tests run the same path
         self.staging = StagedInputs({torch.long: 3 * ecfg.max_num_batched_tokens,
-                                     torch.int32: 2 * pages + 3 * ecfg.max_num_seqs + 1}, device, stage=True)
+                                     torch.int32: 2 * pages + 3 * ecfg.max_num_seqs + 1}, device)
         self.graphs: dict[int, tuple] = {}
         self.use_graphs = device.type == "cuda" and not ecfg.enforce_eager
         if device.type == "cuda":

@@ -17,12 +17,11 @@ from .device_copy import values_to_device
 
 
 class StagedInputs:
-    def __init__(self, capacity: dict[torch.dtype, int], device: torch.device, stage: bool | None = None):
-        """capacity: elements per dtype that one step may stage; larger steps copy directly.
-        stage: use the staging buffers (default: on CUDA devices; tests stage on the CPU too)."""
+    def __init__(self, capacity: dict[torch.dtype, int], device: torch.device):
+        """capacity: elements per dtype that one step may stage; larger steps copy directly. On a
+        CPU device the buffers are plain memory: the same path runs, which is what the tests see."""
         self.device = device
         self.capacity = dict(capacity)
-        self.staged = device.type == "cuda" if stage is None else stage
         pinned = device.type == "cuda"
         self.host = {dt: [torch.zeros(n, dtype=dt, pin_memory=pinned) for _ in range(2)]
                      for dt, n in capacity.items()}
@@ -35,7 +34,7 @@ class StagedInputs:
         need: dict[torch.dtype, int] = {}
         for a, (_, dt) in zip(arrays, parts):
             need[dt] = need.get(dt, 0) + a.size
-        if not self.staged or any(n > self.capacity.get(dt, 0) for dt, n in need.items()):
+        if any(n > self.capacity.get(dt, 0) for dt, n in need.items()):
             return [values_to_device(a, dt, self.device) for a, (_, dt) in zip(arrays, parts)]
         views, offsets = [], dict.fromkeys(need, 0)
         for a, (_, dt) in zip(arrays, parts):

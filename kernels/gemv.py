@@ -191,7 +191,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
 
 
-def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, sumsq_out=None):
+def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, add_to_out=False):
+    """One product into `out`; with add_to_out, out is the residual it adds to, and the new rows'
+    partial sums of squares (float32 [row blocks, M]) are returned."""
     m, k = x.shape
     n = weight.shape[0]
     cfg = dict(config or gemv_config(n, k, num_sms(x.device)))
@@ -205,13 +207,15 @@ def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, sumsq
         split, k_range = 1, k
     work, counters = _workspace(x.device) if split > 1 else (out, out)
     slots = sumsq_in.shape[0] if sumsq_in is not None else 1
+    sumsq_out = torch.empty(blocks, m, dtype=torch.float32, device=x.device) if add_to_out else None
     _gemv_kernel[(blocks, split)](
         x, weight, out, work, counters, sumsq_in if sumsq_in is not None else out,
         sumsq_out if sumsq_out is not None else out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         k_range, slots, eps,
         BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0,
         RMS_IN=sumsq_in is not None, SLOTS_PAD=max(16, triton.next_power_of_2(slots)), SILU=silu,
-        RESIDUAL=sumsq_out is not None, **cfg, **pdl_launch_options(x))
+        RESIDUAL=add_to_out, **cfg, **pdl_launch_options(x))
+    return sumsq_out
 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
@@ -287,9 +291,6 @@ def linear_small_m_add_(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
                          f"{residual.dtype} {tuple(residual.shape)}")
     if m > MAX_M or not use_triton(x):
         return linear_small_m_add_reference(x, weight, residual)
-    x = x.contiguous()
-    cfg = dict(config or gemv_config(n, x.shape[1], num_sms(x.device)))
-    sumsq = torch.empty(triton.cdiv(n, cfg["BLOCK_N"]), m, dtype=torch.float32, device=x.device)
-    if m:
-        _launch(x, weight, residual, cfg, sumsq_out=sumsq)
-    return sumsq
+    if m == 0:
+        return torch.zeros(1, 0, dtype=torch.float32, device=x.device)
+    return _launch(x.contiguous(), weight, residual, config, add_to_out=True)

@@ -7,7 +7,7 @@ from stepvox.engine.step_inputs import StagedInputs
 
 
 def test_parts_come_back_as_views_with_their_values_and_shapes():
-    staging = StagedInputs({torch.long: 16, torch.int32: 32}, torch.device("cpu"), stage=True)
+    staging = StagedInputs({torch.long: 16, torch.int32: 32}, torch.device("cpu"))
     first_turn = staging.turn
     table = np.arange(12, dtype=np.int32).reshape(3, 4)
     ids, lens, tab, slots = staging.put([([5, 6, 7], torch.long), ([9, 10, 11], torch.int32),
@@ -22,7 +22,7 @@ def test_parts_come_back_as_views_with_their_values_and_shapes():
 
 
 def test_steps_larger_than_the_buffers_are_copied_directly():
-    staging = StagedInputs({torch.long: 4}, torch.device("cpu"), stage=True)
+    staging = StagedInputs({torch.long: 4}, torch.device("cpu"))
     (big,) = staging.put([(list(range(10)), torch.long)])
     assert big.tolist() == list(range(10))
     (other,) = staging.put([([1.5], torch.float32)])                        # no buffer for this dtype
