@@ -15,23 +15,20 @@ the K and V bytes read once. Prints a table last and writes JSON to $OUT/attenti
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
+import triton
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import bench_gpu, bench_graph, device_name, guarded, print_table, write_json  # noqa: E402
+from _util import bench_gpu, bench_graph, device_name, guarded, print_table, write_json
 
-from stepvox.kernels import (alibi_slopes, attention_decode, attention_prefill, rms_norm,  # noqa: E402
+from stepvox.kernels import (alibi_slopes, attention_decode, attention_prefill, rms_norm,
                              rms_norm_reference, silu_and_mul, silu_and_mul_reference, write_kv)
-from stepvox.kernels.attention_decode import default_num_splits  # noqa: E402
+from stepvox.kernels.attention_decode import default_num_splits
+from stepvox.kernels.attention_prefill import PREFILL_CONFIGS
 
 DEV = "cuda"
-NO_PEERS = False
-SWEEP = False
 DT = torch.bfloat16
 
 PREFILL_CASES = [
@@ -160,7 +157,6 @@ def prefill_variants(d, quick, sweep=False):
     """The module's default first; then neighbours that show what each choice buys (the pointer
     path instead of TMA, the exact square root everywhere, other tiles). --sweep times the grid
     the defaults were chosen from."""
-    from stepvox.kernels.attention_prefill import PREFILL_CONFIGS
     base = dict(PREFILL_CONFIGS[d])
     if quick:
         return [base]
@@ -176,7 +172,7 @@ def prefill_variants(d, quick, sweep=False):
             dict(base, BLOCK_M=128, num_warps=8 if d == 128 else 4)]
 
 
-def time_prefill_case(c, quick, rows, results):
+def time_prefill_case(c, quick, rows, results, no_peers: bool = False, sweep: bool = False):
     hq, hkv, d, s = c["hq"], c["hkv"], c["d"], c["s"]
     flops = 4 * s * s / 2 * hq * d
     torch.manual_seed(0)
@@ -192,7 +188,7 @@ def time_prefill_case(c, quick, rows, results):
         return flops / ms / 1e9
 
     best = None
-    for cfg in prefill_variants(d, quick, SWEEP):
+    for cfg in prefill_variants(d, quick, sweep):
         name = "stepvox " + ",".join(f"{k_}={v_}" for k_, v_ in cfg.items())
 
         def run(cfg=cfg):
@@ -205,7 +201,7 @@ def time_prefill_case(c, quick, rows, results):
             best = (name, ms)
     qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     peers = {}
-    if NO_PEERS:
+    if no_peers:
         return _record_prefill(c, entry, best, rows, results, tf)
 
     def sdpa_plain():
@@ -224,7 +220,6 @@ def time_prefill_case(c, quick, rows, results):
     peers["sdpa + bias tensor"] = guarded(results, f"{c['case']} sdpa+bias", bias_peer)
 
     def flex_peer():
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention, dynamic=False)
 
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -263,7 +258,7 @@ def decode_variants(c, quick):
                    for bn, w, st in ((128, 4, 3), (256, 4, 2), (256, 8, 2), (128, 8, 3))]
 
 
-def time_decode_case(c, quick, rows, results, copy_gbs):
+def time_decode_case(c, quick, rows, results, copy_gbs, no_peers: bool = False):
     hq, hkv, d, b, L = c["hq"], c["hkv"], c["d"], c["b"], c["L"]
     page = 16
     pages_per_seq = L // page
@@ -295,7 +290,7 @@ def time_decode_case(c, quick, rows, results, copy_gbs):
         graph_ms = guarded(results, f"{c['case']} graph", lambda: bench_graph(
             lambda: attention_decode(q, kc, vc, table, seq_lens, slopes, scale, **cfg)))
         entry["stepvox_best_graph_us"] = graph_ms * 1e3 if graph_ms else None
-    if NO_PEERS:
+    if no_peers:
         results.setdefault("decode", []).append(entry)
         rows.append(dict(case=c["case"], stepvox=f"{kv_bytes / best[1] / 1e6:.0f} GB/s, {best[1] * 1e3:.1f} us",
                          graph_us=f"{entry.get('stepvox_best_graph_us') or 0:.1f}", best_variant=best[0][8:]))
@@ -369,10 +364,7 @@ def main():
     ap.add_argument("--no-peers", action="store_true", help="time stepvox only (tuning runs)")
     ap.add_argument("--sweep", action="store_true", help="time the configuration grid the defaults came from")
     args = ap.parse_args()
-    global NO_PEERS, SWEEP
-    NO_PEERS, SWEEP = args.no_peers, args.sweep
     results = {"device": device_name(), "torch": torch.__version__}
-    import triton
     results["triton"] = triton.__version__
     print(f"device: {results['device']}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     rows = []
@@ -385,11 +377,13 @@ def main():
     results["copy_gbs"] = copy_gbs
     if args.only in (None, "prefill"):
         for c in PREFILL_CASES:
-            guarded(results, c["case"], lambda c=c: time_prefill_case(c, args.quick, rows, results))
+            guarded(results, c["case"], lambda c=c: time_prefill_case(c, args.quick, rows, results, args.no_peers,
+                                                                      args.sweep))
             print(rows[-1] if rows else "", flush=True)
     if args.only in (None, "decode"):
         for c in DECODE_CASES:
-            guarded(results, c["case"], lambda c=c: time_decode_case(c, args.quick, rows, results, copy_gbs))
+            guarded(results, c["case"], lambda c=c: time_decode_case(c, args.quick, rows, results, copy_gbs,
+                                                                     args.no_peers))
             print(rows[-1] if rows else "", flush=True)
     if args.only in (None, "small"):
         guarded(results, "small ops", lambda: time_small_ops(rows, results))

@@ -1,26 +1,25 @@
 """Steady-state decode step time of the engine by batch size (TTS-3B shape, one GPU): wall time
-per engine step, the bare CUDA-graph replay, and the same with the GEMV kernel switched off
-(cuBLAS for every product). Prints a table; JSON to $OUT/decode_sweep.json.
+per engine step, the bare CUDA-graph replay, and the same with the GEMV kernels switched off
+(cuBLAS for every product, unfused decode step). Prints a table; JSON to $OUT/decode_sweep.json.
 
   python bench/decode_sweep.py
 """
 from __future__ import annotations
 
+import cProfile
+import io
 import os
+import pstats
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
+from _util import device_name, print_table, write_json
+from llm import graph_replay_ms, prompt_ids, write_checkpoint
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import device_name, print_table, write_json  # noqa: E402
-from llm import graph_replay_ms, prompt_ids, write_checkpoint  # noqa: E402
-
-import stepvox.engine.layers.linear as linear_mod  # noqa: E402
-from stepvox import LLM, SamplingParams  # noqa: E402
-from stepvox.engine.random_checkpoint import TTS_3B  # noqa: E402
+from stepvox import LLM, SamplingParams
+from stepvox.engine.config import TTS_3B
 
 BATCHES = [1, 4, 8, 16, 32, 64]
 
@@ -46,9 +45,6 @@ def step_ms(llm, batch):
 
 def profile_generate(llm, batch=16):
     """cProfile of one throughput-style generate() call: where does the host spend its time?"""
-    import cProfile
-    import io
-    import pstats
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     prompts = [prompt_ids(400, 9000 + i) for i in range(batch)]
     pr = cProfile.Profile()
@@ -70,10 +66,9 @@ def main():
         write_checkpoint(folder, dict(TTS_3B))
     results = {"device": device_name(), "rows": []}
     rows = []
-    for gemv in (True, False):
-        linear_mod.MAX_M = 16 if gemv else 0
+    for gemv in (True, False):       # off: cuBLAS for every product (no GEMV, no fused decode step)
         llm = LLM(folder, max_num_batched_tokens=8192, max_num_seqs=64, cuda_graph_max_batch=64,
-                  gpu_memory_utilization=0.85)
+                  gpu_memory_utilization=0.85, gemv_max_rows=16 if gemv else 0, fused_decode=gemv)
         runner = llm.engine.executor.runner
         if gemv:
             results["generate16_s"] = profile_generate(llm)

@@ -7,18 +7,13 @@ Prints GB/s of weight bytes; JSON to $OUT/gemv.json.
 """
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 
 import torch
 import torch.nn.functional as F
+from _util import bench_graph, device_name, guarded, print_table, write_json
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import bench_graph, device_name, guarded, print_table, write_json  # noqa: E402
-
-from stepvox.kernels.gemv import (gemv_config, linear_small_m, linear_small_m_add_,  # noqa: E402
-                                  rms_linear_small_m)
-from stepvox.kernels.pdl import set_pdl  # noqa: E402
+from stepvox.kernels.gemv import gemv_config, linear_small_m, linear_small_m_add_, rms_linear_small_m
 
 SHAPES = {"qkv": (3584, 3072), "o_proj": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192),
           "lm_head": (74752, 3072)}
@@ -66,18 +61,16 @@ def layer_chain(layers: int = 32, variants=("defaults",)) -> list[dict]:
     for tag, pdl in runs:
         over = CHAIN_VARIANTS.get(tag, {})
 
-        def step():
+        def step(over=over, pdl=pdl):
             for wq, wo, wgu, wd in ws:
-                linear_small_m(x, wq, config=over.get("small"))
-                linear_small_m(x, wo, config=over.get("small"))
-                linear_small_m(x, wgu, config=over.get("gate_up"))
-                linear_small_m(xi, wd, config=over.get("down"))
-            linear_small_m(x, head)
-        set_pdl(pdl)
+                linear_small_m(x, wq, config=over.get("small"), pdl=pdl)
+                linear_small_m(x, wo, config=over.get("small"), pdl=pdl)
+                linear_small_m(x, wgu, config=over.get("gate_up"), pdl=pdl)
+                linear_small_m(xi, wd, config=over.get("down"), pdl=pdl)
+            linear_small_m(x, head, pdl=pdl)
         t = bench_graph(step, iters=3, reps=10)
         rows.append(dict(variant=tag, ms=round(t, 3), gbs=round(gb / t * 1e3)))
         print(rows[-1], flush=True)
-    set_pdl(True)
     return rows
 
 
@@ -117,7 +110,6 @@ def check_fused(eps: float = 1e-5) -> list[dict]:
 
 
 def main():
-    import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--chain-only", action="store_true", help="only the whole-step chain, all variants")
     ap.add_argument("--check-fused", action="store_true", help="only the fused products' bf16 check")
@@ -150,9 +142,7 @@ def main():
             gb = n * k * 2 / 1e9
             t_torch = bench_graph(lambda: F.linear(x, nxt()))
             default = gemv_config(n, k, torch.cuda.get_device_properties(0).multi_processor_count)
-            set_pdl(False)
-            t_nopdl = bench_graph(lambda: linear_small_m(x, nxt(), config=default))
-            set_pdl(True)
+            t_nopdl = bench_graph(lambda: linear_small_m(x, nxt(), config=default, pdl=False))
             best = None
             sweep = [c for c in CONFIGS if c["SPLIT_K"] == 1 or n < 8192] if m == 1 else []
             for cfg in [default] + sweep:

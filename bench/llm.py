@@ -14,22 +14,19 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
+from _util import device_name, guarded, print_table, write_json
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import device_name, guarded, print_table, write_json  # noqa: E402
-
-from stepvox import LLM, SamplingParams  # noqa: E402
-from stepvox.engine.checkpoint import INDEX_FILE, expected_shapes  # noqa: E402
-from stepvox.engine.config import Step1Config  # noqa: E402
-from stepvox.engine.models import step1  # noqa: E402
-from stepvox.engine.random_checkpoint import TTS_3B, build_tokenizer_model, config_dict  # noqa: E402
-from stepvox.kernels.pdl import set_pdl  # noqa: E402
+from stepvox import LLM, SamplingParams
+from stepvox.engine.config import TTS_3B, Step1Config
+from stepvox.engine.models.step1_checkpoint import INDEX_FILE, expected_shapes
+from stepvox.kernels.backend import num_sms
+from stepvox.kernels.gemv import gemv_config
+from stepvox.testing.step1 import build_tokenizer_model, config_dict
 
 
 def write_checkpoint(folder: str, shape: dict, shard_bytes: int = 2 << 30) -> None:
@@ -93,9 +90,9 @@ def decode_ms_per_token(llm, new_tokens: int = 256, sampling: dict | None = None
 def graph_replay_ms(llm, size: int | None = None) -> float | None:
     """Mean over 50 back-to-back replays of the decode graph for `size` (default: the smallest)."""
     runner = llm.engine.executor.runner
-    if not runner.graphs:
+    if not runner.graph_sizes:
         return None
-    graph = runner.graphs[size if size is not None else min(runner.graphs)][0]
+    graph = runner.graphs.entry(size if size is not None else runner.graph_sizes[0])[0]
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()
@@ -111,9 +108,9 @@ def graph_replay_ms(llm, size: int | None = None) -> float | None:
 def graph_launch_us(llm, size: int | None = None) -> float | None:
     """Median host time of one decode-graph launch call (all segments) on an idle GPU."""
     runner = llm.engine.executor.runner
-    if not runner.graphs:
+    if not runner.graph_sizes:
         return None
-    graph = runner.graphs[size if size is not None else min(runner.graphs)][0]
+    graph = runner.graphs.entry(size if size is not None else runner.graph_sizes[0])[0]
     times = []
     for _ in range(20):
         torch.cuda.synchronize()
@@ -151,16 +148,15 @@ def _first_difference(a: list, b: list) -> int | None:
 
 def check_async(folder: str) -> dict:
     """Async scheduling against plain stepping inside one engine (the same graphs and weights):
-    greedy and seeded TTS-style sampling, 3 prompts x 128 tokens, each mode twice; then again with
-    every GEMV unsplit (split-K sums with float atomics, so its results may differ run to run)."""
-    from stepvox.kernels import gemv
+    greedy and seeded TTS-style sampling, 3 prompts x 128 tokens, each mode twice; with the default
+    GEMV tiles and with every GEMV unsplit (split-K products sum their K ranges in a fixed order, so
+    both must repeat exactly)."""
+    sms = num_sms(torch.device("cuda"))
     out = {}
-    for label in ("default GEMV", "unsplit GEMV"):
-        if label == "unsplit GEMV":
-            base = gemv.gemv_config
-            gemv.gemv_config = lambda n, k, sm_count=132: {**base(n, k, sm_count), "SPLIT_K": 1}
+    for label, tiles in (("default GEMV", None),
+                         ("unsplit GEMV", lambda n, k: {**gemv_config(n, k, sms), "SPLIT_K": 1})):
         llm = LLM(folder, max_num_batched_tokens=4096, max_num_seqs=8, cuda_graph_max_batch=8,
-                  gpu_memory_utilization=0.5, enable_prefix_caching=False)   # every run computes alike
+                  gpu_memory_utilization=0.5, enable_prefix_caching=False, gemv_tiles=tiles)   # every run alike
         runs = []
         for mode in ("sync", "async", "sync", "async"):
             llm.engine.async_scheduling = mode == "async"
@@ -178,8 +174,6 @@ def check_async(folder: str) -> dict:
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-        if label == "unsplit GEMV":
-            gemv.gemv_config = base
     return out
 
 
@@ -196,14 +190,13 @@ CONFIG_VARIANTS = {     # GEMV tiles for the fused step's products: (n, k) shape
 
 def config_sweep(folder: str) -> list[dict]:
     """Batch-1 decode (CUDA graphs, async, fused step) per GEMV configuration variant, each on a
-    fresh engine (graphs keep the configuration they were captured with)."""
-    from stepvox.kernels import gemv
-    base = gemv.gemv_config
+    fresh engine built with that variant's tiles (`gemv_tiles`)."""
+    sms = num_sms(torch.device("cuda"))
     rows = []
     for tag, (applies, over) in CONFIG_VARIANTS.items():
-        gemv.gemv_config = lambda n, k, sm_count=132, applies=applies, over=over: (
-            {**base(n, k, sm_count), **over} if applies(n, k) else base(n, k, sm_count))
-        llm = LLM(folder, max_num_seqs=8, cuda_graph_max_batch=8, gpu_memory_utilization=0.5)
+        def tiles(n, k, applies=applies, over=over):
+            return {**gemv_config(n, k, sms), **over} if applies(n, k) else None
+        llm = LLM(folder, max_num_seqs=8, cuda_graph_max_batch=8, gpu_memory_utilization=0.5, gemv_tiles=tiles)
         rows.append(dict(variant=tag, decode_b1_ms=decode_ms_per_token(llm, new_tokens=128),
                          replay_ms=graph_replay_ms(llm)))
         print(rows[-1], flush=True)
@@ -211,7 +204,6 @@ def config_sweep(folder: str) -> list[dict]:
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-    gemv.gemv_config = base
     return rows
 
 
@@ -223,6 +215,8 @@ def main():
                     help="batch-1 decode only: CUDA graphs with and without async scheduling and PDL, eager")
     ap.add_argument("--check-async", action="store_true",
                     help="only: async scheduling vs plain stepping, same engine, token equality")
+    ap.add_argument("--runs", default=None,
+                    help="comma-separated subset of the engine configurations to run (their table tags)")
     ap.add_argument("--config-sweep", action="store_true",
                     help="only: batch-1 decode for GEMV configuration variants (CONFIG_VARIANTS)")
     args = ap.parse_args()
@@ -246,20 +240,20 @@ def main():
     rows = []
     runs = [("graphs", {}), ("eager", {"enforce_eager": True}), ("tp1-worker-path", {"distributed_executor": "mp"})]
     if args.decode_only:
-        runs = [("graphs", {}), ("graphs-sync", {"async_scheduling": False}), ("graphs-unfused", {}),
-                ("graphs-torch-sampler", {}), ("graphs-no-pdl", {}), ("eager", {"enforce_eager": True})]
+        runs = [("graphs", {}), ("graphs-sync", {"async_scheduling": False}),
+                ("graphs-unfused", {"fused_decode": False}), ("graphs-torch-sampler", {"triton_sampling": False}),
+                ("graphs-no-pdl", {"pdl": False}), ("eager", {"enforce_eager": True})]
+    if args.runs:
+        runs = [(tag, opts) for tag, opts in runs if tag in args.runs.split(",")]
     tokens: dict[str, list] = {}
     for tag, opts in runs:
         graphs = tag == "graphs" and not args.decode_only
-        pdl_before = set_pdl(tag != "graphs-no-pdl")
-        step1.FUSED_DECODE = tag != "graphs-unfused"
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         llm = LLM(folder, max_num_batched_tokens=4096, max_num_seqs=64, cuda_graph_max_batch=64,
                   gpu_memory_utilization=0.85, **opts)
         load = time.perf_counter() - t0
         runner = llm.engine.executor.runner
-        llm.engine.sampler.fused = tag != "graphs-torch-sampler"      # Triton sampling kernels or torch
         r = results[tag] = dict(init_s=load, weights_s=runner.load_seconds,
                                 graph_capture_s=getattr(runner, "graph_capture_seconds", 0.0),
                                 kv_pages=runner.num_pages)
@@ -283,8 +277,6 @@ def main():
             for b in ((16,) if args.quick else (16, 64)):
                 r[f"batch{b}"] = guarded(results, f"batch {b}", lambda b=b: throughput(llm, b))
                 print(f"batch {b}: {r[f'batch{b}']}", flush=True)
-        set_pdl(pdl_before)
-        step1.FUSED_DECODE = True
         llm.shutdown()
         del llm, runner
         gc.collect()

@@ -8,18 +8,19 @@ top kernels; JSON summary to $OUT/profile_audio.json.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 
 import torch
+from _util import write_json
+from tokenizer import SR, build_folder, speech_audio
 from torch.profiler import ProfilerActivity, profile
+from vocoder import make_prompt, random_decoder, tokens_for
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-from _util import write_json  # noqa: E402
+from stepvox.engine.audio.tokenizer import AudioTokenizer
+from stepvox.kernels import KernelConfig
+from stepvox.testing.cosyvoice import FULL_SIZES
+from stepvox.testing.tokenizer import FULL
 
 
 def kernel_summary(prof, reps: int, top: int = 18) -> dict:
@@ -57,32 +58,26 @@ def run_profiled(tag: str, fn, reps: int = 3, results: dict | None = None) -> No
 
 
 def profile_vocoder(results: dict) -> None:
-    from fixtures_cosyvoice import FULL_SIZES
-    from vocoder import make_prompt, random_decoder, tokens_for
     dev = torch.device("cuda")
-    dec = random_decoder(FULL_SIZES, dev)
+    dec = random_decoder(FULL_SIZES, dev, KernelConfig())
+    decoders = {True: dec, False: dec.variant(cuda_graphs=False)}
     prompt = make_prompt(3.0, dev)
     for seconds in (10.0, 0.84):
         toks = tokens_for(seconds)
-        for graphs in (True, False):
-            dec.configure(cuda_graphs=graphs)
+        for graphs, d in decoders.items():
             with torch.inference_mode():
                 run_profiled(f"flow {seconds}s {'graphs' if graphs else 'eager'}",
-                             lambda: dec.token2mel(toks, prompt=prompt, seed=0), results=results)
-    dec.configure(cuda_graphs=True)
+                             lambda: d.token2mel(toks, prompt=prompt, seed=0), results=results)
     with torch.inference_mode():
         mel = dec.token2mel(tokens_for(10.0), prompt=prompt, seed=0)
         run_profiled("hift 10s", lambda: dec.mel2wav(mel, seed=0), results=results)
 
 
 def profile_tokenizer(results: dict) -> None:
-    import fixtures_tokenizer as fx
-    from tokenizer import SR, build_folder, speech_audio
-    from stepvox.engine.audio_tokenizer import AudioTokenizer
     dev = torch.device("cuda")
     root = tempfile.mkdtemp(prefix="stepvox_prof_tok_")
     audio = speech_audio(20, 0, root)
-    build_folder(root, fx.FULL, dev, audio)
+    build_folder(root, FULL, dev, audio)
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         tok = AudioTokenizer.from_pretrained(root, device=dev, dtype=dt)
         clip = audio[: SR * 10]

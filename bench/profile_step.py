@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import out_dir  # noqa: E402
-from llm import TTS_SAMPLING, prompt_ids, write_checkpoint  # noqa: E402
+from _util import out_dir
+from llm import TTS_SAMPLING, prompt_ids, write_checkpoint
 
-from stepvox import LLM, SamplingParams  # noqa: E402
-from stepvox.engine.models import step1  # noqa: E402
-from stepvox.engine.random_checkpoint import TTS_3B  # noqa: E402
+from stepvox import LLM, SamplingParams
+from stepvox.engine.config import TTS_3B
 
 
 def profile_decode(llm, tag, steps=20, sampling: dict | None = None):
@@ -48,7 +45,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--graphs-only", action="store_true")
-    ap.add_argument("--unfused-too", action="store_true", help="also profile graphs with step1.FUSED_DECODE off")
+    ap.add_argument("--unfused-too", action="store_true", help="also profile graphs with the unfused decode step")
     ap.add_argument("--tts-sampling-too", action="store_true",
                     help="also profile graphs with the TTS sampling settings (bench/llm.py TTS_SAMPLING)")
     args = ap.parse_args()
@@ -64,13 +61,12 @@ def main():
     if args.tts_sampling_too:
         runs.append(("graphs-tts-sampling", False, True))
     for tag, eager, fused in runs:
-        step1.FUSED_DECODE = fused
-        llm = LLM(folder, max_num_seqs=8, cuda_graph_max_batch=8, enforce_eager=eager, gpu_memory_utilization=0.5)
+        llm = LLM(folder, max_num_seqs=8, cuda_graph_max_batch=8, enforce_eager=eager, gpu_memory_utilization=0.5,
+                  fused_decode=fused)
         profile_decode(llm, tag, sampling=TTS_SAMPLING if "sampling" in tag else None)
         llm.shutdown()
         del llm
         torch.cuda.empty_cache()
-    step1.FUSED_DECODE = True
 
 
 if __name__ == "__main__":

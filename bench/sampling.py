@@ -8,18 +8,14 @@ against the formula with given uniforms. JSON to $OUT/sampling.json.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import bench_gpu, device_name, print_table, write_json  # noqa: E402
+from _util import bench_gpu, device_name, print_table, write_json
 
-from stepvox import SamplingParams  # noqa: E402
-from stepvox.engine.sampler import Sampler  # noqa: E402
-from stepvox.engine.sequence import Sequence  # noqa: E402
-from stepvox.kernels.sampling import sample_top_k, sample_top_k_reference  # noqa: E402
+from stepvox import SamplingParams
+from stepvox.engine.sampler import Sampler
+from stepvox.engine.sequence import Sequence
+from stepvox.kernels.sampling import sample_top_k, sample_top_k_reference
 
 VOCAB = 74752
 TTS = dict(temperature=0.7, top_k=50, repetition_aware=True)

@@ -29,26 +29,27 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
+import onnxruntime as ort
 import torch
+import triton.testing
+from _util import device_name, guarded, print_table, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-from _util import device_name, guarded, print_table, write_json  # noqa: E402
-import fixtures_tokenizer as fx  # noqa: E402
-
-from stepvox.engine.audio_tokenizer import AudioTokenizer  # noqa: E402
-from stepvox.engine.audio.tokenizer_frontend import prepare_waveform  # noqa: E402
-from stepvox.engine.audio.tokenizer_whisper_mel import whisper_log_mel  # noqa: E402
-from stepvox.engine.audio.kaldi_features import FbankConfig, ParaformerFeatures  # noqa: E402
-from stepvox.engine.models.paraformer import ParaformerEncoder, parse_paraformer_config, read_yaml  # noqa: E402
-from stepvox.engine.models.s3tokenizer import S3Config, S3Tokenizer, split_pieces  # noqa: E402
-from stepvox.kernels.nearest_centroid import nearest_centroid_exhaustive, nearest_centroid_screened  # noqa: E402
+from stepvox.engine.audio.tokenizer import AudioTokenizer
+from stepvox.engine.frontend.paraformer_features import FbankConfig, ParaformerFeatures
+from stepvox.engine.frontend.preprocess import prepare_waveform
+from stepvox.engine.frontend.resample import resample
+from stepvox.engine.frontend.whisper_mel import whisper_log_mel
+from stepvox.engine.models.paraformer import PARAFORMER_SUBDIR, ParaformerEncoder, parse_paraformer_config
+from stepvox.engine.models.s3tokenizer import S3Config, S3Tokenizer, split_pieces
+from stepvox.engine.models.yaml_reader import read_yaml
+from stepvox.kernels.nearest_centroid import nearest_centroid_exhaustive, nearest_centroid_screened
+from stepvox.testing import tokenizer as fx
+from stepvox.testing.official_tokenizer import official_wav2token
+from stepvox.testing.speech import espeak_wav
 
 SR = 16000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -72,7 +73,6 @@ def sync(dev):
 def time_ms(fn, dev, warmup=3, reps=20) -> float:
     """Median ms: triton.testing.do_bench (CUDA events) on a GPU, perf_counter medians elsewhere."""
     if dev.type == "cuda":
-        import triton.testing
         return triton.testing.do_bench(fn, warmup=max(25, warmup), rep=max(100, reps * 5), return_mode="median")
     for _ in range(warmup):
         fn()
@@ -90,13 +90,12 @@ def speech_audio(seconds: float, seed: int, workdir: str) -> np.ndarray:
     n = int(seconds * SR)
     if shutil.which("espeak-ng"):
         try:
-            import torchaudio
             pieces = []
             total = 0
             i = seed
             while total < n:
-                wav, rate = fx.espeak_wav(workdir, SENTENCES[i % len(SENTENCES)], f"b{i}")
-                w = torchaudio.functional.resample(torch.from_numpy(wav), rate, SR).numpy()
+                wav, rate = espeak_wav(os.path.join(workdir, f"b{i}.wav"), SENTENCES[i % len(SENTENCES)])
+                w = resample(torch.from_numpy(wav), rate, SR).numpy()
                 pieces.append(w)
                 total += w.size
                 i += 1
@@ -135,7 +134,7 @@ def data_codebook(rows: torch.Tensor, k: int, seed: int, normalise: bool) -> np.
 def build_folder(root: str, sizes, dev, audio: np.ndarray) -> dict:
     """Write the tokenizer folder; the codebooks come from running the random encoders on audio."""
     t0 = time.perf_counter()
-    folder = os.path.join(root, fx.PARAFORMER_SUBDIR)
+    folder = os.path.join(root, PARAFORMER_SUBDIR)
     para_sd = fx.write_paraformer_dir(folder, sizes, seed=0)
     enc_cfg, _ = parse_paraformer_config(read_yaml(os.path.join(folder, "config.yaml")))
     encoder = ParaformerEncoder(enc_cfg)
@@ -173,7 +172,7 @@ def section_correctness(res, toks, sizes, audio, fixture, dev, smoke):
     clip = audio[: SR * 3]
     # 1. fp32 on the device vs the independent CPU replay of the official path
     mine = ref_tok.tokenize(clip, SR)
-    vq02, vq06, ids = fx.official_wav2token(clip, SR, fixture, sizes)
+    vq02, vq06, ids = official_wav2token(clip, SR, fixture, sizes)
     out["fp32_vs_official_replay"] = {"vq02": agreement(mine.vq02, vq02), "vq06": agreement(mine.vq06, vq06),
                                       "ids_equal": mine.ids == ids}
     # 2. low precision vs fp32 on ~30 s of speech
@@ -213,7 +212,6 @@ def section_correctness(res, toks, sizes, audio, fixture, dev, smoke):
 
 
 def section_onnxruntime(res, root, toks, audio, dev, smoke):
-    import onnxruntime as ort
     out = res.setdefault("onnxruntime", {})
     wav = prepare_waveform(audio[: SR * (3 if smoke else 10)], SR)
     mel = whisper_log_mel(wav)[None].numpy()
@@ -248,11 +246,10 @@ def section_graphs(res, toks, audio, dev, smoke):
         if dev.type != "cuda":
             break
         with_graphs = tok.tokenize_batch(wavs, SR) + [tok.tokenize(w, SR) for w in wavs]
-        tok.use_cuda_graphs, tok.pad_to_bucket = False, True
-        padded = tok.tokenize_batch(wavs, SR) + [tok.tokenize(w, SR) for w in wavs]
-        tok.pad_to_bucket = False
-        plain = tok.tokenize_batch(wavs, SR) + [tok.tokenize(w, SR) for w in wavs]
-        tok.use_cuda_graphs = True
+        bucketed = tok.variant(use_cuda_graphs=False, bucket_eager=True)
+        padded = bucketed.tokenize_batch(wavs, SR) + [bucketed.tokenize(w, SR) for w in wavs]
+        eager = tok.variant(use_cuda_graphs=False)
+        plain = eager.tokenize_batch(wavs, SR) + [eager.tokenize(w, SR) for w in wavs]
         out[f"{name}_graphs_equal_padded_eager"] = all(
             (a.vq02, a.vq06) == (b.vq02, b.vq06) for a, b in zip(with_graphs, padded))
         out[f"{name}_graphs_vs_unpadded_eager_agreement"] = {
@@ -263,12 +260,13 @@ def section_graphs(res, toks, audio, dev, smoke):
     wav = prepare_waveform(audio[: SR * (3 if smoke else 30)], SR, device=dev)
     with torch.inference_mode():
         rows, counts = tok.features.offline(wav)
-        enc = tok.paraformer.encode_offline([rows], [counts])[0].float()
+        enc = tok.linguistic.encoder.encode_offline([rows], [counts])[0].float()
         mel = whisper_log_mel(split_pieces(wav)[0])
-        hidden = tok.s3.encode_mel(mel[None], torch.tensor([mel.shape[1]], device=dev), False)[0]
+        hidden = tok.semantic.model.encode_mel(mel[None], torch.tensor([mel.shape[1]], device=dev), False)[0]
         hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
     if dev.type == "cuda":
-        for tag, x, cb in (("vq02", enc, tok.vq02_codebook), ("vq06", hidden, tok.s3.quantizer._codebook.embed)):
+        s3_codebook = tok.semantic.model.quantizer._codebook.embed
+        for tag, x, cb in (("vq02", enc, tok.linguistic.codebook), ("vq06", hidden, s3_codebook)):
             sq = cb.float().pow(2).sum(-1)
             a = nearest_centroid_screened(x, cb, sq)
             b = nearest_centroid_exhaustive(x, cb, sq)
@@ -285,16 +283,15 @@ def section_offline(res, toks, audio, dev, smoke, durations=None, batches=None):
         if tok is None:
             continue
         for graphs in ((True, False) if dev.type == "cuda" else (False,)):
-            tok.use_cuda_graphs = graphs
+            t = tok if graphs or dev.type != "cuda" else tok.variant(use_cuda_graphs=False)
             for dur in durations:
                 for b in batches:
                     wavs = [np.roll(audio, 7919 * i)[: dur * SR] for i in range(b)]
-                    n_tokens = sum(len(o.vq02) + len(o.vq06) for o in tok.tokenize_batch(wavs, SR))   # + capture
-                    ms = time_ms(lambda: tok.tokenize_batch(wavs, SR), dev, reps=3 if smoke else 20)
+                    n_tokens = sum(len(o.vq02) + len(o.vq06) for o in t.tokenize_batch(wavs, SR))   # + capture
+                    ms = time_ms(lambda: t.tokenize_batch(wavs, SR), dev, reps=3 if smoke else 20)
                     rows.append({"dtype": name, "graphs": graphs, "seconds": dur, "batch": b, "ms": round(ms, 2),
                                  "codes_per_s": round(n_tokens / ms * 1e3), "x_realtime": round(dur * b / ms * 1e3)})
                     write_json("tokenizer.json", res)
-        tok.use_cuda_graphs = dev.type == "cuda"
 
 
 def section_stages(res, toks, audio, dev, smoke):
@@ -307,40 +304,41 @@ def section_stages(res, toks, audio, dev, smoke):
         wav_np = audio[: SR * (3 if smoke else 10)]
         wav = prepare_waveform(wav_np, SR, device=dev)
         rows, counts = tok.features.offline(wav)
+        para, s3 = tok.linguistic.encoder, tok.semantic.model
         with torch.inference_mode():
-            enc = tok.paraformer.encode_offline([rows], [counts])[0]
+            enc = para.encode_offline([rows], [counts])[0]
         pieces = split_pieces(wav)
         mels = [whisper_log_mel(p) for p in pieces]
         lens = torch.tensor([m.shape[-1] for m in mels], device=dev)
         mel = mels[0][None]
         reps = 3 if smoke else 20
         with torch.inference_mode():
-            hidden = torch.nn.functional.normalize(tok.s3.encode_mel(mel, lens[:1], False)[0].float(), dim=-1)
+            hidden = torch.nn.functional.normalize(s3.encode_mel(mel, lens[:1], False)[0].float(), dim=-1)
             r = {
                 "prepare_ms": time_ms(lambda: prepare_waveform(wav_np, SR, device=dev), dev, reps=reps),
                 "fbank_lfr_cmvn_ms": time_ms(lambda: tok.features.offline(wav), dev, reps=reps),
                 "whisper_mel_ms": time_ms(lambda: whisper_log_mel(pieces[0]), dev, reps=reps),
-                "paraformer_eager_ms": time_ms(lambda: tok.paraformer.encode_offline([rows], [counts]), dev, reps=reps),
-                "vq02_search_ms": time_ms(lambda: tok.vq02_of_rows(enc), dev, reps=reps),
-                "s3_eager_encoder_and_search_ms": time_ms(lambda: tok.s3(mel, lens[:1], False), dev, reps=reps),
-                "vq06_search_ms": time_ms(lambda: tok.s3.quantize(hidden), dev, reps=reps),
+                "paraformer_eager_ms": time_ms(lambda: para.encode_offline([rows], [counts]), dev, reps=reps),
+                "vq02_search_ms": time_ms(lambda: tok.linguistic.codes_of_rows(enc), dev, reps=reps),
+                "s3_eager_encoder_and_search_ms": time_ms(lambda: s3(mel, lens[:1], False), dev, reps=reps),
+                "vq06_search_ms": time_ms(lambda: s3.quantize(hidden), dev, reps=reps),
             }
             if dev.type == "cuda":
-                cb = tok.s3.quantizer._codebook.embed
+                cb = s3.quantizer._codebook.embed
                 sq = cb.float().pow(2).sum(-1)
                 r["vq06_search_exhaustive_ms"] = time_ms(lambda: nearest_centroid_exhaustive(hidden, cb, sq), dev,
                                                          reps=reps)
                 r["vq02_search_exhaustive_ms"] = time_ms(
-                    lambda: nearest_centroid_exhaustive(enc.float(), tok.vq02_codebook, tok.vq02_sqnorm), dev, reps=reps)
-                tok._vq02_launch([rows], [counts])                    # capture outside the timing
-                tok._vq06_pieces(pieces, mels)
-                r["paraformer_graph_ms"] = time_ms(lambda: tok._vq02_launch([rows], [counts]), dev, reps=reps)
-                r["s3_graph_ms"] = time_ms(lambda: tok._vq06_pieces(pieces, mels), dev, reps=reps)
+                    lambda: nearest_centroid_exhaustive(enc.float(), tok.linguistic.codebook, tok.linguistic.sqnorm),
+                    dev, reps=reps)
+                tok.linguistic.launch([rows], [counts])                    # capture outside the timing
+                tok.semantic.launch(mels)
+                r["paraformer_graph_ms"] = time_ms(lambda: tok.linguistic.launch([rows], [counts]), dev, reps=reps)
+                r["s3_graph_ms"] = time_ms(lambda: tok.semantic.launch(mels), dev, reps=reps)
                 r["both_graphs_concurrent_ms"] = time_ms(lambda: tok.codes([wav]), dev, reps=reps)
             for graphs in ((True, False) if dev.type == "cuda" else (False,)):
-                tok.use_cuda_graphs = graphs
-                r[f"tokenize_graphs={graphs}_ms"] = time_ms(lambda: tok.tokenize(wav_np, SR), dev, reps=reps)
-            tok.use_cuda_graphs = dev.type == "cuda"
+                t = tok if graphs or dev.type != "cuda" else tok.variant(use_cuda_graphs=False)
+                r[f"tokenize_graphs={graphs}_ms"] = time_ms(lambda: t.tokenize(wav_np, SR), dev, reps=reps)
         out[name] = {k: round(v, 3) for k, v in r.items()}
 
 
@@ -353,8 +351,7 @@ def section_streaming(res, toks, audio, dev, smoke):
         if tok is None:
             continue
         for graphs in ((True, False) if dev.type == "cuda" else (False,)):
-            tok.use_cuda_graphs = graphs
-            st = tok.stream()
+            st = (tok if graphs or dev.type != "cuda" else tok.variant(use_cuda_graphs=False)).stream()
             lat = []
             for i in range(n_chunks):
                 piece = audio[i * chunk:(i + 1) * chunk]
@@ -368,7 +365,6 @@ def section_streaming(res, toks, audio, dev, smoke):
             out[f"{name}_graphs={graphs}"] = {"median_ms": statistics.median(steady),
                                              "p90_ms": float(np.percentile(steady, 90)), "max_ms": max(steady),
                                              "first_chunk_ms": lat[0]}
-        tok.use_cuda_graphs = dev.type == "cuda"
         # the feed that completes a 30 s piece also runs the S3 encoder on it (the second time:
         # the first one captures the S3 graph of a whole piece)
         for _ in range(2):

@@ -1,17 +1,17 @@
 """Speech decoder (flow matching + HiFT token2wav) benchmark on one GPU, random weights of the real config.
 
 Checks correctness on the device first (bf16 fused/graph flow against the float32 eager reference
-path, the three estimator paths against each other, graphs against the same bucketed inputs run
+path, the two estimator paths against each other, graphs against the same bucketed inputs run
 eagerly and against the unpadded eager path, HiFT graphs likewise, each Triton kernel against its
 reference), then times with CUDA events (medians after warm-up):
-  flow only for 5 s and 10 s of audio (3 s speaker prompt): fused (channels-last row_conv path),
-  "elementwise" (the earlier fused path) and unfused with graphs, fused eager; the eager pre-solve
-  alone; HiFT graphs / eager / unfused; offline token2wav end to end (RTF); streaming first-chunk
-  latency (first window = 35 tokens); 8 concurrent streams fed 5 tokens (120 ms) per tick; peak
-  memory per section. Optional: `variants` (first chunk, its solve / pre-solve / HiFT and offline 10 s
-  for the estimator with and without its attention kernel, merged res_conv and PDL), `ops` (each
-  estimator op alone, row_conv tiles against the cuBLAS / cuDNN ops they replace) and `--tune`
-  (whole-solve tile sweep).
+  flow only for 5 s and 10 s of audio (3 s speaker prompt): fused (channels-last row_conv path) and
+  unfused (plain modules) with graphs, fused eager; the eager pre-solve alone; HiFT graphs / eager /
+  reference Snake; offline token2wav end to end (RTF); streaming first-chunk latency (first window =
+  35 tokens); 8 concurrent streams fed 5 tokens (120 ms) per tick; peak memory per section.
+  Optional: `variants` (first chunk, its solve / pre-solve / HiFT and offline 10 s with PDL on and
+  off), `ops` (each estimator op alone, row_conv tiles against the cuBLAS / cuDNN ops they replace)
+  and `tune_short` (the first window's op shapes over candidate tiles; prints the best as code).
+Every variant is its own decoder (the same weights, other settings); nothing is switched globally.
 Targets: 10 s of audio in <= 50 ms end to end, first streamed chunk <= 30 ms.
 A failing section is reported and the others still run. Rows print as they come, the table last;
 JSON to $OUT/vocoder.json.
@@ -24,35 +24,40 @@ JSON to $OUT/vocoder.json.
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import statistics
-import sys
 import time
 
 import torch
+import torch.nn.functional as F
+from _util import bench_graph, device_name, guarded, print_table, write_json
+from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from _util import device_name, guarded, print_table, write_json  # noqa: E402
-from fixtures_cosyvoice import FULL_SIZES, TINY_SIZES, yaml_text  # noqa: E402  (the released config's text)
-
-from stepvox.engine.cosyvoice_config import config_from_data, parse_inert_yaml  # noqa: E402
-from stepvox.engine.models.flow import FlowModel  # noqa: E402
-from stepvox.engine.models.hift import HiFTGenerator  # noqa: E402
-from stepvox.engine.speech_decoder import SpeakerPrompt, SpeechDecoder  # noqa: E402
-from stepvox.kernels.backend import use_backend  # noqa: E402
+from stepvox.engine.audio.decoder import SpeakerPrompt, SpeechDecoder
+from stepvox.engine.models.cosyvoice_config import config_from_data
+from stepvox.engine.models.flow import FlowModel, FlowRequest
+from stepvox.engine.models.hift import HiFTGenerator
+from stepvox.engine.models.yaml_reader import parse_inert_yaml
+from stepvox.kernels import KernelConfig
+from stepvox.kernels.flow_attention import flow_attention
+from stepvox.kernels.flow_conv import (LINEAR, UPSAMPLE_K4S2P1, conv_spec, conv_weight, linear_weight, row_conv,
+                                       row_conv_reference, table_tiles, upsample_weight)
+from stepvox.kernels.flow_fused import (add_layer_norm, add_layer_norm_reference, group_norm_mish,
+                                        group_norm_mish_reference, group_norm_mish_rows,
+                                        group_norm_mish_rows_reference)
+from stepvox.kernels.flow_ode import cfg_euler_step, cfg_euler_step_reference
+from stepvox.kernels.snake import snake, snake_reference
+from stepvox.testing.cosyvoice import FULL_SIZES, TINY_SIZES, yaml_text   # the released config's text
 
 TOKEN_RATE = 41.667
 SR = 22050
 
 # ----------------------------------------------------------------------------- setup
-def random_decoder(sizes, device, seed=0) -> SpeechDecoder:
+def random_decoder(sizes, device, kernels: KernelConfig, seed=0) -> SpeechDecoder:
     """Modules of the config with PyTorch's default init, plus what default init leaves empty."""
     cfg = config_from_data(parse_inert_yaml(yaml_text(sizes)))
     torch.manual_seed(seed)
     with torch.device(device):
-        flow, hift = FlowModel(cfg.flow), HiFTGenerator(cfg.hift)
+        flow, hift = FlowModel(cfg.flow, kernels), HiFTGenerator(cfg.hift, kernels)
     with torch.no_grad():
         for name, p in flow.named_parameters():
             if "pos_bias" in name:
@@ -60,6 +65,17 @@ def random_decoder(sizes, device, seed=0) -> SpeechDecoder:
         hift.f0_predictor.classifier.bias.fill_(150.0)          # a voiced source, as in speech
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return SpeechDecoder(cfg, flow.to(dtype).eval(), hift.eval(), None, device, cuda_graphs=device.type == "cuda")
+
+
+def rebuilt(dec: SpeechDecoder, kernels: KernelConfig, flow_dtype=None, cuda_graphs=None, fused=True) -> SpeechDecoder:
+    """A decoder with `dec`'s weights (copied) whose modules run `kernels`; flow in `flow_dtype`."""
+    with torch.device(dec.device):
+        flow, hift = FlowModel(dec.config.flow, kernels), HiFTGenerator(dec.config.hift, kernels)
+    flow.load_state_dict(dec.flow.state_dict())
+    hift.load_state_dict(dec.hift.state_dict())
+    flow = flow.to(flow_dtype or dec.flow.dtype).eval()
+    graphs = dec.solver.use_cuda_graphs if cuda_graphs is None else cuda_graphs
+    return SpeechDecoder(dec.config, flow, hift.eval(), None, dec.device, cuda_graphs=graphs, fused=fused)
 
 
 def make_prompt(seconds: float, device, seed=1) -> SpeakerPrompt:
@@ -118,10 +134,6 @@ def rel_err(a, b) -> float:
 # ----------------------------------------------------------------------------- sections
 def check_kernels(device, res, rows):
     """Each fused kernel against its reference on decoder-sized shapes."""
-    from stepvox.kernels.flow_fused import (add_layer_norm, add_layer_norm_reference, group_norm_mish,
-                                            group_norm_mish_reference)
-    from stepvox.kernels.flow_ode import cfg_euler_step, cfg_euler_step_reference
-    from stepvox.kernels.snake import snake, snake_reference
     g = torch.Generator(device=device).manual_seed(0)
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = {}
@@ -164,9 +176,6 @@ def check_kernels(device, res, rows):
 def check_row_conv(device, dt, g) -> dict:
     """flow_conv.row_conv (every fused option the estimator uses) and the channels-last GroupNorm
     against their references on estimator shapes (2 x 1120 frames, 256 channels)."""
-    from stepvox.kernels.flow_conv import (LINEAR, UPSAMPLE_K4S2P1, conv_spec, conv_weight, linear_weight,
-                                           row_conv, row_conv_reference, upsample_weight)
-    from stepvox.kernels.flow_fused import group_norm_mish_rows, group_norm_mish_rows_reference
     n, length, c = 2, 1120, 256
 
     def rnd(*shape, scale=1.0):
@@ -204,7 +213,6 @@ def check_row_conv(device, dt, g) -> dict:
         group_norm_mish_rows(both[:, :, :c], st, gw, gb, 1e-5, mask=m, residual=both[:, :, c:]),
         group_norm_mish_rows_reference(ref_both[:, :, :c], gw, gb, 8, 1e-5, m, None, ref_both[:, :, c:]))
     # estimator attention (8 heads x 64) on the fused q/k/v rows, against float64 on the same inputs
-    from stepvox.kernels.flow_attention import flow_attention
     for rows_n in (176, 1120):
         qkv = rnd(n, rows_n, 3 * 512)
         km = m[:, :rows_n].clone()
@@ -224,41 +232,29 @@ def check_model(dec, device, res, rows, prompt):
     mel_len = dec.config.flow.mel_frames(len(toks)) + prompt.mel.shape[0]
     noise = torch.randn(80, mel_len, generator=torch.Generator().manual_seed(3)).to(device)
     out = {}
-    dec.configure(fused=True, cuda_graphs=True)
     fast = dec.token2mel(toks, prompt=prompt, noise=noise)
-    dec.configure(fused=True, cuda_graphs=False)
-    eager_fused = dec.token2mel(toks, prompt=prompt, noise=noise)
-    dec.solver.pad_to_bucket = True                  # what the graphs replay, run eagerly
-    eager_bucketed = dec.token2mel(toks, prompt=prompt, noise=noise)
-    dec.solver.pad_to_bucket = False
-    dec.configure(fused="elementwise", cuda_graphs=False)
-    eager_elementwise = dec.token2mel(toks, prompt=prompt, noise=noise)
-    dec.configure(fused=False, cuda_graphs=False)
-    eager_unfused = dec.token2mel(toks, prompt=prompt, noise=noise)
-    dec.configure(fused=True, cuda_graphs=device.type == "cuda")
-    flow32, hift_copy = copy.deepcopy(dec.flow).float(), copy.deepcopy(dec.hift)   # leave `dec` untouched
-    ref = SpeechDecoder(dec.config, flow32, hift_copy, None, device, cuda_graphs=False, fused=False)
+    eager_fused = dec.variant(cuda_graphs=False).token2mel(toks, prompt=prompt, noise=noise)
+    # what the graphs replay, run eagerly
+    eager_bucketed = dec.variant(cuda_graphs=False, bucket_eager=True).token2mel(toks, prompt=prompt, noise=noise)
+    eager_unfused = dec.variant(cuda_graphs=False, fused=False).token2mel(toks, prompt=prompt, noise=noise)
+    kernels = dec.flow.estimator.kernels
+    ref = rebuilt(dec, kernels, torch.float32, cuda_graphs=False, fused=False)
     mel32 = ref.token2mel(toks, prompt=prompt, noise=noise)
     out["graphs_vs_eager_rel"] = rel_err(fast, eager_fused)
     out["graphs_vs_bucketed_eager_rel"] = rel_err(fast, eager_bucketed)
     out["fused_vs_unfused_rel"] = rel_err(eager_fused, eager_unfused)
-    out["elementwise_vs_unfused_rel"] = rel_err(eager_elementwise, eager_unfused)
     out["bf16_vs_fp32_rel"] = rel_err(fast, mel32)
-    out["fp32_unfused_vs_fp32_fused_rel"] = rel_err(
-        SpeechDecoder(dec.config, flow32, hift_copy, None, device, cuda_graphs=False, fused=True)
-        .token2mel(toks, prompt=prompt, noise=noise), mel32)
-    del ref, flow32, hift_copy
+    out["fp32_unfused_vs_fp32_fused_rel"] = rel_err(ref.variant(fused=True).token2mel(toks, prompt=prompt, noise=noise),
+                                                    mel32)
+    del ref
     wav = dec.mel2wav(mel32, seed=0)
-    dec.hift.set_fused(False)
-    wav_unfused = dec.mel2wav(mel32, seed=0)
-    dec.hift.set_fused(True)
-    out["hift_fused_vs_unfused_rel"] = rel_err(wav, wav_unfused)
-    graphs_on = dec.hift_use_graphs
-    dec.hift_use_graphs = False
-    wav_eager = dec.mel2wav(mel32, seed=0)
+    reference_snake = rebuilt(dec, KernelConfig(backend="reference", pdl=kernels.pdl))
+    out["hift_fused_vs_unfused_rel"] = rel_err(wav, reference_snake.mel2wav(mel32, seed=0))
+    del reference_snake
+    eager = dec.variant(cuda_graphs=False)
+    wav_eager = eager.mel2wav(mel32, seed=0)
     mel_short = mel32[:, :mel32.shape[1] - 7]                      # a length inside a bucket (padded)
-    wav_short_eager = dec.mel2wav(mel_short, seed=0)
-    dec.hift_use_graphs = graphs_on
+    wav_short_eager = eager.mel2wav(mel_short, seed=0)
     out["hift_graph_vs_eager_rel"] = rel_err(wav, wav_eager)
     wav_short = dec.mel2wav(mel_short, seed=0)
     out["hift_graph_padded_vs_eager_rel"] = rel_err(wav_short, wav_short_eager)
@@ -279,7 +275,6 @@ def check_model(dec, device, res, rows, prompt):
     tol = 0.08 if dt == torch.bfloat16 else 1e-4
     out["ok"] = (out["bf16_vs_fp32_rel"] < tol and out["fused_vs_unfused_rel"] < tol
                  and out["graphs_vs_eager_rel"] < tol
-                 and out["elementwise_vs_unfused_rel"] < tol
                  and out["fp32_unfused_vs_fp32_fused_rel"] < 1e-3 and out["hift_fused_vs_unfused_rel"] < 1e-4
                  and out["hift_graph_vs_bucketed_eager_rel"] < 1e-5
                  and out["hift_graph_vs_eager_rel"] < 2e-3 and out["hift_graph_padded_vs_eager_rel"] < 2e-3
@@ -293,32 +288,33 @@ def check_model(dec, device, res, rows, prompt):
 
 def time_offline(dec, device, res, rows, prompt, reps, seconds_list):
     out = {}
-    combos = ([(True, True), ("elementwise", True), (False, True), (True, False)] if device.type == "cuda"
-              else [(True, False)])
+    graphs_on = device.type == "cuda"
+    flows = {(True, True): dec, (False, True): dec.variant(fused=False), (True, False): dec.variant(cuda_graphs=False)}
+    if not graphs_on:
+        flows = {(True, False): dec}
+    kernels = dec.flow.estimator.kernels
+    reference_snake = rebuilt(dec, KernelConfig(backend="reference", pdl=kernels.pdl), cuda_graphs=False)
+    hifts = {(True, True): dec, (True, False): dec.variant(cuda_graphs=False), (False, False): reference_snake}
     for seconds in seconds_list:
         toks = tokens_for(seconds)
         audio_s = dec.config.flow.mel_frames(len(toks)) * 256 / SR
-        for fused, graphs in combos:
-            dec.configure(fused=fused, cuda_graphs=graphs)
+        for (fused, graphs), d in flows.items():
             reset_peak(device)
-            ms = timed(lambda: dec.token2mel(toks, prompt=prompt, seed=0), device, reps if graphs else min(reps, 5))
-            key = f"flow {seconds:g}s fused={fused if isinstance(fused, str) else int(fused)} graphs={int(graphs)}"
+            ms = timed(lambda: d.token2mel(toks, prompt=prompt, seed=0), device, reps if graphs else min(reps, 5))
+            key = f"flow {seconds:g}s fused={int(fused)} graphs={int(graphs)}"
             out[key] = dict(ms=ms, peak_mb=peak_mb(device))
             rows.append(dict(section="flow", config=key[5:], ms=f"{ms:.2f}", rtf=f"{ms / 1e3 / audio_s:.4f}",
                              peak_mb=peak_mb(device)))
-        dec.configure(fused=True, cuda_graphs=device.type == "cuda")
         mel = dec.token2mel(toks, prompt=prompt, seed=0)
-        for fused, graphs in ((True, True), (True, False), (False, False)):
-            dec.hift.set_fused(fused)
-            dec.hift_use_graphs = graphs and device.type == "cuda"
+        for (fused, graphs), d in hifts.items():
+            if graphs and not graphs_on:
+                continue
             reset_peak(device)
-            ms = timed(lambda: dec.mel2wav(mel, seed=0), device, reps)
+            ms = timed(lambda: d.mel2wav(mel, seed=0), device, reps)
             key = f"hift {seconds:g}s fused={int(fused)} graphs={int(graphs)}"
             out[key] = dict(ms=ms, peak_mb=peak_mb(device))
             rows.append(dict(section="hift", config=key[5:], ms=f"{ms:.2f}", rtf=f"{ms / 1e3 / audio_s:.4f}",
                              peak_mb=peak_mb(device)))
-        dec.hift.set_fused(True)
-        dec.configure(fused=True, cuda_graphs=device.type == "cuda")
         reqs, _ = dec._requests([toks], [prompt], [0], [None])
         ms = timed(lambda: (dec.flow.encode(reqs), dec.flow.speaker_condition(torch.stack([r.speaker for r in reqs]))),
                    device, reps)
@@ -366,12 +362,8 @@ OP_TILES = {
 def time_ops(device, res, rows):
     """Each estimator op alone (graph-replayed, us per call) for the sequence lengths of a 10 s
     decode (1120 / 560 frames) and of the first streamed window (352 / 176), Triton row_conv with
-    several tiles against the cuBLAS / cuDNN + elementwise ops it replaces."""
-    import torch.nn.functional as F
-    from _util import bench_graph
-    from stepvox.kernels import flow_conv
-    from stepvox.kernels.flow_conv import LINEAR, conv_spec, conv_weight, linear_weight, row_conv
-    from stepvox.kernels.flow_fused import group_norm_mish, group_norm_mish_rows
+    the tables' tiles and several others (given as arguments) against the cuBLAS / cuDNN +
+    elementwise ops it replaces."""
     dt, c = torch.bfloat16, 256
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -384,40 +376,37 @@ def time_ops(device, res, rows):
     lnw, lnb, gw, gb = rnd(c), rnd(c), rnd(c), rnd(c)
     prep = {k: linear_weight(v) for k, v in (("qkv", w_qkv), ("ff1", w1), ("out", wo), ("ff2", w2))}
     prep["conv"] = conv_weight(wc)
-    out, base_tiles, base_long = {}, dict(flow_conv.TILES), dict(flow_conv.TILES_LONG)
-    flow_conv.TILES_LONG = {}                      # each tile tried at every length
+    out = {}
     for length in (1120, 560, 352, 176):
         x, a, f = rnd(2, length, c), rnd(2, length, 512), rnd(2, length, 1024)
         xc = x.transpose(1, 2).contiguous()
         ln = (lnw, lnb, 1e-5)
-        ops = {
-            "qkv": ("ln", lambda: row_conv(x, prep["qkv"], None, LINEAR, ln=ln),
+        ops = {   # (tile kind, the fused op with given tiles, the library ops it replaces)
+            "qkv": ("ln", lambda t: row_conv(x, prep["qkv"], None, LINEAR, ln=ln, tiles=t),
                     lambda: F.linear(F.layer_norm(x, (c,), lnw, lnb), w_qkv)),
-            "ff1": ("ln", lambda: row_conv(x, prep["ff1"], b1, LINEAR, ln=ln, gelu=True),
+            "ff1": ("ln", lambda t: row_conv(x, prep["ff1"], b1, LINEAR, ln=ln, gelu=True, tiles=t),
                     lambda: F.gelu(F.linear(x, w1, b1))),
-            "out": ("narrow", lambda: row_conv(a, prep["out"], bo, LINEAR, residual=x),
+            "out": ("narrow", lambda t: row_conv(a, prep["out"], bo, LINEAR, residual=x, tiles=t),
                     lambda: F.linear(a, wo, bo) + x),
-            "ff2": ("narrow", lambda: row_conv(f, prep["ff2"], b2, LINEAR, residual=x),
+            "ff2": ("narrow", lambda t: row_conv(f, prep["ff2"], b2, LINEAR, residual=x, tiles=t),
                     lambda: F.linear(f, w2, b2) + x),
-            "conv+gn": ("conv", lambda: group_norm_mish_rows(*row_conv(x, prep["conv"], bc, conv_spec(3, 1, 1),
-                                                                       gn_groups=8), gw, gb),
+            "conv+gn": ("conv", lambda t: group_norm_mish_rows(*row_conv(x, prep["conv"], bc, conv_spec(3, 1, 1),
+                                                                         gn_groups=8, tiles=t), gw, gb),
                         lambda: group_norm_mish(F.conv1d(xc, wc, bc, padding=1), gw, gb, 8)),
         }
         for name, (kind, fused, eager) in ops.items():
-            entry = {"torch": round(1e3 * bench_graph(eager), 2)}
+            entry = {"torch": round(1e3 * bench_graph(eager), 2),
+                     f"tables {table_tiles(kind, length)}": round(1e3 * bench_graph(lambda: fused(None)), 2)}
             for cfg in OP_TILES[kind]:
-                flow_conv.TILES = {**base_tiles, kind: cfg}
                 try:
-                    entry[str(cfg)] = round(1e3 * bench_graph(fused), 2)
+                    entry[str(cfg)] = round(1e3 * bench_graph(lambda cfg=cfg: fused(cfg)), 2)
                 except Exception as exc:  # noqa: BLE001 - a tile that does not fit is reported
                     entry[str(cfg)] = f"{type(exc).__name__}"
-            flow_conv.TILES = base_tiles
             out[f"{name} L={length}"] = entry
             best = min((v, k) for k, v in entry.items() if k != "torch" and isinstance(v, float))
             rows.append(dict(section="op us", config=f"{name} 2x{length}", ms=f"{best[0]:.1f}",
                              note=f"torch {entry['torch']:.1f} us; best tile {best[1]}; "
                                   + " ".join(f"{v}" for k, v in entry.items() if k != "torch")))
-    flow_conv.TILES_LONG = base_long
     res["ops"] = out
 
 
@@ -437,14 +426,10 @@ SHORT_GN_ELEMENTS = [8192, 4096, 2048, 1024]
 
 def tune_short(device, res, rows):
     """The first streamed window's op shapes (2 sequences x 176 and x 352 frames): every row_conv
-    tile kind, the estimator attention and the GroupNorm apply over candidate tiles (graph-replayed,
-    PDL as configured, us per call). Keeps per kind and length band the candidate with the least
-    summed time (flow_conv.TILES_SHORT, flow_attention.ATTENTION_TILES, GN_ROWS_ELEMENTS below 512
-    rows), and prints them as code."""
-    from _util import bench_graph
-    from stepvox.kernels import flow_attention, flow_conv, flow_fused
-    from stepvox.kernels.flow_conv import LINEAR, conv_spec, conv_weight, linear_weight, row_conv
-    from stepvox.kernels.flow_fused import group_norm_mish_rows
+    tile kind, the estimator attention and the GroupNorm apply over candidate tiles, each passed as
+    an argument (graph-replayed, PDL on, us per call). Prints, per kind and length band, the
+    candidate with the least summed time as code for flow_conv.TILES_SHORT,
+    flow_attention.ATTENTION_TILES and flow_fused.GN_ROWS_ELEMENTS (below 512 rows)."""
     dt, c = torch.bfloat16, 256
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -457,116 +442,56 @@ def tune_short(device, res, rows):
     b1, bc, b2c = rnd(1024), rnd(c), rnd(2 * c)
     ln = (rnd(c), rnd(c), 1e-5)
     gw, gb, temb = rnd(c), rnd(c), rnd(2, c)
-    base_short, base_att, base_gn = dict(flow_conv.TILES_SHORT), list(flow_attention.ATTENTION_TILES), \
-        flow_fused.GN_ROWS_ELEMENTS
     out, chosen = {}, {"row_conv": {}, "attention": [], "gn": None}
     for length, band in ((176, 256), (352, 384)):
         x, a, f = rnd(2, length, c), rnd(2, length, 512), rnd(2, length, 1024)
         qkv = rnd(2, length, 3 * 512)
         m = torch.ones(2, length, device=device, dtype=dt)
         m[1, length - 20:] = 0
-        ops = {"ln": {"qkv": lambda: row_conv(x, w["qkv"], None, LINEAR, ln=ln),
-                      "ff1": lambda: row_conv(x, w["ff1"], b1, LINEAR, ln=ln, gelu=True)},
-               "narrow": {"out": lambda: row_conv(a, w["out"], bc, LINEAR, residual=x),
-                          "ff2": lambda: row_conv(f, w["ff2"], bc, LINEAR, residual=x, mask_out=m, mul_mask_out=True)},
-               "conv": {"conv3+stats": lambda: row_conv(x, w["conv"], bc, conv_spec(3, 1, 1), mask_out=m, gn_groups=8),
-                        "conv1+res+stats": lambda: row_conv(x, w["conv_res"], b2c, conv_spec(3, 1, 1), mask_in=m,
-                                                            mask_out=m, gn_groups=8, stats_channels=c)}}
+        ops = {"ln": {"qkv": lambda t: row_conv(x, w["qkv"], None, LINEAR, ln=ln, tiles=t),
+                      "ff1": lambda t: row_conv(x, w["ff1"], b1, LINEAR, ln=ln, gelu=True, tiles=t)},
+               "narrow": {"out": lambda t: row_conv(a, w["out"], bc, LINEAR, residual=x, tiles=t),
+                          "ff2": lambda t: row_conv(f, w["ff2"], bc, LINEAR, residual=x, mask_out=m,
+                                                    mul_mask_out=True, tiles=t)},
+               "conv": {"conv3+stats": lambda t: row_conv(x, w["conv"], bc, conv_spec(3, 1, 1), mask_out=m,
+                                                          gn_groups=8, tiles=t),
+                        "conv1+res+stats": lambda t: row_conv(x, w["conv_res"], b2c, conv_spec(3, 1, 1), mask_in=m,
+                                                              mask_out=m, gn_groups=8, stats_channels=c, tiles=t)}}
         for kind, named in ops.items():
             totals = {}
             for cfg in SHORT_TILES[kind]:
-                flow_conv.TILES_SHORT = {**base_short, kind: [(100000, cfg)]}
                 try:
-                    per = {name: 1e3 * bench_graph(fn) for name, fn in named.items()}
+                    per = {name: 1e3 * bench_graph(lambda fn=fn, cfg=cfg: fn(cfg)) for name, fn in named.items()}
                 except Exception as exc:  # noqa: BLE001 - a tile that does not fit is reported
                     out[f"{kind} {cfg} L={length}"] = type(exc).__name__
                     continue
                 totals[cfg] = sum(per.values())
                 out[f"{kind} {cfg} L={length}"] = {k: round(v, 2) for k, v in per.items()}
-            flow_conv.TILES_SHORT = base_short
             best = min(totals, key=totals.get)
             chosen["row_conv"].setdefault(kind, []).append((band, best))
             rows.append(dict(section="short op us", config=f"{kind} 2x{length}", ms=f"{totals[best]:.1f}",
-                             note=f"default {totals.get(SHORT_TILES[kind][0], float('nan')):.1f}; best {best}"))
-        att = {}
-        for tile in SHORT_ATTENTION:
-            flow_attention.ATTENTION_TILES = [(None, tile)]
-            att[tile] = 1e3 * bench_graph(lambda: flow_attention.flow_attention(qkv, 8, m))
-        flow_attention.ATTENTION_TILES = base_att
+                             note=f"first candidate {totals.get(SHORT_TILES[kind][0], float('nan')):.1f}; "
+                                  f"best {best}"))
+        att = {tile: 1e3 * bench_graph(lambda tile=tile: flow_attention(qkv, 8, m, tile=tile))
+               for tile in SHORT_ATTENTION}
         best = min(att, key=att.get)
         chosen["attention"].append((band, best))
         out[f"attention L={length}"] = {str(k): round(v, 2) for k, v in att.items()}
         rows.append(dict(section="short op us", config=f"attention 2x{length}", ms=f"{att[best]:.1f}",
-                         note=f"default {att[SHORT_ATTENTION[0]]:.1f}; best {best}"))
+                         note=f"first candidate {att[SHORT_ATTENTION[0]]:.1f}; best {best}"))
         h, st = row_conv(x, w["conv"], bc, conv_spec(3, 1, 1), mask_out=m, gn_groups=8)
-        gn = {}
-        for elems in SHORT_GN_ELEMENTS:
-            flow_fused.GN_ROWS_ELEMENTS = elems
-            gn[elems] = 1e3 * bench_graph(lambda: group_norm_mish_rows(h, st, gw, gb, 1e-5, mask=m, temb=temb))
-        flow_fused.GN_ROWS_ELEMENTS = base_gn
+        gn = {elems: 1e3 * bench_graph(lambda elems=elems: group_norm_mish_rows(
+            h, st, gw, gb, 1e-5, mask=m, temb=temb, block_elements=elems)) for elems in SHORT_GN_ELEMENTS}
         out[f"gn apply L={length}"] = {str(k): round(v, 2) for k, v in gn.items()}
         best = min(gn, key=gn.get)
         if length == 176:
             chosen["gn"] = best
         rows.append(dict(section="short op us", config=f"gn apply 2x{length}", ms=f"{gn[best]:.1f}",
-                         note=f"default {gn[8192]:.1f}; best {best}"))
-    # apply: row_conv bands, attention bands (then the long default), GroupNorm elements
-    flow_conv.TILES_SHORT = {k: v for k, v in chosen["row_conv"].items()}
-    flow_attention.ATTENTION_TILES = chosen["attention"] + [(512, (32, 64, 4)), (None, (64, 64, 4))]
-    flow_fused.GN_ROWS_ELEMENTS = chosen["gn"]
+                         note=f"8192 elements {gn[8192]:.1f}; best {best}"))
     res["tune_short"] = dict(ops=out, chosen={k: str(v) for k, v in chosen.items()})
-    print("chosen short tiles:\n  TILES_SHORT =", flow_conv.TILES_SHORT, "\n  ATTENTION_TILES =",
-          flow_attention.ATTENTION_TILES, "\n  GN_ROWS_ELEMENTS =", flow_fused.GN_ROWS_ELEMENTS, flush=True)
-
-
-TILE_CANDIDATES = {
-    "ln": [(32, 128, None, 4, 1), (64, 64, None, 4, 1)],
-    "wide": [(32, 128, 64, 4, 3), (64, 64, 64, 4, 3)],
-    "narrow": [(32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (64, 64, 128, 4, 3)],
-    "conv": [(32, 64, 64, 4, 3), (64, 128, 64, 4, 3)],
-}
-
-
-def tune_tiles(dec, device, res, rows, prompt, reps):
-    """Flow 10 s (graphs) with alternative row_conv tiles (one set for all lengths), one tile kind at
-    a time; keeps, per kind, the fastest, then checks that the combination beats the defaults with
-    their long-sequence variants (else restores them)."""
-    from stepvox.kernels import flow_conv
-    toks = tokens_for(10.0)
-    base, base_long = dict(flow_conv.TILES), dict(flow_conv.TILES_LONG)
-    flow_conv.TILES_LONG = {}
-
-    def measure(tiles):
-        flow_conv.TILES = tiles
-        dec.solver.reset()
-        dec.configure(fused=True, cuda_graphs=True)
-        return timed(lambda: dec.token2mel(toks, prompt=prompt, seed=0), device, reps)
-
-    out = {"default": (str(base), measure(base))}
-    best = dict(base)
-    for kind, cands in TILE_CANDIDATES.items():
-        best_ms = out["default"][1]
-        for cfg in cands:
-            try:
-                ms = measure({**base, kind: cfg})
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                out[f"{kind} {cfg}"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                continue
-            out[f"{kind} {cfg}"] = ms
-            if ms < best_ms:
-                best[kind], best_ms = cfg, ms
-    tuned = measure(best)
-    out["tuned"] = (str(best), tuned)
-    if tuned >= out["default"][1]:
-        best = base
-    flow_conv.TILES = best
-    if best is base:
-        flow_conv.TILES_LONG = base_long
-    dec.solver.reset()
-    res["tune"] = out
-    rows.append(dict(section="tune", config="row_conv tiles", ms=f"{min(tuned, out['default'][1]):.2f}",
-                     note=f"default {out['default'][1]:.2f} ms; kept {best}"))
-    print("tile sweep:", {k: (v if isinstance(v, (str, tuple)) else round(v, 3)) for k, v in out.items()})
+    print("chosen short tiles:\n  TILES_SHORT =", chosen["row_conv"], "\n  ATTENTION_TILES =",
+          chosen["attention"] + [(512, (32, 64, 4)), (None, (64, 64, 4))], "\n  GN_ROWS_ELEMENTS =", chosen["gn"],
+          flush=True)
 
 
 def time_stream(dec, device, res, rows, prompt, reps, seconds):
@@ -585,31 +510,12 @@ def time_stream(dec, device, res, rows, prompt, reps, seconds):
     rows.append(dict(section="stream", config=f"worst window, {seconds:g}s", ms=f"{out['worst_step_ms']:.2f}"))
 
 
-# (label, estimator attention, res_conv merged into conv1, PDL); the final code comes first and last
-# so its two runs show the spread between repeats of one version
-VARIANTS = [
-    ("final: stepvox attention + merged res_conv + PDL", "stepvox", True, True),
-    ("before: SDPA, res_conv apart, no PDL", "sdpa", False, False),
-    ("stepvox attention only", "stepvox", False, False),
-    ("stepvox attention + merged res_conv", "stepvox", True, False),
-    ("PDL only", "sdpa", False, True),
-    ("final (repeat)", "stepvox", True, True),
-]
-
-
-def _set_variant(dec, attention: str, merge: bool, pdl: bool) -> None:
-    from stepvox.engine.models import flow_estimator
-    from stepvox.kernels.pdl import set_pdl
-    flow_estimator.ATTENTION, flow_estimator.MERGE_RES_CONV = attention, merge
-    set_pdl(pdl)
-    dec.solver.reset()                      # graphs keep what they captured: capture again
-    dec.flow_prep.reset()
-    dec.hift_graphs.reset()
+# (label, PDL); the final code comes first and last so its two runs show the spread between repeats
+VARIANTS = [("final: PDL", True), ("no PDL", False), ("final (repeat)", True)]
 
 
 def _solve_kernels(dec, device, z, mu, spks, cond, mask) -> tuple[int, list]:
     """Device activities in one replay of the solve graph, and the top ones by time."""
-    from torch.profiler import ProfilerActivity, profile
     dec.solver.solve_padded(z, mu, spks, cond, mask, padded=True)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -621,39 +527,39 @@ def _solve_kernels(dec, device, z, mu, spks, cond, mask) -> tuple[int, list]:
     return int(sum(e.count for e in events)), top
 
 
-def time_variants(dec, device, res, rows, prompt, reps, only=None):
+def time_variants(dec, device, res, rows, prompt, reps):
     """First streamed chunk (35 tokens after a 3 s prompt), the first window's solve alone (its graph:
     batch 1, 352 frames, padded), the pre-solve and HiFT of that chunk, and offline 10 s, for each
-    estimator variant, all in this process."""
-    from stepvox.engine.models.flow import FlowRequest
+    variant: a decoder with `dec`'s weights and the variant's kernel settings, all in this process."""
     toks = tokens_for(10.0, seed=5)
     toks10 = tokens_for(10.0)
     out = {}
-    for label, attention, merge, pdl in ([only] if only else VARIANTS):
-        _set_variant(dec, attention, merge, pdl)
-        _run_stream(dec, device, prompt, toks, seed=0)                # captures this variant's graphs
-        firsts = [_run_stream(dec, device, prompt, toks, seed=r)[0] for r in range(reps)]
-        st = dec.open_stream(prompt, seed=0)
-        dec.push(st, toks[:35])
+    backend = dec.flow.estimator.kernels.backend
+    for label, pdl in VARIANTS:
+        d = rebuilt(dec, KernelConfig(backend=backend, pdl=pdl))
+        _run_stream(d, device, prompt, toks, seed=0)                # captures this variant's graphs
+        firsts = [_run_stream(d, device, prompt, toks, seed=r)[0] for r in range(reps)]
+        st = d.open_stream(prompt, seed=0)
+        d.push(st, toks[:35])
         w = st.pending_window()
         req = FlowRequest(**st.flow_inputs(w))
-        frames = dec.solver.bucket_length(req.total_frames)
-        graphs = dec.solver.graphs_on(device)
-        mu, spks, mask = dec.flow_prep.run([req], frames, graphs=graphs)
+        frames = d.solver.bucket_length(req.total_frames)
+        graphs = d.solver.graphs_on(device)
+        mu, spks, mask = d.flow_prep.run([req], frames, graphs=graphs)
         z = torch.randn(1, 80, frames, device=device, dtype=mu.dtype)
         cond = torch.zeros_like(z)
-        solve_ms = timed(lambda: dec.solver.solve_padded(z, mu, spks, cond, mask, padded=True), device, 20)
-        prep_ms = timed(lambda: dec.flow_prep.run([req], frames, graphs=graphs), device, 20)
-        piece = dec.config.flow.mel_frames(w.end - 20)
+        solve_ms = timed(lambda: d.solver.solve_padded(z, mu, spks, cond, mask, padded=True), device, 20)
+        prep_ms = timed(lambda: d.flow_prep.run([req], frames, graphs=graphs), device, 20)
+        piece = d.config.flow.mel_frames(w.end - 20)
         hin = st.hift_inputs(torch.zeros(80, piece, device=device))
-        hift_ms = timed(lambda: dec._run_hift(hin["mel"][None], hin["start_phase"][None], hin["noise"][None]),
+        hift_ms = timed(lambda: d._run_hift(hin["mel"][None], hin["start_phase"][None], hin["noise"][None]),
                         device, 20)
-        kernels, top = _solve_kernels(dec, device, z, mu, spks, cond, mask) if device.type == "cuda" else (None, [])
-        if label in (VARIANTS[0][0], VARIANTS[1][0]) or only:
+        kernels, top = _solve_kernels(d, device, z, mu, spks, cond, mask) if device.type == "cuda" else (None, [])
+        if label == VARIANTS[0][0]:
             print(f"   top device activities of one first-window solve ({label}):")
             for t in top:
                 print(f"     {t['us']:9.1f} us {t['calls']:5d}x  {t['name']}")
-        offline_ms = timed(lambda: dec.token2wav(toks10, prompt=prompt, seed=0), device, reps)
+        offline_ms = timed(lambda: d.token2wav(toks10, prompt=prompt, seed=0), device, reps)
         r = dict(first_chunk_ms=statistics.median(firsts), first_chunk_all=firsts, solve_ms=solve_ms,
                  pre_solve_ms=prep_ms, hift_ms=hift_ms, kernels_per_solve=kernels, offline_10s_ms=offline_ms,
                  frames=frames, top=top)
@@ -661,7 +567,7 @@ def time_variants(dec, device, res, rows, prompt, reps, only=None):
         rows.append(dict(section="variant", config=label, ms=f"{r['first_chunk_ms']:.2f}",
                          note=f"solve {solve_ms:.2f} / pre {prep_ms:.2f} / hift {hift_ms:.2f} ms, "
                               f"{kernels} kernels/solve, 10 s offline {offline_ms:.1f} ms"))
-    _set_variant(dec, "stepvox", True, True)
+        del d
     res.setdefault("variants", {}).update(out)
 
 
@@ -713,7 +619,6 @@ def main():
     ap.add_argument("--sections", default="check_kernels,check_model,offline,stream,concurrent",
                     help="comma-separated sections (default all but ops and variants: check_kernels, check_model, "
                          "offline, stream, variants, concurrent, ops)")
-    ap.add_argument("--tune", action="store_true", help="sweep row_conv tiles last (GPU; keeps the fastest)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -721,10 +626,12 @@ def main():
     res = dict(device=device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                smoke=args.smoke, model=args.model_dir or "random weights, released config")
     rows: list[dict] = []
-    backend = use_backend("reference") if device.type == "cpu" else use_backend("auto")
-    with backend, torch.inference_mode():
-        dec = guarded(res, "setup", lambda: SpeechDecoder.from_pretrained(args.model_dir, device=device)
-                      if args.model_dir else random_decoder(TINY_SIZES if args.smoke else FULL_SIZES, device))
+    kernels = KernelConfig(backend="reference" if device.type == "cpu" else "auto")
+    with torch.inference_mode():
+        dec = guarded(res, "setup", lambda: SpeechDecoder.from_pretrained(args.model_dir, device=device,
+                                                                          kernels=kernels)
+                      if args.model_dir else random_decoder(TINY_SIZES if args.smoke else FULL_SIZES, device,
+                                                            kernels))
         if dec is None:
             write_json("vocoder.json", res)
             print(res["errors"])
@@ -748,21 +655,11 @@ def main():
         if "variants" in sections:
             section("variants", lambda: time_variants(dec, device, res, rows, prompt, max(5, reps // 2)))
         if "tune_short" in sections and device.type == "cuda":
-            section("variants (default tiles)", lambda: time_variants(dec, device, res, rows, prompt, max(5, reps // 2),
-                                                                      only=("final: default tiles", "stepvox", True,
-                                                                            True)))
             section("tune_short", lambda: tune_short(device, res, rows))
-            section("variants (short tiles)", lambda: time_variants(dec, device, res, rows, prompt, max(5, reps // 2),
-                                                                    only=("final: short tiles", "stepvox", True, True)))
         if "concurrent" in sections:
             section("concurrent", lambda: time_concurrent(dec, device, res, rows, prompt, 8, seconds[0]))
         if "ops" in sections and device.type == "cuda":
             section("ops", lambda: time_ops(device, res, rows))
-        if args.tune and device.type == "cuda":
-            section("tune", lambda: tune_tiles(dec, device, res, rows, prompt, max(3, reps // 4)))
-            if "stream" in sections:
-                section("stream (tuned tiles)", lambda: time_stream(dec, device, res, rows, prompt,
-                                                                    max(3, reps // 4), seconds[-1]))
     path = write_json("vocoder.json", res)
     print(f"\nspeech decoder on {res['device']} ({res['model']}); JSON: {path}")
     if res.get("errors"):

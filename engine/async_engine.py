@@ -12,7 +12,8 @@ import threading
 import traceback
 from typing import AsyncIterator
 
-from .errors import EngineDeadError
+from .config import EngineConfig
+from .errors import EngineDeadError, InvalidRequestError
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -35,7 +36,6 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_path: str, **engine_options) -> "AsyncLLMEngine":
-        from .config import EngineConfig
         return cls(LLMEngine(model_path, EngineConfig(**engine_options)))
 
     # ---------------------------------------------------------------- caller side
@@ -50,7 +50,6 @@ class AsyncLLMEngine:
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
-                from .errors import InvalidRequestError
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (loop, stream)
         self._commands.put(("add", seq))

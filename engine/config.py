@@ -1,16 +1,28 @@
-"""Model config (config.json of a Step1 folder) and engine options."""
+"""Model config (config.json of a Step1 folder), the released model shapes, and engine options."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import torch
+
+from stepvox.kernels import BACKENDS, KernelConfig
 
 from .errors import CheckpointError, ConfigError
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_attention_groups",
              "num_hidden_layers", "vocab_size")
+
+
+# config.json shapes of the released models (SPEC.md §1.4), and a tiny one for tests and demos
+TTS_3B = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=48, num_attention_groups=4,
+              num_hidden_layers=32, vocab_size=74752, max_seq_len=32768)
+CHAT_130B = dict(hidden_size=12288, intermediate_size=31232, num_attention_heads=96, num_attention_groups=8,
+                 num_hidden_layers=88, vocab_size=74752, max_seq_len=32768)
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_attention_groups=2,
+            num_hidden_layers=2, vocab_size=74752, max_seq_len=2048)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,11 @@ class Step1Config:
         if cfg.num_attention_heads % cfg.num_attention_groups:
             raise CheckpointError(f"{cfg.num_attention_heads} heads do not divide into {cfg.num_attention_groups} KV groups")
         return cfg
+
+    @classmethod
+    def from_shape(cls, shape: dict) -> "Step1Config":
+        """The config of one of the shapes above (or any dict of config.json keys)."""
+        return cls.from_dict(dict(shape))
 
     @classmethod
     def from_folder(cls, folder: str) -> "Step1Config":
@@ -97,6 +114,13 @@ class EngineConfig:
     seed: int = 0
     async_scheduling: bool = True             # launch a decode step before the host has read the previous
                                               # one's tokens (any executor; see llm_engine.py)
+    kernel_backend: str = "auto"              # "auto" | "triton" | "reference" (stepvox.kernels.backend)
+    pdl: bool = True                          # programmatic dependent launch of decode-step kernels (Hopper)
+    fused_decode: bool = True                 # steps of <= 16 tokens on one GPU run the fused layer (step1.py)
+    gemv_max_rows: int = 16                   # products of up to this many rows take the GEMV kernel on GPUs
+    triton_sampling: bool = True              # greedy / top-k <= 64 rows drawn by the Triton kernels on GPUs
+    gemv_tiles: Callable[[int, int], dict | None] | None = None   # (N, K) of a GEMV product -> its tile config
+                                              # instead of kernels.gemv.gemv_config's (tile sweeps)
 
     def validate(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.page_size < 1:
@@ -109,6 +133,21 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size must be at least 1")
         if self.distributed_executor not in ("auto", "mp"):
             raise ConfigError(f"distributed_executor must be 'auto' or 'mp', got {self.distributed_executor!r}")
+        if self.kernel_backend not in BACKENDS:
+            raise ConfigError(f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")
+        if not 0 <= self.gemv_max_rows <= 16:
+            raise ConfigError(f"gemv_max_rows must be in [0, 16] (the GEMV kernel's limit), got {self.gemv_max_rows}")
+
+    @property
+    def kernels(self) -> KernelConfig:
+        return KernelConfig(backend=self.kernel_backend, pdl=bool(self.pdl))
+
+    def model_len(self, cfg: Step1Config) -> int:
+        """The context the engine serves: max_model_len, or the model's max_seq_len."""
+        return self.max_model_len or cfg.max_seq_len
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        return resolve_dtype(self.dtype, device)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

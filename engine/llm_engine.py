@@ -17,11 +17,12 @@ import time
 
 import torch
 
-from .config import EngineConfig, Step1Config, resolve_dtype
+from .config import EngineConfig, Step1Config
+from .device.staging import values_to_device
 from .errors import ConfigError, InvalidRequestError, KVCacheExhaustedError, PromptTooLongError
+from .executors import create_executor
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .device_copy import values_to_device
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -75,27 +76,22 @@ class LLMEngine:
         self.model_path = model_path
         self.cfg = Step1Config.from_folder(model_path)
         self.device = self.ecfg.resolve_device()
-        self.dtype = resolve_dtype(self.ecfg.dtype, self.device)
-        self.max_model_len = self.ecfg.max_model_len or self.cfg.max_seq_len
+        self.dtype = self.ecfg.resolve_dtype(self.device)
+        self.max_model_len = self.ecfg.model_len(self.cfg)
         if self.max_model_len > self.cfg.max_seq_len:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
         self.tokenizer = Step1Tokenizer.from_folder(model_path, self.cfg.vocab_size)
-        if executor is None:
-            if self.ecfg.tensor_parallel_size > 1 or self.ecfg.distributed_executor == "mp":
-                from .distributed.executor import TensorParallelExecutor
-                executor = TensorParallelExecutor(model_path, self.ecfg)
-            else:
-                from .executor import LocalExecutor
-                executor = LocalExecutor(model_path, self.cfg, self.ecfg, self.device, self.dtype, self.max_model_len)
-        self.executor = executor
-        self.block_manager = BlockManager(executor.num_pages, self.ecfg.page_size, self.ecfg.enable_prefix_caching)
+        self.executor = executor if executor is not None else create_executor(model_path, self.cfg, self.ecfg)
+        self.block_manager = BlockManager(self.executor.num_pages, self.ecfg.page_size,
+                                          self.ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
-        self.sampler = Sampler(executor.sampling_device, self.cfg.eos_token_id, self.ecfg.seed)
+        self.sampler = Sampler(self.executor.sampling_device, self.cfg.eos_token_id, self.ecfg.seed,
+                               fused=None if self.ecfg.triton_sampling else False, backend=self.ecfg.kernel_backend)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "preemptions": 0, "steps_ahead": 0}
-        self.async_scheduling = self.ecfg.async_scheduling and getattr(executor, "supports_async_scheduling", False)
-        self._readback = TokenReadback(executor.sampling_device)
+        self.async_scheduling = self.ecfg.async_scheduling
+        self._readback = TokenReadback(self.executor.sampling_device)
         self._pending: LaunchedStep | None = None      # the step launched ahead, not read yet
 
     # ---------------------------------------------------------------- requests

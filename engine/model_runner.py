@@ -18,15 +18,15 @@ from stepvox.kernels import default_num_splits
 from stepvox.kernels.argmax import argmax_rows
 
 from .attention_metadata import AttentionMetadata
-from .checkpoint import CheckpointReader
 from .config import EngineConfig, Step1Config
-from .device_copy import values_to_device
-from .distributed.parallel_state import get_tp_group, tp_min_int
+from .device.graphs import GraphCache
+from .device.staging import StagedInputs, values_to_device
+from .distributed.parallel_state import TPGroup
 from .errors import ConfigError
 from .kv_cache import allocate_kv_cache, kv_page_bytes
 from .models.step1 import Step1ForCausalLM
+from .models.step1_checkpoint import CheckpointReader
 from .scheduler import ChunkPlan
-from .step_inputs import StagedInputs
 
 log = logging.getLogger("stepvox")
 
@@ -65,18 +65,21 @@ def _pad_tables(tables: list[list[int]], width: int | None = None) -> np.ndarray
 
 class ModelRunner:
     def __init__(self, model_path: str, cfg: Step1Config, ecfg: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int):
+                 tp: TPGroup = TPGroup()):
+        """One rank's model: `device` is this rank's, `tp` its tensor-parallel group."""
         self.cfg, self.ecfg = cfg, ecfg
-        self.device, self.dtype = device, dtype
-        self.max_model_len = max_model_len
+        self.device, self.dtype = device, ecfg.resolve_dtype(device)
+        self.max_model_len = ecfg.model_len(cfg)
         self.page_size = ecfg.page_size
-        self.max_pages_per_seq = -(-max_model_len // self.page_size)
-        tp = get_tp_group()
+        self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
+        self.tp = tp
+        self.kernels = ecfg.kernels
         self.local_kv_heads = cfg.num_attention_groups // tp.size
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
         t0 = time.perf_counter()
-        self.model = Step1ForCausalLM(cfg, dtype, device)
+        self.model = Step1ForCausalLM(cfg, self.dtype, device, tp, self.kernels, fused_decode=ecfg.fused_decode,
+                                      gemv_max_rows=ecfg.gemv_max_rows, gemv_tiles=ecfg.gemv_tiles)
         with CheckpointReader(model_path, cfg) as reader:
             self.model.load_weights(reader, progress=_LoadProgress(tp.rank, tp.size))
         self.model.fold_norm_weights()
@@ -84,20 +87,23 @@ class ModelRunner:
             torch.cuda.synchronize(device)
         self.load_seconds = time.perf_counter() - t0
 
-        self.num_pages = tp_min_int(self._decide_num_pages(), device)   # every rank holds the same pages
+        self.num_pages = tp.min_int(self._decide_num_pages(), device)   # every rank holds the same pages
         self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, self.num_pages, self.local_kv_heads,
-                                          self.page_size, cfg.head_dim, dtype, device)
+                                          self.page_size, cfg.head_dim, self.dtype, device)
         for layer, (k_cache, v_cache) in zip(self.model.attention_layers(), self.kv_cache):
             layer.k_cache, layer.v_cache = k_cache, v_cache
+        graph_sizes = self._graph_sizes()
         pages = self.max_pages_per_seq * ecfg.max_num_seqs
-        self.staging = StagedInputs({torch.long: 3 * ecfg.max_num_batched_tokens,
-                                     torch.int32: 2 * pages + 3 * ecfg.max_num_seqs + 1}, device)
-        self.graphs: dict[int, tuple] = {}
+        self.staging = StagedInputs(
+            {torch.long: 3 * max(ecfg.max_num_batched_tokens, graph_sizes[-1]),
+             torch.int32: 2 * pages + 3 * ecfg.max_num_seqs + 1}, device)
         self.use_graphs = device.type == "cuda" and not ecfg.enforce_eager
+        self.graphs: GraphCache | None = None
+        self.graph_sizes: list[int] = []
         if device.type == "cuda":
             self._warmup()
         if self.use_graphs:
-            self._capture_graphs()
+            self._capture_graphs(graph_sizes)
 
     # ---------------------------------------------------------------- KV cache sizing
     def _decide_num_pages(self) -> int:
@@ -158,7 +164,7 @@ class ModelRunner:
                 prefill_max_len=max(lens), prefill_context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
                 prefill_block_table=torch.zeros(2, 8, dtype=torch.int32, device=dev))
             hidden = self.model(torch.zeros(total, dtype=torch.long, device=dev), meta)
-            argmax_rows(self.model.compute_logits_raw(hidden[-2:]))
+            argmax_rows(self.model.compute_logits_raw(hidden[-2:]), backend=self.kernels.backend)
             meta.prefill_context_lens = meta.prefill_block_table = None
             self.model(torch.zeros(total, dtype=torch.long, device=dev), meta)
         torch.cuda.synchronize(dev)
@@ -171,7 +177,7 @@ class ModelRunner:
     def prepare(self, plans: list[ChunkPlan]):
         """Device inputs for a step: (input_ids, metadata, plan indices in token order, sample rows
         as a device index or None when every token samples). The host values go over in one staged,
-        non-blocking copy per dtype (engine/step_inputs.py), so preparing an eager step never waits
+        non-blocking copy per dtype (device/staging.py), so preparing an eager step never waits
         for a step launched ahead."""
         decodes = [i for i, c in enumerate(plans) if c.length == 1]
         prefills = [i for i, c in enumerate(plans) if c.length > 1]
@@ -246,78 +252,61 @@ class ModelRunner:
         return sizes
 
     def _graph_size(self, batch: int) -> int | None:
-        for s in self.graphs:
+        for s in self.graph_sizes:
             if s >= batch:
                 return s
         return None
 
+    def _graph_body(self, size: int, ids: torch.Tensor, meta: AttentionMetadata):
+        logits = self.model.compute_logits_raw(self.model(ids, meta))   # model dtype
+        return logits, argmax_rows(logits, backend=self.kernels.backend)
+
+    def _graph_inputs(self, size: int):
+        """A decode graph's static inputs: views of the buffers all graphs share, `io` [3, B] int64 =
+        token ids, cache slots, sequence lengths, and `tables` [B, max_pages] int32."""
+        meta = AttentionMetadata(
+            slot_mapping=self.io[1, :size], num_decode=size, decode_block_table=self.tables[:size],
+            decode_seq_lens=self.io[2, :size], decode_max_seq_len=self.max_model_len,
+            decode_num_splits=default_num_splits(size, self.local_kv_heads, self.max_model_len, self.num_sms))
+        return self.io[0, :size], meta
+
     @torch.inference_mode()
-    def _capture_graphs(self) -> None:
-        """One graph per decode batch size; all read their inputs from shared static buffers:
-        `io` [3, B] int64 = token ids, cache slots, sequence lengths (copied in one transfer from a
-        pinned host buffer) and `tables` [B, max_pages] int32."""
+    def _capture_graphs(self, sizes: list[int]) -> None:
+        """One graph per decode batch size, the biggest first (the smaller ones reuse its memory)."""
         t0 = time.perf_counter()
-        sizes = self._graph_sizes()
         biggest = sizes[-1]
-        dev = self.device
-        # two sets of pinned staging buffers, used by turns: with a step launched ahead, a step's
-        # inputs are staged while the previous step's copies may still be queued on the device
-        self.host_io = [torch.zeros(3, biggest, dtype=torch.long, pin_memory=True) for _ in range(2)]
-        self.host_tables = [torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, pin_memory=True)
-                            for _ in range(2)]
-        self._turn = 0
-        self.io = torch.zeros(3, biggest, dtype=torch.long, device=dev)
+        self.io = torch.zeros(3, biggest, dtype=torch.long, device=self.device)
         self.io[1].fill_(-1)
-        self.tables = torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, device=dev)
-        pool = None
-        graphs = {}
+        self.tables = torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, device=self.device)
+        self.graphs = GraphCache(self._graph_body, self._graph_inputs, self.device)
         for size in reversed(sizes):
-            meta = AttentionMetadata(
-                slot_mapping=self.io[1, :size], num_decode=size, decode_block_table=self.tables[:size],
-                decode_seq_lens=self.io[2, :size], decode_max_seq_len=self.max_model_len,
-                decode_num_splits=default_num_splits(size, self.local_kv_heads, self.max_model_len, self.num_sms))
-            ids = self.io[0, :size]
-            for _ in range(2):   # compile kernels and settle the allocator outside the capture
-                argmax_rows(self.model.compute_logits_raw(self.model(ids, meta)))
-            torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.compute_logits_raw(self.model(ids, meta))   # model dtype
-                greedy = argmax_rows(logits)
-            pool = graph.pool()
-            graphs[size] = (graph, logits, greedy)
-        self.graphs = dict(sorted(graphs.items()))
-        torch.cuda.synchronize(dev)
+            self.graphs.entry(size)
+        self.graph_sizes = sizes
+        torch.cuda.synchronize(self.device)
         self.graph_capture_seconds = time.perf_counter() - t0
         log.info("captured %d decode graphs in %.1f s", len(sizes), self.graph_capture_seconds)
 
     def _replay(self, plans: list[ChunkPlan], size: int, input_tokens: torch.Tensor | None = None):
         n, ps = len(plans), self.page_size
-        host_io, host_tables = self.host_io[self._turn], self.host_tables[self._turn]
-        self._turn ^= 1
-        io = host_io.numpy()
-        tables = host_tables.numpy()
-        width = 1
+        io = np.zeros((3, size), dtype=np.int64)
+        io[1, n:] = -1
+        width = max(len(c.block_table) for c in plans)
+        tables = np.zeros((n, width), dtype=np.int32)
         for i, c in enumerate(plans):
             table = c.block_table
             io[0, i] = c.tokens[0]
             io[1, i] = table[c.start // ps] * ps + c.start % ps
             io[2, i] = c.start + 1
             tables[i, :len(table)] = table
-            width = max(width, len(table))
-        io[0, n:size] = 0
-        io[1, n:size] = -1
-        io[2, n:size] = 0
-        self.io[:, :size].copy_(host_io[:, :size], non_blocking=True)
+        # through pinned buffers used by turns (device/staging.py): a step's inputs are staged while
+        # the step launched before it may still have its copies queued
+        self.staging.put_into([(io, self.io[:, :size]), (tables, self.tables[:n, :width])])
         if input_tokens is not None:
             self.io[0, :n].copy_(input_tokens)            # the previous step's samples, never on the host
-        self.tables[:n, :width].copy_(host_tables[:n, :width], non_blocking=True)
-        graph, logits, greedy = self.graphs[size]
+        graph, _, (logits, greedy) = self.graphs.entry(size)
         graph.replay()
-        # A staging set is refilled two launches later. The engine reads a step's tokens before it
-        # launches the step after next, and that step's copies ran before its graph, so the host
-        # never overwrites a buffer that a queued copy still reads. The outputs are static buffers:
-        # the next replay overwrites them, so the caller consumes them (on the stream) before that.
+        # The outputs are static buffers: the next replay overwrites them, so the caller consumes them
+        # (on the stream) before that.
         rows = [i for i, c in enumerate(plans) if c.samples]
         if len(rows) == n:
             return logits[:n], rows, greedy[:n]

@@ -21,7 +21,7 @@ import torch
 from stepvox.kernels import use_triton
 from stepvox.kernels.sampling import MAX_TOP_K, sample_top_k
 
-from .device_copy import values_to_device
+from .device.staging import values_to_device
 from .sequence import Sequence
 
 REPETITION_WINDOW = 10
@@ -53,10 +53,12 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, eos_token_id: int, seed: int = 0, fused: bool | None = None):
+    def __init__(self, device: torch.device, eos_token_id: int, seed: int = 0, fused: bool | None = None,
+                 backend: str = "auto"):
         """fused: use the Triton sampling kernels where they apply (None: on CUDA devices only; tests
-        on the CPU pass True to run them under the interpreter)."""
+        on the CPU pass True to run them under the interpreter); backend: the kernels' backend."""
         self.device = device
+        self.backend = backend
         self.eos_token_id = eos_token_id
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -149,7 +151,7 @@ class Sampler:
         return torch.where(greedy, greedy_ids, sampled)
 
     def _fused_applies(self, logits: torch.Tensor, seqs: list[Sequence]) -> bool:
-        if not self.fused or not use_triton(logits):
+        if not self.fused or not use_triton(logits, self.backend):
             return False
         return all(s.params.greedy or (s.params.top_p == 1.0 and 0 < s.params.top_k <= MAX_TOP_K) for s in seqs)
 
@@ -162,7 +164,7 @@ class Sampler:
         seeds = [self.host_generator.getrandbits(63) if s.params.seed is None
                  else _step_seed(s.params.seed, s.num_output_tokens) for s in seqs]
         ints = values_to_device([1 if s.params.greedy else s.params.top_k for s in seqs] + seeds, torch.int64, dev)
-        return sample_top_k(logits, temps, ints[:len(seqs)], ints[len(seqs):])
+        return sample_top_k(logits, temps, ints[:len(seqs)], ints[len(seqs):], backend=self.backend)
 
     @staticmethod
     def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:

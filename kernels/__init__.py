@@ -1,14 +1,14 @@
 """stepvox.kernels: the engine's hot ops as pure functions on tensors.
 
-Each op has a Triton implementation and a plain-PyTorch reference beside it; `backend.use_triton`
-picks one per call (Triton on CUDA; on CPU the interpreter when TRITON_INTERPRET=1, else the
-reference).
+Each op has a Triton implementation and a plain-PyTorch reference beside it; its `backend`
+argument picks one per call ("auto": Triton on CUDA; on CPU the interpreter when TRITON_INTERPRET=1,
+else the reference). Ops of the decode step and the flow estimator also take `pdl` (kernels/pdl.py).
 """
 from .activation import silu_and_mul, silu_and_mul_reference
 from .alibi import alibi_slopes, sqrt_alibi_bias
 from .attention_decode import attention_decode, attention_decode_reference, default_num_splits
 from .attention_prefill import attention_prefill, attention_prefill_reference
-from .backend import use_backend, use_triton
+from .backend import BACKENDS, KernelConfig, use_triton
 from .embedding import embedding_sumsq, embedding_sumsq_reference
 from .gemv import (linear_small_m, linear_small_m_add_, linear_small_m_add_reference, linear_small_m_reference,
                    rms_linear_small_m, rms_linear_small_m_reference)
@@ -25,5 +25,5 @@ __all__ = [
     "linear_small_m", "linear_small_m_reference",
     "rms_linear_small_m", "rms_linear_small_m_reference", "linear_small_m_add_", "linear_small_m_add_reference",
     "embedding_sumsq", "embedding_sumsq_reference",
-    "use_backend", "use_triton",
+    "BACKENDS", "KernelConfig", "use_triton",
 ]

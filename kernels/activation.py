@@ -30,11 +30,11 @@ def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr, USE
     tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, backend: str = "auto", pdl: bool = True) -> torch.Tensor:
     """x: [..., 2*I] holding gate then up; returns [..., I]."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul: last dim must be even, got {x.shape[-1]}")
-    if not use_triton(x):
+    if not use_triton(x, backend):
         return silu_and_mul_reference(x)
     n = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * n)
@@ -44,5 +44,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(n), 1024)
     grid = (x2.shape[0], triton.cdiv(n, block))
     _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
-                               **pdl_launch_options(x2))
+                               **pdl_launch_options(x2, pdl))
     return out.view(*x.shape[:-1], n)

@@ -67,13 +67,13 @@ def _scratch(device: torch.device):
     return buf
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+def argmax_rows(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """logits [M, V] (any float dtype) -> int64 [M], the first index of each row's maximum."""
     if logits.dim() != 2:
         raise ValueError(f"argmax_rows: expected [rows, vocab], got {tuple(logits.shape)}")
     m, v = logits.shape
     chunks = triton.cdiv(v, CHUNK)
-    if not use_triton(logits) or m == 0 or m > 64 or chunks > 64 or m * chunks > MAX_PARTIALS:
+    if not use_triton(logits, backend) or m == 0 or m > 64 or chunks > 64 or m * chunks > MAX_PARTIALS:
         return argmax_rows_reference(logits)
     if logits.stride(1) != 1:
         logits = logits.contiguous()

@@ -229,7 +229,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      new_slots: torch.Tensor | None = None, num_splits: int | None = None,
                      max_seq_len: int | None = None, out: torch.Tensor | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     min_keys_per_split: int = MIN_KEYS_PER_SPLIT) -> torch.Tensor:
+                     min_keys_per_split: int = MIN_KEYS_PER_SPLIT, backend: str = "auto",
+                     pdl: bool = True) -> torch.Tensor:
     """q [B, Hq, D] at position seq_lens[b] - 1 of sequence b; keys 0..seq_lens[b]-1.
 
     Without k_new, every key must already be in the cache. With k_new/v_new [B, Hkv, D] and
@@ -253,7 +254,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("attention_decode: k_new, v_new [B, Hkv, D] and new_slots [B] go together")
     slopes = check_slopes(slopes, hq, q.device)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    if not use_triton(q) or not is_power_of_two(dim):
+    if not use_triton(q, backend) or not is_power_of_two(dim):
         if has_new:
             write_kv_reference(k_new, v_new, k_cache, v_cache, new_slots)
         result = attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale)
@@ -293,5 +294,5 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), stride_nb, stride_nh,
         GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=dim, BLOCK_N=block_n, PAGE=page,
         SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch_options(q))
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch_options(q, pdl))
     return out

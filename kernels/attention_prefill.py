@@ -11,6 +11,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .alibi import sqrt_alibi_bias
 from .attention_common import (LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, scores_exact,
@@ -194,7 +195,6 @@ def _tma_usable(device: torch.device, *tensors: torch.Tensor) -> bool:
 
 def _descriptor(t: torch.Tensor, block_rows: int, dim: int):
     """A TMA descriptor over t [tokens, heads, D] viewed as [tokens, heads * D], tiles [rows, D]."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
     if t.stride(2) != 1 or t.stride(1) != dim:
         raise ValueError("TMA path needs each token's heads packed contiguously")
     return TensorDescriptor(t, [t.shape[0], t.shape[1] * dim], [t.stride(0), 1], [block_rows, dim])
@@ -204,7 +204,8 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       max_seqlen: int | None, slopes: torch.Tensor, scale: float | None = None, *,
                       k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                       block_table: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, config: dict | None = None,
+                      backend: str = "auto") -> torch.Tensor:
     """Causal sqrt-ALiBi attention over a varlen batch.
 
     q [T, Hq, D]; k, v [T, Hkv, D] (the new tokens, packed); cu_seqlens int32 [B+1];
@@ -227,7 +228,7 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         check_cache_pair(k_cache, v_cache)
         if block_table.shape[0] != cu_seqlens.shape[0] - 1 or context_lens.shape[0] != block_table.shape[0]:
             raise ValueError("attention_prefill: block_table and context_lens need one row per sequence")
-    if not use_triton(q) or not is_power_of_two(dim):
+    if not use_triton(q, backend) or not is_power_of_two(dim):
         result = attention_prefill_reference(q, k, v, cu_seqlens, slopes, scale, k_cache, v_cache,
                                              block_table, context_lens)
         if out is None:

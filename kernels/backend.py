@@ -1,19 +1,19 @@
 """Which implementation a kernel call runs: Triton or the plain-PyTorch reference.
 
-Rule (DESIGN.md): Triton on CUDA tensors; on CPU tensors the Triton interpreter when
-TRITON_INTERPRET=1 was set before `triton` was imported, else the reference. The variable
-STEPVOX_KERNELS=reference|triton|auto, or the `use_backend` context manager, overrides the rule
-(benchmarks time the references this way; engine tests on CPU skip the slow interpreter).
+Every kernel takes `backend`: "auto" (the default) runs Triton on CUDA tensors and, on CPU tensors,
+the Triton interpreter when TRITON_INTERPRET=1 was set before `triton` was imported, else the
+reference; "triton" and "reference" force one. Callers above the kernels (layers, models,
+engines) hold a `KernelConfig` and pass its fields down, so two engines in one process can run
+different backends and nothing is switched process-wide.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 
 import torch
 
-_VALID = ("auto", "reference", "triton")
-_forced: list[str] = []       # stack of forced modes (process-wide: engine threads see it too)
+BACKENDS = ("auto", "reference", "triton")
 
 
 def _truthy(value: str | None) -> bool:
@@ -25,37 +25,34 @@ def _truthy(value: str | None) -> bool:
 INTERPRETER_ACTIVE = _truthy(os.environ.get("TRITON_INTERPRET"))
 
 
-def current_mode() -> str:
-    mode = _forced[-1] if _forced else os.environ.get("STEPVOX_KERNELS", "auto")
-    if mode not in _VALID:
-        raise ValueError(f"STEPVOX_KERNELS must be one of {_VALID}, got {mode!r}")
-    return mode
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How the kernels of one model run: `backend` (see the module doc) and `pdl` (programmatic
+    dependent launch of the decode-step and flow kernels on Hopper; kernels/pdl.py)."""
+    backend: str = "auto"
+    pdl: bool = True
+
+    def __post_init__(self):
+        check_backend(self.backend)
+        if not isinstance(self.pdl, bool):
+            raise ValueError(f"KernelConfig.pdl must be a bool, got {self.pdl!r}")
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """True when a kernel called on `tensor` should run its Triton implementation."""
-    mode = current_mode()
-    if mode == "reference":
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def use_triton(tensor: torch.Tensor, backend: str = "auto") -> bool:
+    """True when a kernel called on `tensor` with `backend` runs its Triton implementation."""
+    if check_backend(backend) == "reference":
         return False
     if tensor.is_cuda:
         return True
-    if mode == "triton" and not INTERPRETER_ACTIVE:
-        raise RuntimeError(
-            "STEPVOX_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
-        )
+    if backend == "triton" and not INTERPRETER_ACTIVE:
+        raise RuntimeError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     return INTERPRETER_ACTIVE
-
-
-@contextlib.contextmanager
-def use_backend(mode: str):
-    """Force a backend for the calls made while the block runs (in every thread)."""
-    if mode not in _VALID:
-        raise ValueError(f"backend must be one of {_VALID}, got {mode!r}")
-    _forced.append(mode)
-    try:
-        yield
-    finally:
-        _forced.pop()
 
 
 _SM_COUNT: dict[int, int] = {}

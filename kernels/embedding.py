@@ -37,13 +37,14 @@ def _embedding_sumsq_kernel(Ids, W, Out, SqOut, N, stride_w, stride_o, BLOCK: tl
     tl.store(SqOut + row, tl.sum(ef * ef, axis=0))
 
 
-def embedding_sumsq(ids: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_sumsq(ids: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto",
+                    pdl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """rows = weight[ids] ([M, H], a new tensor) and float32 [1, M] sums of squares of each row.
     The ids must lie in [0, vocab): the engine checks token ids before they reach the model."""
     if ids.dim() != 1 or weight.dim() != 2:
         raise ValueError(f"embedding_sumsq: ids [M] and weight [V, H] expected, got {tuple(ids.shape)}, "
                          f"{tuple(weight.shape)}")
-    if not use_triton(weight):
+    if not use_triton(weight, backend):
         return embedding_sumsq_reference(ids, weight)
     m, n = ids.shape[0], weight.shape[1]
     rows = torch.empty(m, n, dtype=weight.dtype, device=weight.device)
@@ -51,5 +52,5 @@ def embedding_sumsq(ids: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tens
     if m:
         block = triton.next_power_of_2(n)
         _embedding_sumsq_kernel[(m,)](ids, weight, rows, sumsq, n, weight.stride(0), rows.stride(0), BLOCK=block,
-                                      num_warps=min(max(block // 256, 1), 16), **pdl_launch_options(weight))
+                                      num_warps=min(max(block // 256, 1), 16), **pdl_launch_options(weight, pdl))
     return rows, sumsq

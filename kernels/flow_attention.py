@@ -92,9 +92,11 @@ def attention_tile(length: int) -> tuple[int, int, int]:
 
 
 def flow_attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, *, tile: tuple | None = None, backend: str = "auto",
+                   pdl: bool = True) -> torch.Tensor:
     """qkv [N, L, 3 * H * D] (last dim contiguous); key_mask [N, L] (any float/int dtype, 0 = padded
-    key; None = every key valid). Returns [N, L, H * D] in qkv's dtype (into `out` when given)."""
+    key; None = every key valid). Returns [N, L, H * D] in qkv's dtype (into `out` when given).
+    tile: (BLOCK_M, BLOCK_N, num_warps) instead of ATTENTION_TILES' choice (tests and tile sweeps)."""
     n, length, width = qkv.shape
     if width % (3 * heads):
         raise ValueError(f"flow_attention: width {width} is not 3 x {heads} heads x head_dim")
@@ -106,7 +108,7 @@ def flow_attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None 
             raise ValueError(f"flow_attention: key_mask must be [{n}, {length}], got {list(key_mask.shape)}")
     if out is not None and out.shape != (n, length, heads * d):
         raise ValueError(f"flow_attention: out must be [{n}, {length}, {heads * d}], got {list(out.shape)}")
-    if not use_triton(qkv):
+    if not use_triton(qkv, backend):
         y = flow_attention_reference(qkv, heads, key_mask)
         return y if out is None else out.copy_(y)
     if qkv.stride(-1) != 1:
@@ -116,7 +118,7 @@ def flow_attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None 
     elif out.stride(-1) != 1:
         raise ValueError("flow_attention: out must be contiguous along channels")
     km = key_mask if key_mask is not None else qkv
-    block_m, block_n, warps = attention_tile(length)
+    block_m, block_n, warps = tile or attention_tile(length)
     grid = (triton.cdiv(length, block_m), n * heads)
     _flow_attention_kernel[grid](
         qkv, km, out, length, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
@@ -124,5 +126,5 @@ def flow_attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None 
         LOG2E_HOST / math.sqrt(d), H=heads, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(qkv.dtype), num_warps=warps, num_stages=2,
-        **pdl_launch_options(qkv))
+        **pdl_launch_options(qkv, pdl))
     return out

@@ -261,14 +261,17 @@ def tile_kind(n_out: int, ln: bool, taps: int) -> str:
     return "ln" if ln else ("conv" if taps > 1 else ("wide" if n_out >= 512 else "narrow"))
 
 
-def _tiles(n_out: int, ln: bool, k: int, rows: int, taps: int, elem_bytes: int):
-    kind = tile_kind(n_out, ln, taps)
-    long_rows, long_tiles = TILES_LONG.get(kind, (None, None))
-    bm, bn, bk, warps, stages = long_tiles if long_rows is not None and rows >= long_rows else TILES[kind]
-    for max_rows, tiles in TILES_SHORT.get(kind, ()):
+def table_tiles(kind: str, rows: int) -> tuple:
+    """(BM, BN, BK, num_warps, num_stages) of the tables above for `rows` rows per sequence."""
+    for max_rows, short in TILES_SHORT.get(kind, ()):
         if rows <= max_rows:
-            bm, bn, bk, warps, stages = tiles
-            break
+            return short
+    long_rows, long_tiles = TILES_LONG.get(kind, (None, None))
+    return long_tiles if long_rows is not None and rows >= long_rows else TILES[kind]
+
+
+def _tiles(n_out: int, ln: bool, k: int, rows: int, taps: int, elem_bytes: int, tiles: tuple | None):
+    bm, bn, bk, warps, stages = tiles or table_tiles(tile_kind(n_out, ln, taps), rows)
     if elem_bytes > 2:                  # float32 operands: half the tile width, fewer stages (shared memory)
         bn, stages = min(bn, 64), min(stages, 2)
     bk = max(16, triton.next_power_of_2(k)) if ln else bk
@@ -291,7 +294,7 @@ def _mask_rows(mask, n, length, what):
 def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
              spec: RowConvSpec = LINEAR, *, mask_in=None, ln=None, gelu: bool = False, residual=None,
              mask_out=None, mul_mask_out: bool = False, gn_groups: int = 0, stats_channels: int | None = None,
-             out: torch.Tensor | None = None):
+             out: torch.Tensor | None = None, tiles: tuple | None = None, backend: str = "auto", pdl: bool = True):
     """x: [N, L_in, K] (any strides); weight [phases, taps, K, Nout] (linear_weight / conv_weight /
     upsample_weight); bias [Nout]; mask_in [N, L_in] (or [N, 1, L_in]); ln = (weight, bias, eps);
     residual [N, L_out, Nout]; mask_out [N, L_out]: multiplies the output when mul_mask_out, and
@@ -299,6 +302,7 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     first `stats_channels` output channels (all by default; fewer when one product computes a
     normalised output beside an unnormalised one, as ResnetBlock1D's conv1 and res_conv).
     out: optional [N, L_out, Nout] destination (any strides, e.g. a transposed channel-first view).
+    tiles: (BM, BN, BK, num_warps, num_stages) instead of the tables' choice (tests and tile sweeps).
     Returns y (and GroupStats when gn_groups)."""
     n, l_in, k = x.shape
     phases, taps, wk, n_out = weight.shape
@@ -317,7 +321,7 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if gn_groups and (stats_channels % gn_groups or not 0 < stats_channels <= n_out or phases != 1):
         raise ValueError("row_conv: GroupNorm statistics need stats_channels (<= Nout) divisible by the groups "
                          "and one phase")
-    if not use_triton(x):
+    if not use_triton(x, backend):
         y = row_conv_reference(x, weight, bias, spec, mask_in=mask_in, ln=ln, gelu=gelu, residual=residual,
                                mask_out=mask_out, mul_mask_out=mul_mask_out, out=out)
         return (y, GroupStats(None, 0, gn_groups)) if gn_groups else y
@@ -326,7 +330,7 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         raise ValueError("row_conv: weight must be contiguous along Nout and in x's dtype")
     j = spec.rows_per_phase(l_out)
     cg = stats_channels // gn_groups if gn_groups else 1
-    bm, bn, bk, warps, stages = _tiles(n_out, ln is not None, k, j, taps, x.element_size())
+    bm, bn, bk, warps, stages = _tiles(n_out, ln is not None, k, j, taps, x.element_size(), tiles)
     if gn_groups:
         bn = max(bn, triton.next_power_of_2(cg))
         if bn % cg:
@@ -352,5 +356,5 @@ def row_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         TAPS=taps, HAS_BIAS=bias is not None, HAS_MI=mask_in is not None, HAS_LN=ln is not None,
         GELU=gelu, HAS_RES=residual is not None, HAS_MO=mask_out is not None, MUL_MO=mul_mask_out,
         STATS=gn_groups > 0, CG=cg, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, **pdl_launch_options(x))
+        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, **pdl_launch_options(x, pdl))
     return (y, GroupStats(partial, tiles, gn_groups)) if gn_groups else y

@@ -132,7 +132,7 @@ def _gn_mish_apply_kernel(X, M, P, W, Bi, T, R, Out, C, L, CG, S, eps,
 
 def group_norm_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
                     mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
+                    residual: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
     """Mish(GroupNorm(x)) with optional frame mask, per-channel time-embedding add and residual.
     x: [N, C, L]; mask: [N, 1, L]; temb: [N, C] or [C]; residual: [N, C, L]. Returns [N, C, L]."""
     n, c, length = x.shape
@@ -144,7 +144,7 @@ def group_norm_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
         raise ValueError("group_norm_mish: residual must match x")
     if temb is not None and temb.numel() not in (c, n * c):
         raise ValueError(f"group_norm_mish: temb must have {c} or {n * c} elements")
-    if not use_triton(x):
+    if not use_triton(x, backend):
         return group_norm_mish_reference(x, weight, bias, num_groups, eps, mask, temb, residual)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -201,11 +201,11 @@ def _add_ln_kernel(X, R, W, Bi, Y, RO, N, sx, sr, sy, sro, eps, BLOCK: tl.conste
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float = 1e-5, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [..., D]. Returns (LayerNorm(x + residual), x + residual) as new tensors."""
     if x.shape != residual.shape or x.dtype != residual.dtype:
         raise ValueError("add_layer_norm: x and residual must match in shape and dtype")
-    if not use_triton(x):
+    if not use_triton(x, backend):
         return add_layer_norm_reference(x, residual, weight, bias, eps)
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
@@ -292,7 +292,8 @@ def _gn_rows_apply_kernel(X, P, W, Bi, T, R, M, Y, L, C, S, eps,
 
 def group_norm_mish_rows(x: torch.Tensor, stats, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
                          mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                         residual: torch.Tensor | None = None) -> torch.Tensor:
+                         residual: torch.Tensor | None = None, *, backend: str = "auto", pdl: bool = True,
+                         block_elements: int = GN_ROWS_ELEMENTS) -> torch.Tensor:
     """group_norm_mish on channels-last rows: x [N, L, C] (channels contiguous) as written by
     flow_conv.row_conv with `gn_groups`, whose GroupStats `stats` hold the per-tile statistics
     (taken over the frames of its mask_out, which must be `mask` here); mask [N, L]; temb [N, C] or
@@ -307,7 +308,9 @@ def group_norm_mish_rows(x: torch.Tensor, stats, weight: torch.Tensor, bias: tor
         raise ValueError("group_norm_mish_rows: residual must match x")
     if temb is not None and temb.numel() not in (c, n * c):
         raise ValueError(f"group_norm_mish_rows: temb must have {c} or {n * c} elements")
-    if stats.partial is None or not use_triton(x):
+    if block_elements < 1:
+        raise ValueError(f"group_norm_mish_rows: block_elements must be positive, got {block_elements}")
+    if stats.partial is None or not use_triton(x, backend):
         return group_norm_mish_rows_reference(x, weight, bias, groups, eps, mask, temb, residual)
     if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("group_norm_mish_rows: x and residual must be contiguous along channels")
@@ -317,7 +320,9 @@ def group_norm_mish_rows(x: torch.Tensor, stats, weight: torch.Tensor, bias: tor
     r = residual if residual is not None else x
     m = mask if mask is not None else x
     block_c = triton.next_power_of_2(c)
-    block_l = max(1, min(triton.next_power_of_2(length), GN_ROWS_ELEMENTS // block_c))
+    # rows per program: at most block_elements // block_c (at least one), a power of two (tl.arange)
+    rows = max(1, block_elements // block_c)
+    block_l = min(triton.next_power_of_2(length), 1 << (rows.bit_length() - 1))
     _gn_rows_apply_kernel[(n, triton.cdiv(length, block_l))](
         x, stats.partial, weight, bias, t, r, m, out, length, c, stats.tiles, eps,
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1), t_stride,
@@ -325,5 +330,5 @@ def group_norm_mish_rows(x: torch.Tensor, stats, weight: torch.Tensor, bias: tor
         G=groups, CG=c // groups, HAS_MASK=mask is not None, HAS_TEMB=temb is not None,
         HAS_RES=residual is not None, BLOCK_G=triton.next_power_of_2(groups),
         BLOCK_S=max(triton.next_power_of_2(stats.tiles), 2), BLOCK_C=block_c, BLOCK_L=block_l,
-        num_warps=4, **pdl_launch_options(x))
+        num_warps=4, **pdl_launch_options(x, pdl))
     return out

@@ -73,7 +73,8 @@ def _cfg_euler_kernel(V, X, M, XO, NI, C, L, B,
 
 
 def cfg_euler_step(v: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dt: float, cfg_rate: float,
-                   out: torch.Tensor | None = None, next_input: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, next_input: torch.Tensor | None = None, *,
+                   backend: str = "auto", pdl: bool = True) -> torch.Tensor:
     """v: [2B, C, L] estimator output (cond rows then uncond rows); x: [B, C, L]; mask: [B, 1, L].
     dt must be representable in x's dtype (the solver passes the dtype-rounded schedule).
     Returns `out` (new tensor when None; may alias x). With `next_input` [2B, >=C, L] the result is
@@ -86,7 +87,7 @@ def cfg_euler_step(v: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dt: flo
     if next_input is not None and (next_input.shape[0] != 2 * bsz or next_input.shape[2] != length
                                    or next_input.shape[1] < c):
         raise ValueError("cfg_euler_step: next_input must be [2B, >=C, L]")
-    if not use_triton(x):
+    if not use_triton(x, backend):
         return cfg_euler_step_reference(v, x, mask, dt, cfg_rate, out, next_input)
     if out is None:
         out = torch.empty_like(x)
@@ -101,5 +102,5 @@ def cfg_euler_step(v: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dt: flo
                             out.stride(0), out.stride(1), ni.stride(0), ni.stride(1),
                             float(dt), float(1.0 + cfg_rate), float(cfg_rate),
                             HAS_NEXT=next_input is not None, BLOCK=block, num_warps=4,
-                            **pdl_launch_options(x))
+                            **pdl_launch_options(x, pdl))
     return out

@@ -191,7 +191,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
 
 
-def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, add_to_out=False):
+def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, add_to_out=False, pdl=True):
     """One product into `out`; with add_to_out, out is the residual it adds to, and the new rows'
     partial sums of squares (float32 [row blocks, M]) are returned."""
     m, k = x.shape
@@ -214,23 +214,23 @@ def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, add_t
         k_range, slots, eps,
         BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0,
         RMS_IN=sumsq_in is not None, SLOTS_PAD=max(16, triton.next_power_of_2(slots)), SILU=silu,
-        RESIDUAL=add_to_out, **cfg, **pdl_launch_options(x))
+        RESIDUAL=add_to_out, **cfg, **pdl_launch_options(x, pdl))
     return sumsq_out
 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                   config: dict | None = None) -> torch.Tensor:
+                   config: dict | None = None, *, backend: str = "auto", pdl: bool = True) -> torch.Tensor:
     """x [M, K] (M <= 16) times weight [N, K]^T, float32 accumulation, output in x's dtype."""
     _check(x, weight, "linear_small_m")
     m = x.shape[0]
-    if m > MAX_M or not use_triton(x):
+    if m > MAX_M or not use_triton(x, backend):
         return linear_small_m_reference(x, weight)
     if x.stride(1) != 1:
         x = x.contiguous()
     if out is None:
         out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
     if m:
-        _launch(x, weight, out, config)
+        _launch(x, weight, out, config, pdl=pdl)
     return out
 
 
@@ -251,7 +251,8 @@ def rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul=False):
 
 
 def rms_linear_small_m(x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor, eps: float, *,
-                       silu_and_mul: bool = False, config: dict | None = None) -> torch.Tensor:
+                       silu_and_mul: bool = False, config: dict | None = None, backend: str = "auto",
+                       pdl: bool = True) -> torch.Tensor:
     """RMSNorm(x) W^T for x [M, K] the un-normalised residual rows (M <= 16) and W [N, K] with the
     norm's weight already multiplied into its columns; sumsq [S, M] float32 holds partial sums of
     x's squares per row (from linear_small_m_add_ or embedding_sumsq). With silu_and_mul, W's rows
@@ -263,12 +264,12 @@ def rms_linear_small_m(x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tenso
                          f"{sumsq.dtype} {tuple(sumsq.shape)}")
     if silu_and_mul and n % 2:
         raise ValueError(f"rms_linear_small_m: silu_and_mul needs an even row count, got {n}")
-    if m > MAX_M or not use_triton(x):
+    if m > MAX_M or not use_triton(x, backend):
         return rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul)
     x, sumsq = x.contiguous(), sumsq.contiguous()
     out = torch.empty(m, n // 2 if silu_and_mul else n, dtype=x.dtype, device=x.device)
     if m:
-        _launch(x, weight, out, config, sumsq_in=sumsq, eps=eps, silu=silu_and_mul)
+        _launch(x, weight, out, config, sumsq_in=sumsq, eps=eps, silu=silu_and_mul, pdl=pdl)
     return out
 
 
@@ -278,7 +279,7 @@ def linear_small_m_add_reference(x, weight, residual):
 
 
 def linear_small_m_add_(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                        config: dict | None = None) -> torch.Tensor:
+                        config: dict | None = None, *, backend: str = "auto", pdl: bool = True) -> torch.Tensor:
     """residual += x W^T in place (the product rounded to the dtype, then the sum, as separate ops
     would round), for x [M, K] (M <= 16); returns float32 [S, M] partial sums of squares of the new
     residual rows, which rms_linear_small_m takes. With PDL the kernel reads `residual` before it
@@ -289,8 +290,8 @@ def linear_small_m_add_(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     if residual.shape != (m, n) or residual.dtype != x.dtype or not residual.is_contiguous():
         raise ValueError(f"linear_small_m_add_: residual must be a contiguous {x.dtype} [{m}, {n}], got "
                          f"{residual.dtype} {tuple(residual.shape)}")
-    if m > MAX_M or not use_triton(x):
+    if m > MAX_M or not use_triton(x, backend):
         return linear_small_m_add_reference(x, weight, residual)
     if m == 0:
         return torch.zeros(1, 0, dtype=torch.float32, device=x.device)
-    return _launch(x.contiguous(), weight, residual, config, add_to_out=True)
+    return _launch(x.contiguous(), weight, residual, config, add_to_out=True, pdl=pdl)

@@ -59,7 +59,7 @@ def _write_kv_kernel(K, V, KC, VC, Slots, stride_kt, stride_kh, stride_vt, strid
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, *, backend: str = "auto") -> None:
     """Copy k, v [T, kv_heads, head_dim] into the cache slots slot_mapping [T] (-1 skips)."""
     check_cache_pair(k_cache, v_cache)
     if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]):
@@ -68,7 +68,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError("write_kv: slot_mapping needs one slot per token")
     if k.shape[0] == 0:
         return
-    if not use_triton(k) or k.shape[2] & (k.shape[2] - 1):
+    if not use_triton(k, backend) or k.shape[2] & (k.shape[2] - 1):
         write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
         return
     if k.stride(-1) != 1 or v.stride(-1) != 1:

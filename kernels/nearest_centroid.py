@@ -23,21 +23,16 @@ screened    (default) 1. `_screen`: tensor-core (TF32) scores of every (row, cod
             re-scored whole. The exact winner, and every code tied with it, is always among the
             re-scored codes, so the result equals the exhaustive kernel's.
 Under the Triton interpreter (CPU tests) the TF32 operand rounding is emulated by truncating the
-low 13 mantissa bits, so the screen is as coarse there as on a GPU. STEPVOX_CENTROID=exhaustive
-selects the exhaustive kernel (A/B checks). Neither kernel uses tl.cumsum (see `_screen_kernel`).
+low 13 mantissa bits, so the screen is as coarse there as on a GPU. `method="exhaustive"` selects
+the exhaustive kernel (A/B checks). Neither kernel uses tl.cumsum (see `_screen_kernel`).
 """
 from __future__ import annotations
-
-import logging
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .backend import use_triton
-
-log = logging.getLogger(__name__)
 
 SCREEN_BLOCK_N = 64       # rows per screening program
 SCREEN_BLOCK_K = 128      # codes per codebook split (one tile)
@@ -46,7 +41,7 @@ SLOTS = 8                 # candidates kept per (row, split)
 RESCORE_CHUNK = 16        # codes re-scored together
 EXACT_BLOCK_D = 64        # feature block of the IEEE fma chain (exhaustive and re-score alike)
 
-_fallback = {"screened_failed": False}
+METHODS = ("screened", "exhaustive")
 
 
 def nearest_centroid_reference(x: torch.Tensor, codebook: torch.Tensor,
@@ -282,27 +277,19 @@ def nearest_centroid_screened(x: torch.Tensor, codebook: torch.Tensor, sqnorm: t
     return out
 
 
-def _nearest_centroid_triton(x, codebook, sqnorm):
-    if not _fallback["screened_failed"] and os.environ.get("STEPVOX_CENTROID", "screened") != "exhaustive":
-        try:
-            return nearest_centroid_screened(x, codebook, sqnorm)
-        except Exception as exc:  # noqa: BLE001 - a compiler failure must not take the tokenizer down
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise
-            _fallback["screened_failed"] = True
-            log.warning("nearest_centroid: screened kernel failed (%s: %s); using the exhaustive kernel",
-                        type(exc).__name__, exc)
-    return nearest_centroid_exhaustive(x, codebook, sqnorm)
-
-
-def nearest_centroid(x: torch.Tensor, codebook: torch.Tensor,
-                     codebook_sqnorm: torch.Tensor | None = None) -> torch.Tensor:
-    """Index of the nearest row of `codebook` [K, D] for each row of `x` [N, D] (int64 [N])."""
+def nearest_centroid(x: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torch.Tensor | None = None, *,
+                     method: str = "screened", backend: str = "auto") -> torch.Tensor:
+    """Index of the nearest row of `codebook` [K, D] for each row of `x` [N, D] (int64 [N]). `method`
+    picks the Triton implementation (both give the same codes; see the module doc)."""
     if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(f"nearest_centroid: x {tuple(x.shape)} and codebook {tuple(codebook.shape)} "
                          "must be [N, D] and [K, D]")
+    if method not in METHODS:
+        raise ValueError(f"nearest_centroid: method must be one of {METHODS}, got {method!r}")
     if codebook_sqnorm is None:
         codebook_sqnorm = codebook.float().pow(2).sum(-1)
-    if use_triton(x):
-        return _nearest_centroid_triton(x, codebook, codebook_sqnorm)
-    return nearest_centroid_reference(x, codebook, codebook_sqnorm)
+    if not use_triton(x, backend):
+        return nearest_centroid_reference(x, codebook, codebook_sqnorm)
+    if method == "exhaustive":
+        return nearest_centroid_exhaustive(x, codebook, codebook_sqnorm)
+    return nearest_centroid_screened(x, codebook, codebook_sqnorm)

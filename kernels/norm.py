@@ -48,7 +48,7 @@ def _rms_norm_kernel(X, R, W, Out, stride_x, stride_r, stride_o, N, eps,
     tl.store(Out + row * stride_o + cols, out, mask=mask)
 
 
-def _rms_norm_triton(x, weight, eps, residual):
+def _rms_norm_triton(x, weight, eps, residual, pdl):
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -62,12 +62,13 @@ def _rms_norm_triton(x, weight, eps, residual):
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), n, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
-        **pdl_launch_options(x2))
+        **pdl_launch_options(x2, pdl))
     out = out.view(x.shape)
     return out if residual is None else (out, residual)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+             backend: str = "auto", pdl: bool = True):
     """RMSNorm over the last dim. With `residual`: residual <- x + residual (in place), returns
     (norm(residual), residual); without: returns norm(x)."""
     if x.shape[-1] != weight.shape[0]:
@@ -77,6 +78,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             raise ValueError("rms_norm: residual must match x in shape and dtype")
         if not residual.is_contiguous():
             raise ValueError("rms_norm: residual is updated in place and must be contiguous")
-    if use_triton(x):
-        return _rms_norm_triton(x, weight, eps, residual)
+    if use_triton(x, backend):
+        return _rms_norm_triton(x, weight, eps, residual, pdl)
     return rms_norm_reference(x, weight, eps, residual)

@@ -13,21 +13,20 @@ kernels back, or before the step, is complete by then. The
 decode attention (block tables, cached keys) and the residual-adding GEMV (the residual rows) read
 such data before their wait. A kernel launched without PDL after one with it waits as usual.
 
-STEPVOX_PDL=0 turns it off (the kernels then launch plainly and the wait compiles away).
+Each such kernel takes `pdl` (default True): False launches it plainly and the wait compiles away
+(benchmarks compare both in one process).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-_ENABLED = os.environ.get("STEPVOX_PDL", "1").strip().lower() not in ("0", "false", "no", "off")
 _CAPABLE: dict[int, bool] = {}
 
 
-def pdl_enabled(t: torch.Tensor) -> bool:
-    """Whether kernels working on `t` launch with PDL: a CUDA tensor on compute capability >= 9."""
-    if not _ENABLED or not t.is_cuda:
+def pdl_enabled(t: torch.Tensor, wanted: bool = True) -> bool:
+    """Whether kernels working on `t` launch with PDL: wanted, and a CUDA tensor on compute
+    capability >= 9."""
+    if not wanted or not t.is_cuda:
         return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     capable = _CAPABLE.get(index)
@@ -36,14 +35,7 @@ def pdl_enabled(t: torch.Tensor) -> bool:
     return capable
 
 
-def pdl_launch_options(t: torch.Tensor) -> dict:
+def pdl_launch_options(t: torch.Tensor, wanted: bool = True) -> dict:
     """Keyword arguments for launching a kernel that takes a `USE_PDL` constexpr (and waits in
     `gdc_wait` when it is set): the constexpr, plus Triton's `launch_pdl` when PDL is on."""
-    return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(t) else {"USE_PDL": False}
-
-
-def set_pdl(enabled: bool) -> bool:
-    """Switch PDL on or off for later launches (benchmarks compare both); returns the old value."""
-    global _ENABLED
-    old, _ENABLED = _ENABLED, bool(enabled)
-    return old
+    return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(t, wanted) else {"USE_PDL": False}

@@ -91,14 +91,15 @@ def _draw_kernel(Cand, Temps, TopK, Seeds, Uniforms, Out, n_cand, V, stride_u, C
 
 
 def sample_top_k(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
-                 seeds: torch.Tensor, chunk: int = CHUNK, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+                 seeds: torch.Tensor, chunk: int = CHUNK, uniforms: torch.Tensor | None = None, *,
+                 backend: str = "auto") -> torch.Tensor:
     """logits [N, V] (any float dtype); temperatures [N] float32 (0: greedy); top_ks [N] integers in
     [1, MAX_TOP_K] (ignored for greedy rows); seeds [N] int64 (one Philox stream per row and call).
     Returns the drawn ids [N] int64 on the logits' device. Triton only (CUDA, or the interpreter);
     `chunk` (a power of two >= MAX_TOP_K) is the candidate pass's tile; `uniforms` [N, V] float32
     replaces the Philox draws (tests compare with sample_top_k_reference that way)."""
     n, vocab = logits.shape
-    if not use_triton(logits):
+    if not use_triton(logits, backend):
         raise RuntimeError("sample_top_k runs on Triton only; the sampler uses its torch path elsewhere")
     if temperatures.shape != (n,) or top_ks.shape != (n,) or seeds.shape != (n,):
         raise ValueError("sample_top_k: temperatures, top_ks and seeds need one entry per row")

@@ -154,20 +154,20 @@ def _check(q, k, v, num_heads):
 
 def sanm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lb_k: torch.Tensor,
                    lb_v: torch.Tensor, lb_len: torch.Tensor, n_rows: torch.Tensor,
-                   fsmn_weight: torch.Tensor, num_heads: int, left_pad: int):
+                   fsmn_weight: torch.Tensor, num_heads: int, left_pad: int, *, backend: str = "auto"):
     """q, k, v [W, R, D] (views of one packed qkv are fine), lb_k, lb_v [W, L, D], lb_len and
     n_rows int [W], fsmn_weight [D, Kf] or [D, 1, Kf]. Returns (ctx, mem), both [W, R, D]."""
     _check(q, k, v, num_heads)
     if not (lb_k.shape == lb_v.shape and q.shape[0] == lb_k.shape[0]):
         raise ValueError("sanm_attention: lb_k, lb_v must be [W, L, D]")
-    if use_triton(q):
+    if use_triton(q, backend):
         return _sanm_triton(q, k, v, lb_k, lb_v, lb_len, n_rows, fsmn_weight, num_heads, left_pad)
     return sanm_attention_reference(q, k, v, lb_k, lb_v, lb_len, n_rows, fsmn_weight, num_heads, left_pad)
 
 
 def sanm_attention_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lb_index: torch.Tensor,
                            lb_len: torch.Tensor, n_rows: torch.Tensor, fsmn_weight: torch.Tensor,
-                           num_heads: int, left_pad: int):
+                           num_heads: int, left_pad: int, *, backend: str = "auto"):
     """As `sanm_attention`, with look-back slot m of window w holding row lb_index[w, m] (int64
     [W, L]) of k, v flattened to [W * R, D] (the same K/V values: identical results)."""
     _check(q, k, v, num_heads)
@@ -175,10 +175,10 @@ def sanm_attention_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lb
         raise ValueError("sanm_attention_indexed: lb_index must be [W, L]")
     r = q.shape[1]
     flat = k.stride(0) == r * k.stride(1) and v.stride(0) == r * v.stride(1)
-    if use_triton(q) and flat:
+    if use_triton(q, backend) and flat:
         return _sanm_triton(q, k, v, None, None, lb_len, n_rows, fsmn_weight, num_heads, left_pad, lb_index)
-    if use_triton(q):
+    if use_triton(q, backend):
         d = k.shape[-1]
         return sanm_attention(q, k, v, k.reshape(-1, d)[lb_index], v.reshape(-1, d)[lb_index], lb_len, n_rows,
-                              fsmn_weight, num_heads, left_pad)
+                              fsmn_weight, num_heads, left_pad, backend=backend)
     return sanm_attention_indexed_reference(q, k, v, lb_index, lb_len, n_rows, fsmn_weight, num_heads, left_pad)

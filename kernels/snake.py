@@ -39,13 +39,14 @@ def _snake_kernel(X, A, M, Y, C, T, sx_b, sx_c, sy_b, sy_c, sm_b, HAS_MASK: tl.c
     tl.store(Y + b * sy_b + c * sy_c + cols, y.to(Y.dtype.element_ty), mask=m)
 
 
-def snake(x: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def snake(x: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor | None = None, *,
+          backend: str = "auto") -> torch.Tensor:
     """x: [B, C, T]; alpha: [C]; mask: [B, 1, T] or None."""
     if x.dim() != 3 or alpha.numel() != x.shape[1]:
         raise ValueError(f"snake: x must be [B, C, T] with C = alpha.numel(), got {list(x.shape)}, {alpha.numel()}")
     if mask is not None and mask.shape != (x.shape[0], 1, x.shape[2]):
         raise ValueError(f"snake: mask must be [{x.shape[0]}, 1, {x.shape[2]}], got {list(mask.shape)}")
-    if not use_triton(x):
+    if not use_triton(x, backend):
         return snake_reference(x, alpha, mask)
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -1,43 +1,45 @@
-"""AudioTokenizer end to end on real (espeak-ng) speech: equals an independent replay of the
-official wav2token path; batched equals unbatched; a live stream equals offline; interleave and
-string form; bad audio handling."""
+"""AudioTokenizer (engine/audio/tokenizer.py) end to end on real (espeak-ng) speech: equals an
+independent replay of the official wav2token path; batched equals unbatched; bucket-padded equals
+plain; a live stream equals offline; interleave and string form; bad audio handling."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
-import stepvox.kernels as K
-from stepvox.engine.audio.tokenizer_errors import AudioInputError, AudioTooShortError, StreamClosedError
-from stepvox.engine.audio.tokenizer_frontend import StreamingResampler, energy_normalize, resample, trim_silence
-from stepvox.engine.audio.tokenizer_graphs import bucket_batch, bucket_length
-from stepvox.engine.audio_tokenizer import (MEL_CAP, MEL_UNIT, WINDOW_UNIT, AudioTokenizer, interleave, ids_to_text,
-                                            num_groups)
+from stepvox.engine.audio.tokenizer import AudioTokenizer, interleave, ids_to_text, num_groups
+from stepvox.engine.device.graphs import bucket_batch, bucket_length
+from stepvox.engine.errors import AudioInputError, AudioTooShortError, StreamClosedError
+from stepvox.engine.frontend.resample import resample
+from stepvox.engine.models.paraformer import WINDOW_GEOMETRIC_AFTER, WINDOW_UNIT
+from stepvox.engine.models.s3tokenizer import MEL_CAP, MEL_GEOMETRIC_AFTER, MEL_UNIT
 from stepvox.engine.special_tokens import AUDIO_TOKEN_OFFSET, VQ06_OFFSET
+from stepvox.testing.speech import espeak_wav
+from stepvox.testing.tokenizer import TINY, write_tokenizer_dir
 
-from fixtures_tokenizer import TINY, espeak_wav, official_wav2token, write_tokenizer_dir
+from stepvox.testing.official_tokenizer import official_wav2token
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there, how are you today?",
          "Streaming tokens arrive every two hundred and forty milliseconds."]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    fixture = write_tokenizer_dir(str(root), TINY, seed=5)
-    with K.use_backend("reference"):
-        tok = AudioTokenizer.from_pretrained(str(root))
-    speech = [espeak_wav(str(root), t, f"s{i}") for i, t in enumerate(TEXTS)]
-    return tok, fixture, speech
+def setup(tmp_path_factory, reference_kernels):
+    root = str(tmp_path_factory.mktemp("tok"))
+    fixture = write_tokenizer_dir(root, TINY, seed=5)
+    tok = AudioTokenizer.from_pretrained(root, kernels=reference_kernels)
+    speech = [espeak_wav(os.path.join(root, f"s{i}.wav"), t) for i, t in enumerate(TEXTS)]
+    return tok, fixture, speech, root
 
 
 @pytest.mark.parametrize("which", range(len(TEXTS)))
 def test_encode_equals_official_path(setup, which):
-    tok, fixture, speech = setup
+    tok, fixture, speech, _ = setup
     wav, sr = speech[which]
     assert sr == 22050
-    with K.use_backend("reference"):
-        out = tok.tokenize(wav, sr)
+    out = tok.tokenize(wav, sr)
     vq02, vq06, ids = official_wav2token(wav, sr, fixture, TINY)
     assert out.vq02 == vq02 and out.vq06 == vq06 and out.ids == ids
     assert len(ids) == 5 * num_groups(len(vq02), len(vq06)) > 0
@@ -45,64 +47,51 @@ def test_encode_equals_official_path(setup, which):
 
 
 def test_encode_batch_equals_unbatched(setup):
-    tok, _, speech = setup
+    tok, _, speech, _ = setup
     wavs = [speech[0][0], speech[1][0][:9000], speech[2][0]]
     rates = [22050, 22050, 22050]
     wavs.append(resample(torch.from_numpy(speech[1][0]), 22050, 16000).numpy())
     rates.append(16000)
-    with K.use_backend("reference"):
-        batched = tok.tokenize_batch(wavs, rates)
-        single = [tok.tokenize(w, r) for w, r in zip(wavs, rates)]
+    batched = tok.tokenize_batch(wavs, rates)
+    single = [tok.tokenize(w, r) for w, r in zip(wavs, rates)]
     for b, s in zip(batched, single):
         assert (b.vq02, b.vq06, b.ids) == (s.vq02, s.vq06, s.ids)
     assert len({len(b.ids) for b in batched}) == len(batched)          # really different lengths
 
 
-def test_bucket_rounding():
-    seq = [bucket_length(n, 100, 3000) for n in range(1, 3001)]
-    assert seq[0] == 100 and seq[-1] == 3000 and all(a <= b for a, b in zip(seq, seq[1:]))
-    assert all(b >= n for n, b in enumerate(seq, 1))
-    assert all(b % 100 == 0 for b in seq) and len(set(seq)) <= 13              # few graphs for 0-30 s
-    assert all(b < 1.25 * n + 100 for n, b in enumerate(seq, 1))                # bounded padding
-    assert bucket_length(2999, 100, 3000) == 3000 and bucket_length(3000, 100, 3000) == 3000
-    with pytest.raises(ValueError):
-        bucket_length(3001, 100, 3000)
-    assert bucket_length(42, 4) == 48 and bucket_length(1, 4) == 4
-    assert [bucket_batch(n) for n in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
-
-
-def test_bucket_padded_path_equals_unpadded(setup):
+def test_bucket_padded_path_equals_unpadded(setup, reference_kernels):
     """The eager path padded exactly like a graph replay (Paraformer windows to a window-count
     bucket, S3 pieces to a mel-length bucket and a power-of-two batch of silent pieces) gives the
     same codes as the unpadded path, for utterances alone and batched."""
-    tok, _, speech = setup
+    tok, _, speech, root = setup
+    padded_tok = AudioTokenizer.from_pretrained(root, use_cuda_graphs=False, bucket_eager=True,
+                                                kernels=reference_kernels)
     wavs = [speech[0][0], speech[1][0][:9000], speech[2][0], np.resize(speech[1][0], 22050 * 31)]
-    seen = {"vq02": [], "vq06": []}
-    body02, body06 = tok._vq02_body, tok._vq06_body
-    tok._vq02_body = lambda key, h, *a: (seen["vq02"].append(h.shape[0]), body02(key, h, *a))[1]
-    tok._vq06_body = lambda key, mel, mel_len: (seen["vq06"].append((tuple(mel.shape), key)),
-                                                body06(key, mel, mel_len))[1]
-    try:
-        with K.use_backend("reference"):
-            plain = tok.tokenize_batch(wavs, 22050)
-            plain_single = [tok.tokenize(w, 22050) for w in wavs]
-            plain_seen = {k: list(v) for k, v in seen.items()}
-            seen["vq02"].clear()
-            seen["vq06"].clear()
-            tok.pad_to_bucket = True
-            padded = tok.tokenize_batch(wavs, 22050)
-            padded_single = [tok.tokenize(w, 22050) for w in wavs]
-    finally:
-        tok.pad_to_bucket = False
-        del tok._vq02_body, tok._vq06_body
+
+    def recorded(t):
+        """Run `t` (a tokenizer) with its code models' bodies recording their input shapes."""
+        seen = {"vq02": [], "vq06": []}
+        body02, body06 = t.linguistic._offline_body, t.semantic._body
+        t.linguistic._offline_body = lambda key, h, *a: (seen["vq02"].append(h.shape[0]), body02(key, h, *a))[1]
+        t.semantic._body = lambda key, mel, mel_len: (seen["vq06"].append((tuple(mel.shape), key)),
+                                                      body06(key, mel, mel_len))[1]
+        try:
+            return t.tokenize_batch(wavs, 22050), [t.tokenize(w, 22050) for w in wavs], seen
+        finally:
+            del t.linguistic._offline_body, t.semantic._body
+
+    plain, plain_single, plain_seen = recorded(tok)
+    padded, padded_single, seen = recorded(padded_tok)
     for a, b in zip(plain + plain_single, padded + padded_single):
         assert (a.vq02, a.vq06, a.ids) == (b.vq02, b.vq06, b.ids)
     assert plain == plain_single
     # the padded runs really were padded, to bucket sizes
-    assert seen["vq02"][0] == bucket_length(plain_seen["vq02"][0], WINDOW_UNIT) > plain_seen["vq02"][0]
+    assert seen["vq02"][0] == bucket_length(plain_seen["vq02"][0], WINDOW_UNIT,
+                                            geometric_after=WINDOW_GEOMETRIC_AFTER) > plain_seen["vq02"][0]
     assert all(w % WINDOW_UNIT == 0 for w in seen["vq02"])
     shapes = [shape for shape, _ in seen["vq06"]]
-    assert all(b == bucket_batch(b) and t == bucket_length(t, MEL_UNIT, MEL_CAP) for b, _, t in shapes)
+    assert all(b == bucket_batch(b) and t == bucket_length(t, MEL_UNIT, MEL_CAP, MEL_GEOMETRIC_AFTER)
+               for b, _, t in shapes)
     plain_shapes = [shape for shape, _ in plain_seen["vq06"]]
     assert plain_shapes[0] == (5, 128, MEL_CAP) and shapes[0] == (8, 128, MEL_CAP)   # 5 pieces -> batch of 8
     assert all(t > pt for (_, _, t), (_, _, pt) in zip(shapes[1:4], plain_shapes[1:4]))  # lengths padded
@@ -110,29 +99,28 @@ def test_bucket_padded_path_equals_unpadded(setup):
 
 @pytest.mark.parametrize("rate", [16000, 48000])
 def test_stream_equals_offline(setup, rate):
-    tok, _, speech = setup
+    tok, _, speech, _ = setup
     wav22, _ = speech[2]
     wav = resample(torch.from_numpy(wav22), 22050, rate)
-    with K.use_backend("reference"):
-        offline = tok.tokenize(wav, rate, energy_norm=False)
-        stream = tok.stream("call-1", sample_rate=rate)
-        assert tok.stream("call-1") is stream                        # sessions are looked up by id
-        with pytest.raises(AudioInputError, match="open at"):
-            tok.stream("call-1", sample_rate=rate + 1)
-        got = {"vq02": [], "vq06": [], "ids": []}
-        rng = np.random.default_rng(rate)
-        i, first_code_at = 0, None
-        while i < wav.numel():
-            n = int(rng.integers(50, rate // 5))
-            upd = stream.feed(wav[i:i + n])
-            i += n
-            if upd.vq02 and first_code_at is None:
-                first_code_at = i
-            for k in got:
-                got[k] += getattr(upd, k)
-        upd = stream.finish()
+    offline = tok.tokenize(wav, rate, energy_norm=False)
+    stream = tok.stream("call-1", sample_rate=rate)
+    assert tok.stream("call-1") is stream                        # sessions are looked up by id
+    with pytest.raises(AudioInputError, match="open at"):
+        tok.stream("call-1", sample_rate=rate + 1)
+    got = {"vq02": [], "vq06": [], "ids": []}
+    rng = np.random.default_rng(rate)
+    i, first_code_at = 0, None
+    while i < wav.numel():
+        n = int(rng.integers(50, rate // 5))
+        upd = stream.feed(wav[i:i + n])
+        i += n
+        if upd.vq02 and first_code_at is None:
+            first_code_at = i
         for k in got:
             got[k] += getattr(upd, k)
+    upd = stream.finish()
+    for k in got:
+        got[k] += getattr(upd, k)
     assert got["vq02"] == offline.vq02 and got["vq06"] == offline.vq06 and got["ids"] == offline.ids
     assert first_code_at <= rate * 0.24 + rate // 5 + 1                # codes arrive with the first 240 ms
     assert "call-1" not in tok.open_sessions()                          # finished sessions are forgotten
@@ -141,15 +129,14 @@ def test_stream_equals_offline(setup, rate):
 
 
 def test_stream_vq06_and_ids_flush_per_30s_piece(setup):
-    tok, _, _ = setup
+    tok, _, _, _ = setup
     g = torch.Generator().manual_seed(0)
     wav = 0.2 * torch.randn(16000 * 31, generator=g)
-    with K.use_backend("reference"):
-        stream = tok.stream()
-        first = stream.feed(wav[:480000 - 1])
-        second = stream.feed(wav[480000 - 1:480000])
-        rest = stream.feed(wav[480000:])
-        last = stream.finish()
+    stream = tok.stream()
+    first = stream.feed(wav[:480000 - 1])
+    second = stream.feed(wav[480000 - 1:480000])
+    rest = stream.feed(wav[480000:])
+    last = stream.finish()
     assert first.vq06 == [] and first.ids == [] and len(first.vq02) > 100
     assert len(second.vq06) == 750 and len(second.ids) > 0             # the first 30 s piece is complete
     assert rest.vq06 == [] and len(last.vq06) == 25
@@ -167,70 +154,38 @@ def test_interleave_and_text_form():
     assert interleave([1], [1, 2, 3]) == []
 
 
-def test_energy_norm_and_trim_follow_step_audio():
-    wav = torch.tensor([0.0, 0.5, -0.25])
-    torch.testing.assert_close(energy_normalize(wav), wav / 0.5 * 0.999)
-    quiet = torch.full((4,), 0.001)
-    torch.testing.assert_close(energy_normalize(quiet), quiet / 0.01 * 0.999)
-    # 1 s silence, 0.5 s tone, 1 s silence at 16 kHz
-    t = torch.arange(8000) / 16000
-    wav = torch.cat([torch.zeros(16000), 0.5 * torch.sin(2 * np.pi * 440 * t), torch.zeros(16000)])
-    out = trim_silence(wav)
-    # loud frames (hop 128, centred 512 frames) start 2 frames before the tone and end 2 after it
-    start, end = 16000 - 256, 24000 + 256
-    hops = int(np.ceil((end - start) / 240))
-    assert out.numel() == hops * 240 + 4320
-    torch.testing.assert_close(out[:200], wav[start - 800:start - 600])
-    # all-zero audio: every frame is 0 dB below the (zero) peak, so librosa keeps it all
-    silent = trim_silence(torch.zeros(5000))
-    assert silent.numel() == int(np.ceil(5000 / 240)) * 240 + 4320 and silent.abs().max() == 0
-
-
 def test_bad_audio(setup):
-    tok, _, speech = setup
+    tok, _, speech, _ = setup
     wav, sr = speech[1]
-    with K.use_backend("reference"):
-        with pytest.raises(AudioInputError, match="empty"):
-            tok.encode(np.zeros(0, np.float32), 16000)
-        with pytest.raises(AudioTooShortError, match="too short"):
-            tok.encode(wav[:800], sr)
-        assert tok.tokenize(wav[:800], sr, allow_empty=True).ids == []
-        bad = wav.copy()
-        bad[100] = np.nan
-        with pytest.raises(AudioInputError, match="NaN"):
-            tok.encode(bad, sr)
-        with pytest.raises(AudioInputError, match="below 16000"):
-            tok.encode(wav, 8000)
-        with pytest.raises(AudioInputError, match="sample_rate"):
-            tok.encode(wav, 22050.5)
-        with pytest.raises(AudioInputError, match="dtype"):
-            tok.encode((wav * 100).astype(np.uint8), sr)
-        with pytest.raises(AudioInputError, match="channels"):
-            tok.encode(np.stack([wav, wav], axis=1), sr)            # (samples, channels)
-        with pytest.raises(AudioInputError, match="peaks"):
-            tok.encode(wav * 32768, sr)                             # int-scaled floats
-        with pytest.raises(AudioInputError, match="#1"):
-            tok.encode_batch([wav, wav[:0]], sr)
-        # documented handling
-        ref = tok.encode(wav, sr)
-        assert tok.encode(np.stack([wav, wav]), sr) == ref                         # stereo: channel mean
-        assert tok.encode((wav * 32767).astype(np.int16), sr) == \
-            tok.encode(np.round(wav * 32767) / 32768, sr)                          # int16: / 2**15
-        assert tok.encode(torch.from_numpy(wav).double(), sr) == ref               # float64 accepted
-        clipped = np.clip(wav * 4, -1, 1)
-        assert len(tok.encode(clipped, sr)) == len(ref)                            # clipped: tokenized as is
-
-
-def test_streaming_resampler_matches_offline():
-    g = torch.Generator().manual_seed(0)
-    x = 0.1 * torch.randn(44100, generator=g)
-    rs = StreamingResampler(44100)
-    pieces, i = [], 0
-    for n in [1, 7, 1000, 5000, 13, 20000, 30000]:
-        pieces.append(rs.push(x[i:i + n]))
-        i += n
-    pieces.append(rs.finish())
-    torch.testing.assert_close(torch.cat(pieces), resample(x, 44100), atol=1e-6, rtol=0)
+    with pytest.raises(AudioInputError, match="empty"):
+        tok.encode(np.zeros(0, np.float32), 16000)
+    with pytest.raises(AudioTooShortError, match="too short"):
+        tok.encode(wav[:800], sr)
+    assert tok.tokenize(wav[:800], sr, allow_empty=True).ids == []
+    bad = wav.copy()
+    bad[100] = np.nan
+    with pytest.raises(AudioInputError, match="NaN"):
+        tok.encode(bad, sr)
+    with pytest.raises(AudioInputError, match="below 16000"):
+        tok.encode(wav, 8000)
+    with pytest.raises(AudioInputError, match="sample rate must be an integer"):
+        tok.encode(wav, 22050.5)
+    with pytest.raises(AudioInputError, match="dtype"):
+        tok.encode((wav * 100).astype(np.uint8), sr)
+    with pytest.raises(AudioInputError, match="channels"):
+        tok.encode(np.stack([wav, wav], axis=1), sr)            # (samples, channels)
+    with pytest.raises(AudioInputError, match="peaks"):
+        tok.encode(wav * 32768, sr)                             # int-scaled floats
+    with pytest.raises(AudioInputError, match="#1"):
+        tok.encode_batch([wav, wav[:0]], sr)
+    # documented handling
+    ref = tok.encode(wav, sr)
+    assert tok.encode(np.stack([wav, wav]), sr) == ref                         # stereo: channel mean
+    assert tok.encode((wav * 32767).astype(np.int16), sr) == \
+        tok.encode(np.round(wav * 32767) / 32768, sr)                          # int16: / 2**15
+    assert tok.encode(torch.from_numpy(wav).double(), sr) == ref               # float64 accepted
+    clipped = np.clip(wav * 4, -1, 1)
+    assert len(tok.encode(clipped, sr)) == len(ref)                            # clipped: tokenized as is
 
 
 @pytest.mark.gpu
@@ -238,7 +193,7 @@ def test_streaming_resampler_matches_offline():
 def test_cuda_stream_with_graphs_equals_offline(tmp_path, dtype):
     write_tokenizer_dir(str(tmp_path), TINY, seed=5)
     tok = AudioTokenizer.from_pretrained(str(tmp_path), device="cuda", dtype=dtype)
-    wav, sr = espeak_wav(str(tmp_path), TEXTS[2])
+    wav, sr = espeak_wav(str(tmp_path / "speech.wav"), TEXTS[2])
     offline = tok.tokenize(wav, sr, energy_norm=False)
     stream = tok.stream(sample_rate=sr)
     got = []
@@ -266,9 +221,9 @@ def test_cuda_offline_graphs_equal_padded_eager(tmp_path, dtype):
     count = tok.graph_count
     assert count >= 3                                      # Paraformer + S3 buckets of the batch and single call
     assert tok.tokenize_batch(wavs, sr) == graphs and tok.graph_count == count
-    tok.use_cuda_graphs, tok.pad_to_bucket = False, True
-    eager = tok.tokenize_batch(wavs, sr)
+    eager_tok = AudioTokenizer.from_pretrained(str(tmp_path), device="cuda", dtype=dtype, use_cuda_graphs=False,
+                                               bucket_eager=True)
+    eager = eager_tok.tokenize_batch(wavs, sr)
     assert eager == graphs and graphs[0] == single
-    assert tok.warmup(3.0, (1, 2)) == 0                    # no-op when graphs are off
-    tok.use_cuda_graphs = True
+    assert eager_tok.warmup(3.0, (1, 2)) == 0              # no-op when graphs are off
     assert tok.warmup(3.0, (1, 2)) == tok.graph_count > count

@@ -54,3 +54,19 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="chunk"):
         sample_top_k(logits, torch.ones(2), torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.long),
                      chunk=MAX_TOP_K // 2)
+
+
+def test_backend_argument():
+    """The kernel runs on Triton only: backend="reference" is refused (the sampler takes its torch
+    path instead), an unknown backend is a ValueError, "triton" is the same launch as "auto"."""
+    logits, g = _rows(2, 130, 9)
+    temps, ks = torch.tensor([0.8, 0.0]), torch.tensor([5, 3], dtype=torch.int32)
+    uniforms = torch.rand(2, 130, generator=g)
+    seeds = torch.zeros(2, dtype=torch.long)
+    got = sample_top_k(logits, temps, ks, seeds, chunk=64, uniforms=uniforms, backend="triton")
+    assert torch.equal(got, sample_top_k(logits, temps, ks, seeds, chunk=64, uniforms=uniforms))
+    assert torch.equal(got, sample_top_k_reference(logits, temps, ks, uniforms))
+    with pytest.raises(RuntimeError, match="Triton only"):
+        sample_top_k(logits, temps, ks, seeds, chunk=64, backend="reference")
+    with pytest.raises(ValueError, match="backend"):
+        sample_top_k(logits, temps, ks, seeds, chunk=64, backend="philox")

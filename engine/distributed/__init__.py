@@ -1,1 +1,2 @@
-"""Tensor parallelism: process groups, collectives, worker processes."""
+"""Tensor parallelism's process groups and collectives (the executors in engine/executors/ run
+the ranks)."""

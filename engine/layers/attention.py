@@ -4,20 +4,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stepvox.kernels import alibi_slopes, attention_decode, attention_prefill, write_kv
+from stepvox.kernels import KernelConfig, alibi_slopes, attention_decode, attention_prefill, write_kv
 
 from ..attention_metadata import AttentionMetadata
-from ..distributed.parallel_state import get_tp_group
+from ..distributed.parallel_state import TPGroup
 from ..errors import ConfigError
-from .linear import ColumnParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, Matmul, RowParallelLinear
 
 
 class PagedSqrtAlibiAttention(nn.Module):
     """Attention over this rank's heads, given q/k/v of the step's tokens and the layer's cache."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, slopes: torch.Tensor):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, slopes: torch.Tensor,
+                 kernels: KernelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.kernels = kernels
         self.scale = head_dim ** -0.5
         self.register_buffer("slopes", slopes.float(), persistent=False)
         self.k_cache: torch.Tensor | None = None
@@ -26,27 +28,29 @@ class PagedSqrtAlibiAttention(nn.Module):
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         d = meta.num_decode
+        backend = self.kernels.backend
         if self.k_cache is not None and meta.slot_mapping is not None and meta.num_prefill_tokens:
-            write_kv(k[d:], v[d:], self.k_cache, self.v_cache, meta.slot_mapping[d:])
+            write_kv(k[d:], v[d:], self.k_cache, self.v_cache, meta.slot_mapping[d:], backend=backend)
         if d:
             # the decode kernel writes the decodes' own K/V to the cache (one launch, not two)
             attention_decode(q[:d], self.k_cache, self.v_cache, meta.decode_block_table, meta.decode_seq_lens,
                              self.slopes, self.scale, k_new=k[:d], v_new=v[:d], new_slots=meta.slot_mapping[:d],
-                             num_splits=meta.decode_num_splits, max_seq_len=meta.decode_max_seq_len, out=out[:d])
+                             num_splits=meta.decode_num_splits, max_seq_len=meta.decode_max_seq_len, out=out[:d],
+                             backend=backend, pdl=self.kernels.pdl)
         if meta.num_prefill_tokens:
             has_ctx = meta.prefill_context_lens is not None
             attention_prefill(q[d:], k[d:], v[d:], meta.prefill_cu_seqlens, meta.prefill_max_len, self.slopes,
                               self.scale, k_cache=self.k_cache if has_ctx else None,
                               v_cache=self.v_cache if has_ctx else None,
                               block_table=meta.prefill_block_table if has_ctx else None,
-                              context_lens=meta.prefill_context_lens, out=out[d:])
+                              context_lens=meta.prefill_context_lens, out=out[d:], backend=backend)
         return out
 
 
 class Step1Attention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
+                 tp: TPGroup, kernels: KernelConfig, matmul: Matmul):
         super().__init__()
-        tp = get_tp_group()
         if num_kv_heads % tp.size:
             raise ConfigError(f"tensor_parallel_size {tp.size} must divide the {num_kv_heads} KV groups "
                               f"(each rank keeps whole KV groups with their query heads)")
@@ -54,11 +58,11 @@ class Step1Attention(nn.Module):
         self.local_heads, self.local_kv = num_heads // tp.size, num_kv_heads // tp.size
         self.head_dim = head_dim
         self.qkv_proj = ColumnParallelLinear(hidden, [num_heads * head_dim, num_kv_heads * head_dim,
-                                                      num_kv_heads * head_dim], dtype, device,
+                                                      num_kv_heads * head_dim], dtype, device, tp, matmul,
                                              names=("q_proj", "k_proj", "v_proj"))
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, dtype, device, name="o_proj")
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, dtype, device, tp, matmul, name="o_proj")
         slopes = alibi_slopes(num_heads, tp.rank, tp.size).to(device)
-        self.attn = PagedSqrtAlibiAttention(self.local_heads, self.local_kv, head_dim, slopes)
+        self.attn = PagedSqrtAlibiAttention(self.local_heads, self.local_kv, head_dim, slopes, kernels)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.o_proj(self.attend(self.qkv_proj(x), meta))

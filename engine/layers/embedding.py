@@ -5,15 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.parallel_state import get_tp_group, tp_all_reduce, tp_gather_logits
+from ..distributed.parallel_state import TPGroup
 from ..errors import ConfigError
-from .linear import matmul
+from .linear import Matmul
 
 
 class _VocabSlice(nn.Module):
-    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, device: torch.device, tp: TPGroup):
         super().__init__()
-        tp = get_tp_group()
+        self.tp = tp
         if vocab_size % tp.size:
             raise ConfigError(f"vocab size {vocab_size} cannot be split evenly over {tp.size} ranks")
         self.tp_size = tp.size
@@ -33,10 +33,15 @@ class VocabParallelEmbedding(_VocabSlice):
         local = ids - self.start
         inside = (local >= 0) & (local < self.local_vocab)
         out = F.embedding(local.clamp(0, self.local_vocab - 1), self.weight) * inside.unsqueeze(-1)
-        return tp_all_reduce(out)
+        return self.tp.all_reduce(out)
 
 
 class ParallelLMHead(_VocabSlice):
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, device: torch.device, tp: TPGroup,
+                 matmul: Matmul):
+        super().__init__(vocab_size, hidden, dtype, device, tp)
+        self.matmul = matmul
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (model dtype) for the given rows."""
-        return tp_gather_logits(matmul(hidden, self.weight))
+        return self.tp.gather_logits(self.matmul(hidden, self.weight))

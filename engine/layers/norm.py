@@ -4,17 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stepvox.kernels import rms_norm
+from stepvox.kernels import KernelConfig, rms_norm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float, dtype: torch.dtype, device: torch.device):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype, device: torch.device, kernels: KernelConfig):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype, device=device), requires_grad=False)
 
     def load_shard(self, source, shard: int = 0) -> None:
         self.weight.data.copy_(source[:])
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual, backend=self.kernels.backend, pdl=self.kernels.pdl)

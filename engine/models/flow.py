@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels import KernelConfig
 from ...kernels.flow_fused import group_norm_mish
-from ..cosyvoice_config import FlowConfig, RegulatorConfig
-from ..cuda_graphs import GraphStore, capture_graph
+from ..device.graphs import GraphCache, bucket_length
+from .cosyvoice_config import FlowConfig, RegulatorConfig
 from .flow_encoder import ConformerEncoder
 from .flow_estimator import ConditionalDecoder
 
@@ -55,8 +56,9 @@ def linear_interp_table(n_in: int, n_out: int):
 class InterpolateRegulator(nn.Module):
     """Linear interpolation to the mel length + `num_convs` x (Conv1d k3, GroupNorm, Mish) + Conv1d k1."""
 
-    def __init__(self, cfg: RegulatorConfig):
+    def __init__(self, cfg: RegulatorConfig, kernels: KernelConfig):
         super().__init__()
+        self.kernels = kernels
         layers = []
         for _ in range(cfg.num_convs):
             layers += [nn.Conv1d(cfg.channels, cfg.channels, 3, 1, 1), nn.GroupNorm(cfg.groups, cfg.channels),
@@ -78,7 +80,8 @@ class InterpolateRegulator(nn.Module):
         layers = list(self.model)
         for i in range(0, len(layers) - 1, 3):
             conv, gn = layers[i], layers[i + 1]
-            x = group_norm_mish(conv(x), gn.weight, gn.bias, gn.num_groups, gn.eps, mask)
+            x = group_norm_mish(conv(x), gn.weight, gn.bias, gn.num_groups, gn.eps, mask,
+                                backend=self.kernels.backend)
         return layers[-1](x) * mask
 
 
@@ -115,15 +118,15 @@ class FlowRequest:
 
 
 class FlowModel(nn.Module):
-    def __init__(self, cfg: FlowConfig):
+    def __init__(self, cfg: FlowConfig, kernels: KernelConfig = KernelConfig()):
         super().__init__()
         self.cfg = cfg
         self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
         self.encoder = ConformerEncoder(cfg.encoder)
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
-        self.length_regulator = InterpolateRegulator(cfg.regulator)
-        self.decoder = CFMDecoder(ConditionalDecoder(cfg.estimator))
+        self.length_regulator = InterpolateRegulator(cfg.regulator, kernels)
+        self.decoder = CFMDecoder(ConditionalDecoder(cfg.estimator, kernels))
 
     @property
     def estimator(self) -> ConditionalDecoder:
@@ -215,24 +218,28 @@ class FlowModel(nn.Module):
         return mels, mus
 
 
-class FlowPrep(GraphStore):
+class FlowPrep:
     """FlowModel.encode_padded for length-bucketed batches, replayed from one CUDA graph per
     (batch, token bucket, frame bucket) when the solver uses graphs (eager otherwise; tests run it
-    that way with `solver.pad_to_bucket`). Outputs are static buffers: FlowModel consumes them
+    that way with the solver's `bucket_eager`). Outputs are static buffers: FlowModel consumes them
     (copies) before the next call."""
 
     def __init__(self, flow: FlowModel, token_bucket: int = 16):
-        super().__init__()
         self.flow = flow
         self.token_bucket = token_bucket
+        self.graphs = GraphCache(self._body, self._static, flow.input_embedding.weight.device, warmups=1)
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.graphs)
 
     @torch.no_grad()
-    def capture(self, batch: int, tokens: int, frames: int, device) -> None:
+    def capture(self, batch: int, tokens: int, frames: int) -> None:
         """Capture the graph of one (batch, token bucket, frame bucket) ahead of time."""
-        self._graph(batch, tokens, frames, torch.device(device))
+        self.graphs.entry((batch, tokens, frames))
 
     def wanted(self, solver, device) -> bool:
-        return solver.graphs_on(device) or solver.pad_to_bucket
+        return solver.graphs_on(device) or solver.bucket_eager
 
     def inputs(self, reqs: list[FlowRequest], frames: int, tokens: int, device) -> dict:
         """Bucketed inputs of encode_padded (ids padded to `tokens`, tables to `frames`)."""
@@ -263,32 +270,23 @@ class FlowPrep(GraphStore):
         """-> (mu [B, C, frames], spks [B, C], frame mask [B, 1, frames]) for `reqs`."""
         device = reqs[0].tokens.device
         n = max(r.prompt_tokens.numel() + r.tokens.numel() for r in reqs)
-        tokens = -(-n // self.token_bucket) * self.token_bucket
+        tokens = bucket_length(n, self.token_bucket)
         inp = self.inputs(reqs, frames, tokens, device)
+        order = (inp["ids"], inp["table"], inp["prefix"], inp["speakers"])
         if not graphs:
-            mu, spks = self.flow.encode_padded(**inp)
-            return mu, spks, inp["table"][:, 4:5].to(mu.dtype)
-        graph, st = self._graph(len(reqs), tokens, frames, device)
-        for name in ("ids", "table", "prefix", "speakers"):
-            st[name].copy_(inp[name])
-        graph.replay()
-        return st["mu"], st["spks"], st["mask"]
+            return self._body(None, *order)
+        return self.graphs.run((len(reqs), tokens, frames), order)
 
-    def _graph(self, b: int, tokens: int, frames: int, device):
-        key = (b, tokens, frames, self.flow.dtype)
-        if key not in self._graphs:
-            c = self.flow.cfg.output_size
-            table = torch.zeros(b, 7, frames, device=device)
-            table[:, 4] = 1
-            table[:, 6, 0] = 1
-            st = {"ids": torch.zeros(b, tokens, dtype=torch.long, device=device), "table": table,
-                  "prefix": torch.zeros(b, c, frames, dtype=self.flow.dtype, device=device),
-                  "speakers": torch.ones(b, self.flow.cfg.spk_embed_dim, device=device)}
+    def _static(self, key):
+        b, tokens, frames = key
+        dev, c = self.graphs.device, self.flow.cfg.output_size
+        table = torch.zeros(b, 7, frames, device=dev)
+        table[:, 4] = 1
+        table[:, 6, 0] = 1
+        return (torch.zeros(b, tokens, dtype=torch.long, device=dev), table,
+                torch.zeros(b, c, frames, dtype=self.flow.dtype, device=dev),
+                torch.ones(b, self.flow.cfg.spk_embed_dim, device=dev))
 
-            def run():
-                mu, spks = self.flow.encode_padded(st["ids"], st["table"], st["prefix"], st["speakers"])
-                return mu, spks, st["table"][:, 4:5].to(mu.dtype)
-
-            graph, (st["mu"], st["spks"], st["mask"]), self._pool = capture_graph(run, device, self._pool)
-            self._graphs[key] = (graph, st)
-        return self._graphs[key]
+    def _body(self, key, ids, table, prefix, speakers):
+        mu, spks = self.flow.encode_padded(ids, table, prefix, speakers)
+        return mu, spks, table[:, 4:5].to(mu.dtype)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cosyvoice_config import EncoderConfig
+from .cosyvoice_config import EncoderConfig
 
 
 def espnet_rel_positions(length: int, d_model: int, device=None, dtype=torch.float32) -> torch.Tensor:

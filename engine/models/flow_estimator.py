@@ -22,13 +22,11 @@ Differences from the official module, none of which change the result on valid f
   1x1 res_conv rides along block1's conv) and 5 per transformer block (q/k/v, attention,
   out-projection, feed-forward in, feed-forward out); on
   long sequences (FF_IN_UNFUSED_ROWS) the feed-forward input runs as LayerNorm, cuBLAS, GELU.
-- `fused="elementwise"` keeps PyTorch's convolutions and linears and fuses only the elementwise
-  chains (flow_fused.group_norm_mish, add_layer_norm; q/k/v in one matmul): the earlier fast path,
-  kept for comparisons.
 - Attention in the fused path is kernels/flow_attention.py: one launch that reads q/k/v from the
-  fused projection's rows and takes the frame mask as its key mask. The other paths (and
-  ATTENTION = "sdpa") use SDPA; in padded mode with an additive float key mask built once per
-  solve (`attention_biases`), not a boolean one SDPA would convert in every call.
+  fused projection's rows and takes the frame mask as its key mask.
+- `fused=False` runs the plain modules (PyTorch convolutions, linears, SDPA with a boolean key
+  mask; masked GroupNorm statistics through the kernels' reference): the reference the fused path
+  is tested against.
 Parameter names match the released flow.pt (`decoder.estimator.*`).
 """
 from __future__ import annotations
@@ -39,11 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels import KernelConfig
 from ...kernels.flow_attention import flow_attention
 from ...kernels.flow_conv import (LINEAR, UPSAMPLE_K4S2P1, conv_spec, conv_weight, linear_weight, row_conv,
                                    upsample_weight)
-from ...kernels.flow_fused import add_layer_norm, group_norm_mish, group_norm_mish_reference, group_norm_mish_rows
-from ..cosyvoice_config import EstimatorConfig
+from ...kernels.flow_fused import group_norm_mish_reference, group_norm_mish_rows
+from .cosyvoice_config import EstimatorConfig
 
 GN_GROUPS = 8
 TIME_SCALE = 1000
@@ -76,12 +75,10 @@ class Block1D(nn.Module):
     def conv(self, x):
         return self.block[0](x)
 
-    def norm_act(self, h, mask, padded: bool, fused: bool, temb=None, residual=None):
+    def norm_act(self, h, mask, padded: bool, temb=None, residual=None):
         """Mish(GroupNorm(h)) * mask (+ temb then * mask) (+ residual)."""
         gn = self.block[1]
         m = mask if padded else None
-        if fused:
-            return group_norm_mish(h, gn.weight, gn.bias, GN_GROUPS, gn.eps, m, temb, residual)
         if padded:
             # masked statistics have no eager PyTorch op: the plain-PyTorch reference is the unfused path
             return group_norm_mish_reference(h, gn.weight, gn.bias, GN_GROUPS, gn.eps, m, temb, residual)
@@ -90,8 +87,8 @@ class Block1D(nn.Module):
             y = (y + temb.reshape(-1, y.shape[1])[:, :, None]) * mask
         return y if residual is None else y + residual
 
-    def forward(self, x, mask, padded: bool, fused: bool):
-        return self.norm_act(self.conv(x * mask), mask, padded, fused)
+    def forward(self, x, mask, padded: bool):
+        return self.norm_act(self.conv(x * mask), mask, padded)
 
 
 class ResnetBlock1D(nn.Module):
@@ -102,12 +99,12 @@ class ResnetBlock1D(nn.Module):
         self.block2 = Block1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x, mask, time_proj, padded: bool, fused: bool):
+    def forward(self, x, mask, time_proj, padded: bool):
         xm = x * mask
         # block1 output (masked) + time projection, masked again as block2 masks its input
-        h = self.block1.norm_act(self.block1.conv(xm), mask, padded, fused, temb=time_proj)
+        h = self.block1.norm_act(self.block1.conv(xm), mask, padded, temb=time_proj)
         res = self.res_conv(xm)
-        return self.block2.norm_act(self.block2.conv(h), mask, padded, fused, residual=res)
+        return self.block2.norm_act(self.block2.conv(h), mask, padded, residual=res)
 
 
 class Attention(nn.Module):
@@ -121,22 +118,11 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
-        self._qkv = None
 
-    def fused_qkv_weight(self) -> torch.Tensor:
-        w = self._qkv
-        if w is None or w.device != self.to_q.weight.device or w.dtype != self.to_q.weight.dtype:
-            w = self._qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
-        return w
-
-    def forward(self, x, attn_mask, fused: bool):
+    def forward(self, x, attn_mask):
         n, length, _ = x.shape
-        if fused:
-            qkv = F.linear(x, self.fused_qkv_weight()).view(n, length, 3, self.heads, self.dim_head)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, k, v = (proj(x).view(n, length, self.heads, self.dim_head).transpose(1, 2)
-                       for proj in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (proj(x).view(n, length, self.heads, self.dim_head).transpose(1, 2)
+                   for proj in (self.to_q, self.to_k, self.to_v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.to_out[0](out.transpose(1, 2).reshape(n, length, self.heads * self.dim_head))
 
@@ -168,29 +154,8 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x, attn_mask):
-        x = self.attn1(self.norm1(x), attn_mask, fused=False) + x
+        x = self.attn1(self.norm1(x), attn_mask) + x
         return self.ff(self.norm3(x)) + x
-
-
-def run_transformer_blocks(blocks, x: torch.Tensor, attn_mask, fused: bool) -> torch.Tensor:
-    """x: [N, L, C] residual stream through `blocks`; fused mode merges each residual add with the
-    LayerNorm that follows it."""
-    if not fused:
-        for blk in blocks:
-            x = blk(x, attn_mask)
-        return x
-    first = blocks[0].norm1
-    h = F.layer_norm(x, (x.shape[-1],), first.weight, first.bias, first.eps)
-    for i, blk in enumerate(blocks):
-        a = blk.attn1(h, attn_mask, fused=True)
-        h, x = add_layer_norm(a, x, blk.norm3.weight, blk.norm3.bias, blk.norm3.eps)
-        f = blk.ff(h)
-        if i + 1 < len(blocks):
-            nxt = blocks[i + 1].norm1
-            h, x = add_layer_norm(f, x, nxt.weight, nxt.bias, nxt.eps)
-        else:
-            x = f + x
-    return x
 
 
 class Downsample1D(nn.Module):
@@ -216,9 +181,10 @@ def _transformers(cfg: EstimatorConfig, dim: int) -> nn.ModuleList:
 
 
 class ConditionalDecoder(nn.Module):
-    def __init__(self, cfg: EstimatorConfig):
+    def __init__(self, cfg: EstimatorConfig, kernels: KernelConfig = KernelConfig()):
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         channels = tuple(cfg.channels)
         time_dim = channels[0] * 4
         self.time_mlp = TimestepEmbedding(cfg.in_channels, time_dim)
@@ -252,87 +218,61 @@ class ConditionalDecoder(nn.Module):
         temb = self.time_mlp(sinusoidal_time_embedding(t, self.cfg.in_channels))
         return [r.mlp[1](F.mish(temb)) for r in self.resnets()]
 
-    def key_biases(self, mask: torch.Tensor, fused: bool | str) -> list[torch.Tensor] | None:
-        """attention_biases for a padded forward of path `fused`, or None when that path attends
-        without them (the channels-last path's flow_attention takes the frame mask itself)."""
-        if not fused or (fused is True and ATTENTION != "sdpa"):
-            return None
-        return self.attention_biases(mask, len(self.down_blocks))
-
-    @staticmethod
-    def attention_biases(mask: torch.Tensor, levels: int) -> list[torch.Tensor]:
-        """Additive key masks [N, 1, 1, L_k] (0 valid, -inf padded) for the `levels` resolutions of
-        `mask` [N, 1, L] (each level halves the frames, as the down blocks do)."""
-        out, m = [], mask
-        for _ in range(levels):
-            out.append(torch.zeros(m.shape[0], 1, 1, m.shape[-1], dtype=m.dtype, device=m.device)
-                       .masked_fill(m[:, :, None, :] == 0, float("-inf")))
-            m = m[:, :, ::2]
-        return out
-
     def forward(self, inp: torch.Tensor, mask: torch.Tensor, time_proj: list[torch.Tensor],
-                padded: bool = False, fused: bool | str = True,
-                attn_bias: list[torch.Tensor] | None = None) -> torch.Tensor:
+                padded: bool = False, fused: bool = True) -> torch.Tensor:
         """inp: [N, 4*80, L] = concat(x, mu, spks, cond); mask: [N, 1, L] (0/1, model dtype);
         time_proj: from time_projections; padded: whether any mask entry is 0 (key masks and masked
-        statistics are skipped otherwise); fused: True (channels-last fused kernels), "elementwise"
-        or False (plain modules); attn_bias: attention_biases(mask, ...) when padded (made here when
-        missing). Returns the velocity [N, 80, L] (zero on masked frames)."""
-        if fused is True:
-            return self._forward_rows(inp, mask, time_proj, padded, attn_bias)
-        return self._forward_modules(inp, mask, time_proj, padded, fused == "elementwise", attn_bias)
+        statistics are skipped otherwise); fused: the channels-last fused kernels (else the plain
+        modules). Returns the velocity [N, 80, L] (zero on masked frames)."""
+        if fused:
+            return self._forward_rows(inp, mask, time_proj, padded)
+        return self._forward_modules(inp, mask, time_proj, padded)
 
-    def _forward_modules(self, inp, mask, time_proj, padded: bool, fused: bool, attn_bias):
+    def _forward_modules(self, inp, mask, time_proj, padded: bool):
         projections = iter(time_proj)
-        if padded and fused and attn_bias is None:
-            attn_bias = self.attention_biases(mask, len(self.down_blocks))
 
-        def attn_mask(m, level):
-            if not padded:
-                return None
-            # key padding mask [N, 1, 1, L]: the unfused path keeps the boolean form of the original
-            return attn_bias[level] if fused else (m[:, :, None, :] > 0)
-
-        def stage(resnet, blocks, x, m, level):
-            x = resnet(x, m, next(projections), padded, fused)
-            x = run_transformer_blocks(blocks, x.transpose(1, 2).contiguous(), attn_mask(m, level), fused)
+        def stage(resnet, blocks, x, m):
+            x = resnet(x, m, next(projections), padded)
+            x = x.transpose(1, 2).contiguous()
+            key_mask = (m[:, :, None, :] > 0) if padded else None      # [N, 1, 1, L]
+            for blk in blocks:
+                x = blk(x, key_mask)
             return x.transpose(1, 2).contiguous()
 
         masks, hiddens = [mask], []
         x = inp
-        for level, (resnet, blocks, down) in enumerate(self.down_blocks):
+        for resnet, blocks, down in self.down_blocks:
             m = masks[-1]
-            x = stage(resnet, blocks, x, m, level)
+            x = stage(resnet, blocks, x, m)
             hiddens.append(x)
             x = down(x * m)
             masks.append(m[:, :, ::2])
         masks.pop()
         m = masks[-1]
         for resnet, blocks in self.mid_blocks:
-            x = stage(resnet, blocks, x, m, len(masks) - 1)
+            x = stage(resnet, blocks, x, m)
         for resnet, blocks, up in self.up_blocks:
             m = masks.pop()
             skip = hiddens.pop()
             x = torch.cat([x[:, :, :skip.shape[-1]], skip], dim=1)
-            x = up(stage(resnet, blocks, x, m, len(masks)) * m)
-        x = self.final_block(x, m, padded, fused)          # already * m, which final_proj's input needs
+            x = up(stage(resnet, blocks, x, m) * m)
+        x = self.final_block(x, m, padded)          # already * m, which final_proj's input needs
         return self.final_proj(x) * mask
 
     # ------------------------------------------------------------------ channels-last fused path
-    def _forward_rows(self, inp, mask, time_proj, padded: bool, attn_bias):
+    def _forward_rows(self, inp, mask, time_proj, padded: bool):
         n, _, length = inp.shape
         projections = iter(time_proj)
         levels = len(self.down_blocks)
-        if padded and attn_bias is None:
-            attn_bias = self.key_biases(mask, True)
+        k = self.kernels
         row_masks = [mask[:, 0, :]]
         for _ in range(levels - 1):
             row_masks.append(row_masks[-1][:, ::2])
 
         def stage(resnet, blocks, x, level):
             m = row_masks[level] if padded else None
-            x = _resnet_rows(resnet, x, m, next(projections))
-            return _transformer_rows(blocks, x, m, attn_bias[level] if attn_bias is not None else None)
+            x = _resnet_rows(resnet, x, m, next(projections), k)
+            return _transformer_rows(blocks, x, m, k)
 
         hiddens = []
         x = inp.transpose(1, 2)                                   # [N, L, 4*80] view, no copy
@@ -340,7 +280,7 @@ class ConditionalDecoder(nn.Module):
             x = stage(resnet, blocks, x, level)
             hiddens.append(x)
             x = _conv_rows(down.conv if isinstance(down, Downsample1D) else down, x,
-                           row_masks[level] if padded else None)
+                           row_masks[level] if padded else None, k)
         level = levels - 1
         for resnet, blocks in self.mid_blocks:
             x = stage(resnet, blocks, x, level)
@@ -349,27 +289,21 @@ class ConditionalDecoder(nn.Module):
             x = torch.cat([x[:, :skip.shape[1]], skip], dim=2)
             x = stage(resnet, blocks, x, level)
             m = row_masks[level] if padded else None
-            x = _upsample_rows(up.conv, x, m) if isinstance(up, Upsample1D) else _conv_rows(up, x, m)
+            x = _upsample_rows(up.conv, x, m, k) if isinstance(up, Upsample1D) else _conv_rows(up, x, m, k)
             level -= 1
         m = row_masks[0] if padded else None
         fb = self.final_block
         h, stats = row_conv(x, _prepared(fb.block[0], conv_weight), fb.block[0].bias, _CONV3, mask_in=m,
-                            mask_out=m, gn_groups=GN_GROUPS)
-        h = group_norm_mish_rows(h, stats, fb.block[1].weight, fb.block[1].bias, fb.block[1].eps, mask=m)
+                            mask_out=m, gn_groups=GN_GROUPS, backend=k.backend, pdl=k.pdl)
+        h = group_norm_mish_rows(h, stats, fb.block[1].weight, fb.block[1].bias, fb.block[1].eps, mask=m,
+                                 backend=k.backend, pdl=k.pdl)
         out = torch.empty(n, self.cfg.out_channels, length, dtype=inp.dtype, device=inp.device)
         row_conv(h, _prepared(self.final_proj, linear_weight), self.final_proj.bias, LINEAR, mask_out=m,
-                 mul_mask_out=True, out=out.transpose(1, 2))
+                 mul_mask_out=True, out=out.transpose(1, 2), backend=k.backend, pdl=k.pdl)
         return out
 
 
 _CONV3 = conv_spec(3, 1, 1)
-# Attention of the channels-last path: "stepvox" (kernels/flow_attention.py, one launch reading the
-# fused q/k/v rows) or "sdpa" (torch's scaled_dot_product_attention on q/k/v views; kept for
-# comparison in bench/vocoder.py). Graphs captured under one setting keep it (FlowSolver.reset).
-ATTENTION = "stepvox"
-# ResnetBlock1D's res_conv computed inside block1's conv launch (True) or as its own (False; kept for
-# comparison in bench/vocoder.py).
-MERGE_RES_CONV = True
 # From this many frames per sequence the feed-forward input (LayerNorm, Linear 256 -> 1024, GELU) runs
 # as three library ops: the fused kernel recomputes the LayerNorm in every output-column tile and
 # evaluates erf at low occupancy, which loses to cuBLAS + two light kernels on long sequences (H100:
@@ -378,7 +312,7 @@ FF_IN_UNFUSED_ROWS = 800
 
 
 def _cached_on(module: nn.Module, weight: torch.Tensor, tag: str, build):
-    """build() cached on `module` for the weight's device and dtype (FlowSolver.reset drops it)."""
+    """build() cached on `module` for the weight's device and dtype."""
     key = (weight.device, weight.dtype, tag)
     cache = getattr(module, "_rows_weight", None)
     if cache is None or cache[0] != key:
@@ -392,19 +326,21 @@ def _prepared(module: nn.Module, prepare) -> torch.Tensor:
 
 
 def _qkv_rows(attn: "Attention") -> torch.Tensor:
-    return _cached_on(attn, attn.to_q.weight, "qkv", lambda: linear_weight(attn.fused_qkv_weight()))
+    return _cached_on(attn, attn.to_q.weight, "qkv",
+                      lambda: linear_weight(torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()))
 
 
-def _conv_rows(conv: nn.Conv1d, x, m):
+def _conv_rows(conv: nn.Conv1d, x, m, k: KernelConfig):
     """Conv1d(x * m) on rows (the Downsample1D / plain k3 convs between stages)."""
     spec = conv_spec(conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
-    return row_conv(x, _prepared(conv, conv_weight), conv.bias, spec, mask_in=m)
+    return row_conv(x, _prepared(conv, conv_weight), conv.bias, spec, mask_in=m, backend=k.backend, pdl=k.pdl)
 
 
-def _upsample_rows(conv: nn.ConvTranspose1d, x, m):
+def _upsample_rows(conv: nn.ConvTranspose1d, x, m, k: KernelConfig):
     if (conv.kernel_size[0], conv.stride[0], conv.padding[0]) != (4, 2, 1):
         raise ValueError("Upsample1D: only ConvTranspose1d(k=4, s=2, p=1) is implemented on rows")
-    return row_conv(x, _prepared(conv, upsample_weight), conv.bias, UPSAMPLE_K4S2P1, mask_in=m)
+    return row_conv(x, _prepared(conv, upsample_weight), conv.bias, UPSAMPLE_K4S2P1, mask_in=m, backend=k.backend,
+                    pdl=k.pdl)
 
 
 def _conv1_and_res(r: "ResnetBlock1D") -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,57 +355,40 @@ def _conv1_and_res(r: "ResnetBlock1D") -> tuple[torch.Tensor, torch.Tensor]:
     return _cached_on(r, c1.weight, "conv1+res", build)
 
 
-def _resnet_rows(r: "ResnetBlock1D", x, m, temb):
+def _resnet_rows(r: "ResnetBlock1D", x, m, temb, k: KernelConfig):
     """ResnetBlock1D on rows: x [N, L, Cin] (any strides; frames with m = 0 are ignored). Four
     kernels: conv1 with res_conv beside it (GroupNorm statistics of the conv1 half), GroupNorm+Mish
     (+ time embedding), conv2, GroupNorm+Mish + the res_conv half."""
-    if not MERGE_RES_CONV:
-        return _resnet_rows_separate(r, x, m, temb)
     n1 = r.block1.block[1]
     c2, n2 = r.block2.block[0], r.block2.block[1]
     cout = c2.weight.shape[0]
     w1, b1 = _conv1_and_res(r)
-    both, st = row_conv(x, w1, b1, _CONV3, mask_in=m, mask_out=m, gn_groups=GN_GROUPS, stats_channels=cout)
-    h = group_norm_mish_rows(both[:, :, :cout], st, n1.weight, n1.bias, n1.eps, mask=m, temb=temb)
-    h, st = row_conv(h, _prepared(c2, conv_weight), c2.bias, _CONV3, mask_out=m, gn_groups=GN_GROUPS)
-    return group_norm_mish_rows(h, st, n2.weight, n2.bias, n2.eps, mask=m, residual=both[:, :, cout:])
+    run = dict(backend=k.backend, pdl=k.pdl)
+    both, st = row_conv(x, w1, b1, _CONV3, mask_in=m, mask_out=m, gn_groups=GN_GROUPS, stats_channels=cout, **run)
+    h = group_norm_mish_rows(both[:, :, :cout], st, n1.weight, n1.bias, n1.eps, mask=m, temb=temb, **run)
+    h, st = row_conv(h, _prepared(c2, conv_weight), c2.bias, _CONV3, mask_out=m, gn_groups=GN_GROUPS, **run)
+    return group_norm_mish_rows(h, st, n2.weight, n2.bias, n2.eps, mask=m, residual=both[:, :, cout:], **run)
 
 
-def _resnet_rows_separate(r: "ResnetBlock1D", x, m, temb):
-    """The five-kernel form (res_conv as its own product), for comparisons."""
-    c1, n1 = r.block1.block[0], r.block1.block[1]
-    c2, n2 = r.block2.block[0], r.block2.block[1]
-    h, st = row_conv(x, _prepared(c1, conv_weight), c1.bias, _CONV3, mask_in=m, mask_out=m, gn_groups=GN_GROUPS)
-    h = group_norm_mish_rows(h, st, n1.weight, n1.bias, n1.eps, mask=m, temb=temb)
-    h, st = row_conv(h, _prepared(c2, conv_weight), c2.bias, _CONV3, mask_out=m, gn_groups=GN_GROUPS)
-    res = row_conv(x, _prepared(r.res_conv, linear_weight), r.res_conv.bias, LINEAR, mask_in=m)
-    return group_norm_mish_rows(h, st, n2.weight, n2.bias, n2.eps, mask=m, residual=res)
-
-
-def _transformer_rows(blocks, x, m, bias):
+def _transformer_rows(blocks, x, m, k: KernelConfig):
     """BasicTransformerBlocks on the residual stream x [N, L, C]; the last block's output is
-    multiplied by m (every consumer of a stage output masks it). Attention takes its key mask from
-    m (flow_attention) or, with ATTENTION = "sdpa", from the additive `bias`."""
+    multiplied by m (every consumer of a stage output masks it). Attention takes its key mask from m."""
     n, length, _ = x.shape
+    run = dict(backend=k.backend, pdl=k.pdl)
     for i, blk in enumerate(blocks):
         at = blk.attn1
         n1, n3 = blk.norm1, blk.norm3
-        qkv = row_conv(x, _qkv_rows(at), None, LINEAR, ln=(n1.weight, n1.bias, n1.eps))
-        if ATTENTION == "sdpa":
-            q, k, v = qkv.view(n, length, 3, at.heads, at.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            a = o.transpose(1, 2).reshape(n, length, at.heads * at.dim_head)
-        else:
-            a = flow_attention(qkv, at.heads, m)
+        qkv = row_conv(x, _qkv_rows(at), None, LINEAR, ln=(n1.weight, n1.bias, n1.eps), **run)
+        a = flow_attention(qkv, at.heads, m, **run)
         out = at.to_out[0]
-        x = row_conv(a, _prepared(out, linear_weight), out.bias, LINEAR, residual=x)
+        x = row_conv(a, _prepared(out, linear_weight), out.bias, LINEAR, residual=x, **run)
         p1, p2 = blk.ff.net[0].proj, blk.ff.net[2]
         if length >= FF_IN_UNFUSED_ROWS:
             f = F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), n3.weight, n3.bias, n3.eps), p1.weight, p1.bias))
         else:
             f = row_conv(x, _prepared(p1, linear_weight), p1.bias, LINEAR, ln=(n3.weight, n3.bias, n3.eps),
-                         gelu=True)
+                         gelu=True, **run)
         last = i == len(blocks) - 1
         x = row_conv(f, _prepared(p2, linear_weight), p2.bias, LINEAR, residual=x,
-                     mask_out=m if last else None, mul_mask_out=last and m is not None)
+                     mask_out=m if last else None, mul_mask_out=last and m is not None, **run)
     return x

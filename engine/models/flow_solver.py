@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ...kernels.flow_ode import cfg_euler_step, cfg_euler_step_reference
-from ..cosyvoice_config import CFMConfig
-from ..cuda_graphs import capture_graph
+from ..device.graphs import GraphCache, bucket_length
+from .cosyvoice_config import CFMConfig
 from .flow_estimator import ConditionalDecoder
 
 
@@ -36,13 +36,12 @@ def euler_schedule(n_steps: int, t_scheduler: str, dtype: torch.dtype) -> list[t
     return steps
 
 
-def bucket_length(length: int, bucket: int) -> int:
-    return -(-length // bucket) * bucket
-
-
 class FlowSolver:
-    def __init__(self, estimator: ConditionalDecoder, cfm: CFMConfig, mel_channels: int,
-                 use_cuda_graphs: bool = True, fused: bool = True, bucket: int = 32):
+    def __init__(self, estimator: ConditionalDecoder, cfm: CFMConfig, mel_channels: int, *,
+                 use_cuda_graphs: bool = True, fused: bool = True, bucket: int = 32, bucket_eager: bool = False):
+        """fused: the estimator's channels-last kernels and the fused Euler step (False: plain
+        modules, the reference); bucket_eager: pad eager solves to the length buckets like graph
+        solves (how the CPU tests exercise the graphs' inputs)."""
         self.estimator = estimator
         self.cfg_rate = float(cfm.inference_cfg_rate)
         self.n_steps = cfm.n_timesteps
@@ -51,10 +50,10 @@ class FlowSolver:
         self.use_cuda_graphs = use_cuda_graphs
         self.fused = fused
         self.bucket = bucket
-        self.pad_to_bucket = False       # pad eager solves like graph solves (tests the graph inputs on CPU)
+        self.bucket_eager = bucket_eager
         self._constants = None
-        self._graphs: dict = {}
-        self._pool = None
+        self.graphs = GraphCache(self._graph_body, self._graph_static, estimator.time_mlp.linear_1.weight.device,
+                                 warmups=1)
 
     # ------------------------------------------------------------------ constants of the schedule
     def _step_constants(self, device, dtype):
@@ -68,15 +67,6 @@ class FlowSolver:
             self._constants = (key, per_step)
         return self._constants[1]
 
-    def reset(self) -> None:
-        """Drop cached schedule constants, fused q/k/v weights and graphs (after weights change)."""
-        self._constants, self._graphs, self._pool = None, {}, None
-        for m in self.estimator.modules():
-            if hasattr(m, "_qkv"):
-                m._qkv = None
-            if hasattr(m, "_rows_weight"):
-                m._rows_weight = None
-
     # ------------------------------------------------------------------ the n-step solve
     def _solve_buffers(self, z, mu, spks, cond, mask, out, padded: bool, fused: bool):
         """All tensors batch-first and padded to one length: z, mu, cond [B, C, L]; spks [B, C];
@@ -89,14 +79,15 @@ class FlowSolver:
         inp[:b, :c] = z
         inp[b:, :c] = z
         mask2 = torch.cat([mask, mask])
-        bias = self.estimator.key_biases(mask2, fused) if padded else None   # once per solve, not per step
         x = z
         steps = self._step_constants(z.device, z.dtype)
+        kernels = self.estimator.kernels
         for k, (proj, dt, dt_tensor) in enumerate(steps):
-            v = self.estimator(inp, mask2, proj, padded=padded, fused=fused, attn_bias=bias)
+            v = self.estimator(inp, mask2, proj, padded=padded, fused=fused)
             last = k == len(steps) - 1
             if fused:
-                x = cfg_euler_step(v, x, mask, dt, self.cfg_rate, out=out, next_input=None if last else inp)
+                x = cfg_euler_step(v, x, mask, dt, self.cfg_rate, out=out, next_input=None if last else inp,
+                                   backend=kernels.backend, pdl=kernels.pdl)
             else:
                 x = cfg_euler_step_reference(v, x, mask, dt_tensor, self.cfg_rate, out=out)
                 if not last:
@@ -104,32 +95,26 @@ class FlowSolver:
                     inp[b:, :c] = x
         return out
 
-    def _graph(self, b: int, length: int, padded: bool, dtype, device):
-        key = (b, length, padded, self.fused, dtype)
-        if key not in self._graphs:
-            c = self.channels
-            static = {"z": torch.zeros(b, c, length, dtype=dtype, device=device),
-                      "mu": torch.zeros(b, c, length, dtype=dtype, device=device),
-                      "spks": torch.zeros(b, c, dtype=dtype, device=device),
-                      "cond": torch.zeros(b, c, length, dtype=dtype, device=device),
-                      "mask": torch.ones(b, 1, length, dtype=dtype, device=device),
-                      "out": torch.zeros(b, c, length, dtype=dtype, device=device)}
-            args = [static[k] for k in ("z", "mu", "spks", "cond", "mask", "out")]
-            self._step_constants(device, dtype)
-            graph, _, self._pool = capture_graph(
-                lambda: self._solve_buffers(*args, padded=padded, fused=self.fused), device, self._pool)
-            self._graphs[key] = (graph, static)
-        return self._graphs[key]
+    def _graph_static(self, key):
+        b, length, padded, dtype = key
+        c, dev = self.channels, self.graphs.device
+        self._step_constants(dev, dtype)
+        return (torch.zeros(b, c, length, dtype=dtype, device=dev), torch.zeros(b, c, length, dtype=dtype, device=dev),
+                torch.zeros(b, c, dtype=dtype, device=dev), torch.zeros(b, c, length, dtype=dtype, device=dev),
+                torch.ones(b, 1, length, dtype=dtype, device=dev), torch.zeros(b, c, length, dtype=dtype, device=dev))
+
+    def _graph_body(self, key, z, mu, spks, cond, mask, out):
+        return self._solve_buffers(z, mu, spks, cond, mask, out, padded=key[2], fused=self.fused)
 
     @torch.no_grad()
-    def capture(self, batch: int, length: int, padded: bool, dtype, device) -> None:
-        """Capture the graph of one (batch, bucketed length) ahead of time (no-op off CUDA)."""
-        if self.use_cuda_graphs and torch.device(device).type == "cuda":
-            self._graph(batch, bucket_length(length, self.bucket), padded, dtype, torch.device(device))
+    def capture(self, batch: int, length: int, padded: bool, dtype) -> None:
+        """Capture the graph of one (batch, bucketed length) ahead of time (no-op without graphs)."""
+        if self.graphs_on(self.graphs.device):
+            self.graphs.entry((batch, self.bucket_length(length), padded, dtype))
 
     @property
     def graph_count(self) -> int:
-        return len(self._graphs)
+        return len(self.graphs)
 
     def graphs_on(self, device) -> bool:
         return self.use_cuda_graphs and torch.device(device).type == "cuda"
@@ -144,7 +129,7 @@ class FlowSolver:
         lengths = [m.shape[1] for m in mus]
         device, dtype = mus[0].device, mus[0].dtype
         graphs = self.graphs_on(device)
-        length = bucket_length(max(lengths), self.bucket) if graphs or self.pad_to_bucket else max(lengths)
+        length = self.bucket_length(max(lengths)) if graphs or self.bucket_eager else max(lengths)
         b, c = len(mus), self.channels
 
         def stack(items):
@@ -169,11 +154,7 @@ class FlowSolver:
         b, _, length = z.shape
         spks = spks.to(z.dtype)
         if self.graphs_on(z.device):
-            graph, static = self._graph(b, length, padded, z.dtype, z.device)
-            for name, value in (("z", z), ("mu", mu), ("spks", spks), ("cond", cond), ("mask", mask)):
-                static[name].copy_(value)
-            graph.replay()
-            return static["out"].clone()
+            return self.graphs.run((b, length, padded, z.dtype), (z, mu, spks, cond, mask)).clone()
         result = torch.empty_like(z)
         self._solve_buffers(z, mu, spks, cond, mask, result, padded=padded, fused=self.fused)
         return result

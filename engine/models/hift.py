@@ -28,16 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels.snake import snake, snake_reference
-from ..audio.mel import periodic_hann
-from ..cosyvoice_config import HiftConfig
-from ..cuda_graphs import GraphStore, capture_graph
-
-
-def _weight_normed(module: nn.Module) -> nn.Module:
-    """Mark a layer whose released weights are stored as weight_g / weight_v."""
-    module.stepvox_weight_norm = True
-    return module
+from ...kernels import KernelConfig
+from ...kernels.snake import snake
+from ..device.graphs import GraphCache, bucket_length
+from ..frontend.mel import periodic_hann
+from .cosyvoice_checkpoint import weight_normed
+from .cosyvoice_config import HiftConfig
 
 
 def get_padding(kernel: int, dilation: int = 1) -> int:
@@ -45,24 +41,24 @@ def get_padding(kernel: int, dilation: int = 1) -> int:
 
 
 class Snake(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, kernels: KernelConfig):
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(channels))
-        self.fused = True
+        self.kernels = kernels
 
     def forward(self, x, mask=None):
-        return snake(x, self.alpha, mask) if self.fused else snake_reference(x, self.alpha, mask)
+        return snake(x, self.alpha, mask, backend=self.kernels.backend)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels: int, kernel: int, dilations):
+    def __init__(self, channels: int, kernel: int, dilations, kernels: KernelConfig):
         super().__init__()
-        self.convs1 = nn.ModuleList(_weight_normed(nn.Conv1d(channels, channels, kernel, 1, dilation=d,
+        self.convs1 = nn.ModuleList(weight_normed(nn.Conv1d(channels, channels, kernel, 1, dilation=d,
                                                              padding=get_padding(kernel, d))) for d in dilations)
-        self.convs2 = nn.ModuleList(_weight_normed(nn.Conv1d(channels, channels, kernel, 1, dilation=1,
+        self.convs2 = nn.ModuleList(weight_normed(nn.Conv1d(channels, channels, kernel, 1, dilation=1,
                                                              padding=get_padding(kernel, 1))) for _ in dilations)
-        self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
-        self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
+        self.activations1 = nn.ModuleList(Snake(channels, kernels) for _ in dilations)
+        self.activations2 = nn.ModuleList(Snake(channels, kernels) for _ in dilations)
 
     def forward(self, x, mask=None):
         """mask [B, 1, T]: the output is exact on the frames where mask = 1 (garbage elsewhere)."""
@@ -78,7 +74,7 @@ class F0Predictor(nn.Module):
         super().__init__()
         layers = []
         for i in range(5):
-            layers += [_weight_normed(nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)),
+            layers += [weight_normed(nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)),
                        nn.ELU()]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, 1)
@@ -97,14 +93,16 @@ class SourceModule(nn.Module):
 
 
 class HiFTGenerator(nn.Module):
-    def __init__(self, cfg: HiftConfig):
+    def __init__(self, cfg: HiftConfig, kernels: KernelConfig = KernelConfig(), phase_dtype=torch.float32):
+        """phase_dtype: dtype of the running phase sum: float32 as the official SineGen (its rounding
+        is ~1e-3 cycle at 10 s on the 9th harmonic); float64 for exactness studies."""
         super().__init__()
         self.cfg = cfg
         base, n_up = cfg.base_channels, len(cfg.upsample_rates)
         self.m_source = SourceModule(cfg.nb_harmonics + 1)
-        self.conv_pre = _weight_normed(nn.Conv1d(cfg.in_channels, base, 7, 1, padding=3))
+        self.conv_pre = weight_normed(nn.Conv1d(cfg.in_channels, base, 7, 1, padding=3))
         self.ups = nn.ModuleList(
-            _weight_normed(nn.ConvTranspose1d(base // 2 ** i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2))
+            weight_normed(nn.ConvTranspose1d(base // 2 ** i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2))
             for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)))
         self.source_downs, self.source_resblocks = nn.ModuleList(), nn.ModuleList()
         down_rates = np.cumprod([1] + list(cfg.upsample_rates[::-1][:-1]))[::-1]
@@ -114,26 +112,16 @@ class HiFTGenerator(nn.Module):
             ch, u = base // 2 ** (i + 1), int(u)
             self.source_downs.append(nn.Conv1d(spec_ch, ch, 1, 1) if u == 1 else
                                      nn.Conv1d(spec_ch, ch, u * 2, u, padding=u // 2))
-            self.source_resblocks.append(ResBlock(ch, k, d))
+            self.source_resblocks.append(ResBlock(ch, k, d, kernels))
         self.resblocks = nn.ModuleList()
         for i in range(n_up):
             ch = base // 2 ** (i + 1)
             for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes):
-                self.resblocks.append(ResBlock(ch, k, d))
-        self.conv_post = _weight_normed(nn.Conv1d(base // 2 ** n_up, spec_ch, 7, 1, padding=3))
+                self.resblocks.append(ResBlock(ch, k, d, kernels))
+        self.conv_post = weight_normed(nn.Conv1d(base // 2 ** n_up, spec_ch, 7, 1, padding=3))
         self.f0_predictor = F0Predictor(cfg.f0_in_channels, cfg.f0_cond_channels)
         self._dft = {}
-        self.fused = True
-        # dtype of the running phase sum: float32 as the official SineGen (its rounding is ~1e-3
-        # cycle at 10 s on the 9th harmonic); float64 is available for exactness studies.
-        self.phase_dtype = torch.float32
-
-    # ------------------------------------------------------------------ settings
-    def set_fused(self, fused: bool) -> None:
-        self.fused = bool(fused)
-        for m in self.modules():
-            if isinstance(m, Snake):
-                m.fused = fused
+        self.phase_dtype = phase_dtype
 
     @property
     def harmonics(self) -> int:
@@ -288,7 +276,7 @@ class HiFTGenerator(nn.Module):
         return self.decode(mel, src, masks), src, cycles
 
 
-class HiFTGraphs(GraphStore):
+class HiFTGraphs:
     """HiFTGenerator.forward replayed from CUDA graphs, one per (batch, frame bucket).
 
     Inputs are copied into static buffers (mel and noise zero-padded to the bucket, the valid frame
@@ -297,36 +285,32 @@ class HiFTGraphs(GraphStore):
     pool. cache_source is not graph-captured (HiFTGenerator.forward handles it eagerly)."""
 
     def __init__(self, hift: HiFTGenerator, bucket: int = 32):
-        super().__init__()
         self.hift = hift
         self.bucket = bucket
+        self.graphs = GraphCache(self._body, self._static, hift.conv_pre.weight.device, warmups=1)
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.graphs)
 
     def bucket_frames(self, frames: int) -> int:
-        return -(-frames // self.bucket) * self.bucket
+        return bucket_length(frames, self.bucket)
 
-    def _graph(self, b: int, length: int, device):
-        key = (b, length, self.hift.fused)
-        if key not in self._graphs:
-            h, spf, c = self.hift.harmonics, self.hift.samples_per_frame, self.hift.cfg.in_channels
-            static = {"mel": torch.zeros(b, c, length, device=device),
-                      "start_phase": torch.zeros(b, h, device=device),
-                      "noise": torch.zeros(b, h, length * spf, device=device),
-                      "phase_offset": torch.zeros(b, h, dtype=torch.float64, device=device),
-                      "phase_anchor": torch.zeros(b, dtype=torch.long, device=device),
-                      "frames": torch.full((b,), length, dtype=torch.long, device=device)}
+    def _static(self, key):
+        b, length = key
+        h, spf, c = self.hift.harmonics, self.hift.samples_per_frame, self.hift.cfg.in_channels
+        dev = self.graphs.device
+        return (torch.zeros(b, c, length, device=dev), torch.zeros(b, h, device=dev),
+                torch.zeros(b, h, length * spf, device=dev), torch.zeros(b, h, dtype=torch.float64, device=dev),
+                torch.zeros(b, dtype=torch.long, device=dev), torch.full((b,), length, dtype=torch.long, device=dev))
 
-            def run():
-                return self.hift(static["mel"], static["start_phase"], static["noise"], static["phase_offset"],
-                                 static["phase_anchor"], frames=static["frames"])
-
-            graph, (wav, _, cycles), self._pool = capture_graph(run, device, self._pool)
-            static["wav"], static["cycles"] = wav, cycles
-            self._graphs[key] = (graph, static)
-        return self._graphs[key]
+    def _body(self, key, mel, start_phase, noise, phase_offset, phase_anchor, frames):
+        wav, _, cycles = self.hift(mel, start_phase, noise, phase_offset, phase_anchor, frames=frames)
+        return wav, cycles
 
     @torch.no_grad()
-    def capture(self, batch: int, frames: int, device) -> None:
-        self._graph(batch, self.bucket_frames(frames), torch.device(device))
+    def capture(self, batch: int, frames: int) -> None:
+        self.graphs.entry((batch, self.bucket_frames(frames)))
 
     @torch.no_grad()
     def __call__(self, mel: torch.Tensor, start_phase: torch.Tensor, noise: torch.Tensor,
@@ -335,20 +319,21 @@ class HiFTGraphs(GraphStore):
         Returns (waveform [B, T*256], cycles [B, H, T*256]), fresh tensors."""
         b, _, t = mel.shape
         n = t * self.hift.samples_per_frame
-        graph, st = self._graph(b, self.bucket_frames(t), mel.device)
-        st["mel"][:, :, :t].copy_(mel)
-        st["mel"][:, :, t:].zero_()
-        st["noise"][:, :, :n].copy_(noise)
-        st["noise"][:, :, n:].zero_()
-        st["start_phase"].copy_(start_phase)
+        graph, st, (wav, cycles) = self.graphs.entry((b, self.bucket_frames(t)))
+        st_mel, st_phase, st_noise, st_offset, st_anchor, st_frames = st
+        st_mel[:, :, :t].copy_(mel)
+        st_mel[:, :, t:].zero_()
+        st_noise[:, :, :n].copy_(noise)
+        st_noise[:, :, n:].zero_()
+        st_phase.copy_(start_phase)
         if phase_offset is None:
-            st["phase_offset"].zero_()
+            st_offset.zero_()
         else:
-            st["phase_offset"].copy_(phase_offset)
+            st_offset.copy_(phase_offset)
         if phase_anchor is None:
-            st["phase_anchor"].zero_()
+            st_anchor.zero_()
         else:
-            st["phase_anchor"].copy_(torch.as_tensor(phase_anchor).reshape(b), non_blocking=True)
-        st["frames"].fill_(t)
+            st_anchor.copy_(torch.as_tensor(phase_anchor).reshape(b), non_blocking=True)
+        st_frames.fill_(t)
         graph.replay()
-        return st["wav"][:, :n].clone(), st["cycles"][:, :, :n].clone()
+        return wav[:, :n].clone(), cycles[:, :, :n].clone()

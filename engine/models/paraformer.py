@@ -14,22 +14,31 @@ whole utterance, and a live stream reproduces it row for row.
 Offline, all windows of all utterances are computed at once, layer by layer: a window's
 look-back at layer l only needs layer-l K/V of earlier windows, which the same batched layer
 produces, so no window waits for another. Streaming keeps the look-back in a per-session cache.
+
+`LinguisticTokenizer` turns the encoder's rows into vq02 codes (nearest k-means centroid) and owns
+how that runs: the window-count buckets and CUDA graphs of the offline path (one graph of the
+whole encoder + code search per bucket) and the graph of one streaming call, which every live
+stream replays with its own look-back cache copied in and out.
 """
 from __future__ import annotations
 
 import functools
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from ..audio.kaldi_features import FbankConfig, ParaformerFeatures, load_am_mvn
-from ..audio.tokenizer_errors import TokenizerCheckpointError
-from ..device_copy import to_device
+from ...kernels import KernelConfig
+from ...kernels.nearest_centroid import nearest_centroid
 from ...kernels.sanm import sanm_attention, sanm_attention_indexed
+from ..device.graphs import GraphCache, bucket_length
+from ..device.precision import matmul_precision
+from ..device.staging import to_device
+from ..errors import CheckpointError, ConfigError
+from ..frontend.paraformer_features import FbankConfig, ParaformerFeatures, load_am_mvn
+from .weights import load_strict, read_torch_state_dict
+from .yaml_reader import read_yaml
 
 PARAFORMER_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
 LAYER_NORM_EPS = 1e-12      # FunASR's LayerNorm
@@ -62,33 +71,6 @@ class ParaformerEncoderConfig:
         return (self.kernel_size - 1) // 2 + self.sanm_shift
 
 
-class _PlainDataLoader(yaml.SafeLoader):
-    """safe_load that turns any tagged node (e.g. `!new:...`) into plain data instead of failing."""
-
-
-def _plain(loader, suffix, node):
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)
-
-
-_PlainDataLoader.add_multi_constructor("!", _plain)
-_PlainDataLoader.add_multi_constructor("tag:", _plain)
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_PlainDataLoader)  # noqa: S506 - SafeLoader subclass
-    except (OSError, yaml.YAMLError) as exc:
-        raise TokenizerCheckpointError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TokenizerCheckpointError(f"{path}: expected a mapping at the top level")
-    return data
-
-
 def parse_paraformer_config(data: dict, where: str = "config.yaml") -> tuple[ParaformerEncoderConfig, FbankConfig]:
     enc = data.get("encoder_conf") or {}
     fe = data.get("frontend_conf") or {}
@@ -107,7 +89,7 @@ def parse_paraformer_config(data: dict, where: str = "config.yaml") -> tuple[Par
     if int(fe.get("fs", 16000)) != 16000:
         problems.append(f"frontend fs {fe.get('fs')} (expected 16000)")
     if problems:
-        raise TokenizerCheckpointError(f"{where}: unsupported Paraformer variant: " + "; ".join(problems))
+        raise ConfigError(f"{where}: unsupported Paraformer variant: " + "; ".join(problems))
     fbank = FbankConfig(n_mels=int(fe.get("n_mels", 80)), frame_length_ms=float(fe.get("frame_length", 25)),
                         frame_shift_ms=float(fe.get("frame_shift", 10)), lfr_m=int(fe.get("lfr_m", 7)),
                         lfr_n=int(fe.get("lfr_n", 6)))
@@ -186,9 +168,10 @@ class StreamState:
 class ParaformerEncoder(torch.nn.Module):
     """SANMEncoderChunkOpt's streaming-chunk forward; module names follow model.pt (`encoder.*`)."""
 
-    def __init__(self, cfg: ParaformerEncoderConfig):
+    def __init__(self, cfg: ParaformerEncoderConfig, kernels: KernelConfig = KernelConfig()):
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         self.encoders0 = torch.nn.ModuleList([SANMLayer(cfg.input_size, cfg)])
         self.encoders = torch.nn.ModuleList([SANMLayer(cfg.output_size, cfg) for _ in range(cfg.num_blocks - 1)])
         self.after_norm = torch.nn.LayerNorm(cfg.output_size, eps=LAYER_NORM_EPS)
@@ -222,11 +205,11 @@ class ParaformerEncoder(torch.nn.Module):
         q, k, v = F.linear(x, attn.linear_q_k_v.weight, attn.linear_q_k_v.bias).split(d, dim=-1)
         if isinstance(look_back, torch.Tensor):
             ctx, mem = sanm_attention_indexed(q, k, v, look_back, lb_len, n_rows, attn.fsmn_block.weight,
-                                              cfg.attention_heads, cfg.fsmn_left_pad)
+                                              cfg.attention_heads, cfg.fsmn_left_pad, backend=self.kernels.backend)
         else:
             lb_k, lb_v = look_back(k, v)
             ctx, mem = sanm_attention(q, k, v, lb_k, lb_v, lb_len, n_rows, attn.fsmn_block.weight,
-                                      cfg.attention_heads, cfg.fsmn_left_pad)
+                                      cfg.attention_heads, cfg.fsmn_left_pad, backend=self.kernels.backend)
         out = F.linear(ctx, attn.linear_out.weight, attn.linear_out.bias) + mem
         h = h + out if layer.residual else out
         ff = layer.feed_forward
@@ -294,7 +277,7 @@ class ParaformerEncoder(torch.nn.Module):
 
     def encode_offline(self, feats: list[torch.Tensor], counts: list[list[int]]) -> list[torch.Tensor]:
         """Encoder outputs [N_i, D] of utterances given their CMVN'd LFR rows [N_i, in] and rows per
-        call (`kaldi_features.chunk_row_counts`); every utterance equals its own streamed run."""
+        call (`paraformer_features.chunk_row_counts`); every utterance equals its own streamed run."""
         wins = self.prepare_offline(feats, counts)
         new_rows = self.encode_windows(wins.h, wins.n_rows, wins.lb_len, wins.index) if wins.windows else None
         return [new_rows[a:a + c].reshape(-1, self.cfg.output_size)[:n] if c else
@@ -337,139 +320,165 @@ class ParaformerEncoder(torch.nn.Module):
         state.rows_done += new
 
 
-class StreamStepGraph:
-    """A CUDA graph of one full streaming call (`chunk_frames` new rows) plus a post-processing
-    function of its new output rows (the vq02 code search), replayed for every live stream: a
-    stream's cache is copied in and the advanced cache copied out, so one graph serves all."""
+WINDOW_UNIT = 4                 # offline graph buckets: whole units of 4 windows (0.96 s) up to 5 units,
+WINDOW_GEOMETRIC_AFTER = 5      # then steps of ~x1.25,
+MAX_GRAPH_WINDOWS = 2560        # up to ~10 min of audio per call (longer calls run eagerly)
 
-    def __init__(self, encoder: ParaformerEncoder, post):
-        cfg = encoder.cfg
-        dev, dt = encoder.device, encoder.dtype
-        self.encoder, self.post = encoder, post
-        self.lock = threading.Lock()
-        self.window = torch.zeros(1, cfg.window_rows, cfg.input_size, device=dev, dtype=dt)
-        self.look_back = torch.zeros(1, device=dev, dtype=torch.int32)
-        shape = (len(encoder.layers), 1, cfg.look_back_rows, cfg.output_size)
-        self.cache_k = torch.zeros(shape, device=dev, dtype=dt)
-        self.cache_v = torch.zeros(shape, device=dev, dtype=dt)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):                       # compile the Triton kernels outside capture
-                self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self._run()
 
-    def _run(self):
+class LinguisticTokenizer:
+    """vq02 codes of Paraformer encoder rows: the nearest row of the k-means codebook [K, D].
+
+    `launch(feats, counts)` enqueues the codes of whole utterances: all their windows in one batch,
+    padded to a window-count bucket when CUDA graphs are on (`bucket_eager` pads eager runs the same
+    way, which is how the CPU tests exercise the graphs' inputs). `stream()` gives a live stream's
+    encoder side, one 240 ms call at a time."""
+
+    def __init__(self, encoder: ParaformerEncoder, codebook: torch.Tensor, *, use_cuda_graphs: bool = True,
+                 bucket_eager: bool = False, tf32: bool = False):
+        self.encoder = encoder
+        self.device = encoder.device
+        self.codebook = codebook.to(self.device, torch.float32)
+        self.sqnorm = self.codebook.pow(2).sum(-1)
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.bucket_eager = bucket_eager
+        self.tf32 = tf32
+        self.offline_graphs = GraphCache(self._offline_body, self._offline_static, self.device)
+        self.step_graphs = GraphCache(self._step_body, self._step_static, self.device)
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.offline_graphs) + len(self.step_graphs)
+
+    def codes_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return nearest_centroid(rows.float(), self.codebook, self.sqnorm, backend=self.encoder.kernels.backend)
+
+    # ------------------------------------------------------------------ offline
+    def _offline_body(self, windows, h, n_rows, lb_len, index) -> torch.Tensor:
+        with matmul_precision(self.tf32, self.device):
+            rows = self.encoder.encode_windows(h, n_rows, lb_len, index)
+        return self.codes_of_rows(rows.reshape(-1, rows.shape[-1]))
+
+    def _offline_static(self, windows: int):
+        cfg, dev = self.encoder.cfg, self.device
+        return (torch.zeros(windows, cfg.window_rows, cfg.input_size, device=dev, dtype=self.encoder.dtype),
+                torch.full((windows,), cfg.window_rows, device=dev, dtype=torch.int32),
+                torch.zeros(windows, device=dev, dtype=torch.int32),
+                torch.zeros(windows, cfg.look_back_rows, device=dev, dtype=torch.long))
+
+    def launch(self, feats: list[torch.Tensor], counts: list[list[int]]):
+        """Enqueue the codes of utterances given their front-end rows and rows per call: (flat codes
+        on the device, or None when there are none; per utterance (first code, count)). No host sync."""
+        step = self.encoder.cfg.chunk_frames
+        total = sum(len(c) for c in counts)
+        graphs = self.use_cuda_graphs and 0 < total <= MAX_GRAPH_WINDOWS
+        pad_to = bucket_length(total, WINDOW_UNIT, geometric_after=WINDOW_GEOMETRIC_AFTER) \
+            if total and (graphs or self.bucket_eager) else None
+        wins = self.encoder.prepare_offline(list(feats), list(counts), pad_windows_to=pad_to)
+        spans = [(first * step, n) for first, _, n in wins.spans]
+        if not wins.windows:
+            return None, spans
+        inputs = (wins.h, wins.n_rows, wins.lb_len, wins.index)
+        if graphs:
+            with self.offline_graphs.lock:
+                return self.offline_graphs.run(pad_to, inputs).clone(), spans
+        return self._offline_body(pad_to, *inputs), spans
+
+    def warmup(self, max_windows: int) -> None:
+        """Capture the offline graphs of every window bucket up to `max_windows` (no-op without graphs)."""
+        if not self.use_cuda_graphs:
+            return
+        top = bucket_length(min(max_windows, MAX_GRAPH_WINDOWS), WINDOW_UNIT, geometric_after=WINDOW_GEOMETRIC_AFTER)
+        w = WINDOW_UNIT
+        while w <= top:
+            with self.offline_graphs.lock:
+                self.offline_graphs.entry(w)
+            w = bucket_length(w + 1, WINDOW_UNIT, geometric_after=WINDOW_GEOMETRIC_AFTER)
+
+    # ------------------------------------------------------------------ streaming
+    def _step_body(self, key, window, look_back, cache_k, cache_v):
         cfg = self.encoder.cfg
-        out, k, v = self.encoder.stream_step(self.window, cfg.chunk_frames, self.look_back, self.cache_k, self.cache_v)
+        with matmul_precision(self.tf32, self.device):
+            out, k, v = self.encoder.stream_step(window, cfg.chunk_frames, look_back, cache_k, cache_v)
         rows = out[0, cfg.carried_frames:cfg.carried_frames + cfg.chunk_frames]
-        return rows, self.post(rows), k, v
+        return rows, self.codes_of_rows(rows), k, v
 
-    def __call__(self, window, look_back: int, cache_k, cache_v):
-        with self.lock:                             # one set of static buffers for all streams
-            self.window.copy_(window)
-            self.look_back.fill_(look_back)
-            self.cache_k.copy_(cache_k)
-            self.cache_v.copy_(cache_v)
-            self.graph.replay()
-            return tuple(t.clone() for t in self.outputs)
+    def _step_static(self, key):
+        cfg, enc = self.encoder.cfg, self.encoder
+        shape = (len(enc.layers), 1, cfg.look_back_rows, cfg.output_size)
+        return (torch.zeros(1, cfg.window_rows, cfg.input_size, device=self.device, dtype=enc.dtype),
+                torch.zeros(1, device=self.device, dtype=torch.int32),
+                torch.zeros(shape, device=self.device, dtype=enc.dtype),
+                torch.zeros(shape, device=self.device, dtype=enc.dtype))
 
-
-class EncoderStream:
-    """Encoder side of one live stream: LFR rows in (one block per front-end call), new output
-    rows and their post-processed values (codes) out."""
-
-    def __init__(self, encoder: ParaformerEncoder, post, graph: StreamStepGraph | None = None):
-        self.encoder, self.post, self.graph = encoder, post, graph
-        self.state = encoder.new_stream()
-
-    def step(self, rows: torch.Tensor):
-        enc, st, cfg = self.encoder, self.state, self.encoder.cfg
+    def step(self, state: StreamState, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One streaming call of `rows` new LFR rows: (new encoder rows, their codes), state advanced.
+        A full call replays the step graph (one for every stream: the stream's look-back cache is
+        copied in and the advanced one out); a short final call runs eagerly."""
+        enc, cfg = self.encoder, self.encoder.cfg
         new = rows.shape[0]
-        window = enc.window_for(st, rows)
-        if self.graph is not None and new == cfg.chunk_frames:
-            out, codes, st.cache_k, st.cache_v = self.graph(window, st.look_back, st.cache_k, st.cache_v)
+        window = enc.window_for(state, rows)
+        if self.use_cuda_graphs and new == cfg.chunk_frames:
+            with self.step_graphs.lock:
+                graph, static, outputs = self.step_graphs.entry(None)
+                static[0].copy_(window)
+                static[1].fill_(state.look_back)
+                static[2].copy_(state.cache_k)
+                static[3].copy_(state.cache_v)
+                graph.replay()
+                out, codes, state.cache_k, state.cache_v = (t.clone() for t in outputs)
         else:
-            full, st.cache_k, st.cache_v = enc.stream_step(window, new, st.look_back, st.cache_k, st.cache_v)
+            with matmul_precision(self.tf32, self.device):
+                full, state.cache_k, state.cache_v = enc.stream_step(window, new, state.look_back, state.cache_k,
+                                                                     state.cache_v)
             out = full[0, cfg.carried_frames:cfg.carried_frames + new]
-            codes = self.post(out)
-        enc.advance(st, window, new)
+            codes = self.codes_of_rows(out)
+        enc.advance(state, window, new)
         return out, codes
+
+    def stream(self) -> "LinguisticStream":
+        return LinguisticStream(self)
+
+
+class LinguisticStream:
+    """Encoder side of one live stream: LFR rows in (one block per front-end call), codes out."""
+
+    def __init__(self, tokenizer: LinguisticTokenizer):
+        self.tokenizer = tokenizer
+        self.state = tokenizer.encoder.new_stream()
+
+    def step(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new encoder rows, their codes) of one front-end call's rows."""
+        return self.tokenizer.step(self.state, rows)
 
 
 # ---------------------------------------------------------------------------------- loading
-def _load_state_dict(path: str) -> dict:
-    if not os.path.exists(path):
-        raise TokenizerCheckpointError(f"missing Paraformer checkpoint {path}")
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            sd = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
-    except Exception as exc:  # noqa: BLE001 - unpickling refusals and IO errors have many types
-        raise TokenizerCheckpointError(f"cannot load {path} as a plain tensor state dict "
-                                       f"(torch.load weights_only=True): {exc}") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise TokenizerCheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return sd
-
-
 def encoder_state_dict(sd: dict, where: str) -> dict[str, torch.Tensor]:
     """The `encoder.*` tensors of a full Paraformer state dict, prefix removed (decoder,
     predictor and anything else are ignored)."""
     out = {}
     for key, value in sd.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        if name.startswith("encoder."):
-            if not isinstance(value, torch.Tensor):
-                raise TokenizerCheckpointError(f"{where}: {key} is not a tensor")
+        name = key[len("module."):] if isinstance(key, str) and key.startswith("module.") else key
+        if isinstance(name, str) and name.startswith("encoder."):
             out[name[len("encoder."):]] = value
     if not out:
-        raise TokenizerCheckpointError(f"{where}: no encoder.* tensors found")
+        raise CheckpointError(f"{where}: no encoder.* tensors found")
     return out
 
 
-def check_and_load(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load that names every missing, unexpected and mis-shaped tensor."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-           for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k].shape]
-    if missing or extra or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if extra:
-            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
-        if bad:
-            parts.append(f"mis-shaped {len(bad)}: {'; '.join(bad[:8])}")
-        raise TokenizerCheckpointError(f"{where}: tensors do not match the model: " + " | ".join(parts))
-    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-
-
-def load_paraformer(folder: str | os.PathLike, device="cpu", dtype=torch.float32
-                    ) -> tuple[ParaformerEncoder, ParaformerFeatures]:
+def load_paraformer(folder: str | os.PathLike, device="cpu", dtype=torch.float32,
+                    kernels: KernelConfig = KernelConfig()) -> tuple[ParaformerEncoder, ParaformerFeatures]:
     """Encoder and front end from a FunASR model folder (config.yaml, am.mvn, model.pt)."""
     folder = os.fspath(folder)
-    enc_cfg, fbank_cfg = parse_paraformer_config(read_yaml(os.path.join(folder, "config.yaml")),
-                                                 os.path.join(folder, "config.yaml"))
+    config_path = os.path.join(folder, "config.yaml")
+    enc_cfg, fbank_cfg = parse_paraformer_config(read_yaml(config_path), config_path)
     shift, scale = load_am_mvn(os.path.join(folder, "am.mvn"), fbank_cfg.feature_dim)
     ckpt = os.path.join(folder, "model.pt")
-    tensors = encoder_state_dict(_load_state_dict(ckpt), ckpt)
+    tensors = encoder_state_dict(read_torch_state_dict(ckpt, mmap=True), ckpt)
     blocks = 1 + len({k.split(".")[1] for k in tensors if k.startswith("encoders.")})
     if blocks != enc_cfg.num_blocks:
-        raise TokenizerCheckpointError(
-            f"{ckpt}: has {blocks} encoder blocks but config.yaml says num_blocks {enc_cfg.num_blocks}")
+        raise CheckpointError(f"{ckpt}: has {blocks} encoder blocks but config.yaml says num_blocks {enc_cfg.num_blocks}")
     with torch.device("meta"):
-        encoder = ParaformerEncoder(enc_cfg)
-    encoder = encoder.to_empty(device="cpu")
-    check_and_load(encoder, tensors, ckpt)
+        encoder = ParaformerEncoder(enc_cfg, kernels)
+    load_strict(encoder, tensors, ckpt)
     encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return encoder, ParaformerFeatures(fbank_cfg, shift, scale).to(device)

@@ -2,20 +2,26 @@
 native PyTorch module whose weights are read from `speech_tokenizer_v1.onnx`.
 
 Model: conv1 (k3, stride 2) + GELU, conv2 (k3, stride 2) + GELU, + stored positional table,
-6 pre-LN Whisper blocks (20 heads; key without bias; q and k each scaled by dh^-0.25), no final
-LayerNorm, L2-normalise, nearest codebook row. Batches of pieces of different lengths are padded
+6 pre-LN Whisper blocks (20 heads of 64 dims; key without bias; q and k each scaled by dh^-0.25), no
+final LayerNorm, L2-normalise, nearest codebook row. Batches of pieces of different lengths are padded
 and masked (features zeroed past each length before both convs, padded keys masked), so a piece
 gets the same codes alone or in a batch.
 
 ONNX -> torch names (the released file names its convs, positional table and LayerNorms, and
 leaves matmul weights anonymous, identified by the consuming node): `/blocks.{i}/attn/query/MatMul`
 -> blocks.{i}.attn.query.weight (ONNX keeps (in, out): transposed), `.../Add` -> bias;
-`/blocks.{i}/mlp/mlp.{0,2}/...` likewise; LayerNorms by initializer name or, if anonymous, by
-their LayerNormalization node or decomposed `.../Mul` (weight) and `.../Add_1` (bias); the
-codebook is the `_codebook/MatMul` (or `Pow_1`) input, stored [D, K] and transposed to [K, D].
+`/blocks.{i}/mlp/mlp.{0,2}/...` likewise; LayerNorms by initializer name (`encoders.`-prefixed as
+released, or bare as torch.onnx.export names module parameters) or, if anonymous, by their
+LayerNormalization node or decomposed `.../Mul` (weight) and `.../Add_1` (bias); the codebook is the
+`_codebook/MatMul` (or `Pow_1`) input, stored [D, K] and transposed to [K, D].
+
+The head count is v1's head dim of 64 (n_state // 64), cross-checked against the attention's
+Reshape nodes where their shape folds from constants: no single graph constant states the head
+count across exporters (in a torch.onnx.export, `/blocks.0/attn/Constant_1` is a Gather index).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -23,17 +29,24 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ..audio.tokenizer_errors import TokenizerCheckpointError
-from ..device_copy import to_device
-from ..audio.tokenizer_whisper_mel import whisper_log_mel
-from ..onnx_weights import OnnxWeights, read_onnx_weights
+from ...kernels import KernelConfig
 from ...kernels.nearest_centroid import nearest_centroid
+from ..device.graphs import GraphCache, bucket_batch, bucket_length
+from ..device.precision import matmul_precision
+from ..device.staging import to_device
+from ..errors import CheckpointError
+from ..frontend.whisper_mel import HOP as MEL_HOP
+from .onnx_weights import OnnxWeights, read_onnx_weights
+from .weights import load_strict
 
 PIECE_SAMPLES = 30 * 16000       # Step-Audio feeds the S3 tokenizer independent <= 30 s pieces
 MIN_PIECE_SAMPLES = 480          # ... and drops a trailing piece shorter than 30 ms
 LN_EPS = 1e-5
 L2_EPS = 1e-12
+HEAD_DIM = 64                    # S3 v1: 20 heads x 64 of n_state 1280
 CACHE_SUFFIX = ".stepvox.safetensors"
 
 
@@ -92,9 +105,10 @@ def conv_out_len(n: torch.Tensor | int, stride: int):
 
 
 class S3Tokenizer(torch.nn.Module):
-    def __init__(self, cfg: S3Config):
+    def __init__(self, cfg: S3Config, kernels: KernelConfig = KernelConfig()):
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         self.encoder = _Encoder(cfg)
         self.quantizer = _Quantizer(cfg)
         self._sqnorm = None
@@ -154,7 +168,7 @@ class S3Tokenizer(torch.nn.Module):
         if self._sqnorm is None or self._sqnorm.device != hidden.device:
             self._sqnorm = self.quantizer._codebook.embed.float().pow(2).sum(-1)
         x = F.normalize(hidden.float(), p=2.0, dim=-1, eps=L2_EPS)
-        return nearest_centroid(x, self.quantizer._codebook.embed, self._sqnorm)
+        return nearest_centroid(x, self.quantizer._codebook.embed, self._sqnorm, backend=self.kernels.backend)
 
     def forward(self, mel: torch.Tensor, mel_len: torch.Tensor, padded: bool | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,29 +207,116 @@ class S3Tokenizer(torch.nn.Module):
         lens += [length] * (batch - len(mels))
         return out, to_device(torch.tensor(lens), self.device), any(n < length for n in lens)
 
-    def tokenize_pieces(self, pieces: list[torch.Tensor], max_batch_frames: int = 16 * 3000) -> list[torch.Tensor]:
-        """Codes of independent 16 kHz pieces (each <= 30 s), batched up to `max_batch_frames` mel frames."""
-        mels = [whisper_log_mel(p.to(self.device), self.cfg.n_mels) for p in pieces]
-        frames = [m.shape[-1] for m in mels]
-        out: list[torch.Tensor | None] = [None] * len(mels)
-        for group in self.group_pieces(frames, max_batch_frames):
-            codes, _ = self(*self.batch_mels([mels[i] for i in group]))
-            for j, i in enumerate(group):
-                out[i] = codes[j, : self.code_count(frames[i])]
-        return out
-
-
 def split_pieces(wav: torch.Tensor) -> list[torch.Tensor]:
     """Step-Audio's `split_audio`: consecutive 30 s pieces; a trailing piece under 480 samples is dropped."""
     pieces = [wav[i:i + PIECE_SAMPLES] for i in range(0, wav.numel(), PIECE_SAMPLES)]
     return [p for p in pieces if p.numel() >= MIN_PIECE_SAMPLES]
 
 
+MEL_UNIT = 100                          # graph buckets of mel frames: whole seconds up to 5 s,
+MEL_GEOMETRIC_AFTER = 5                 # then steps of ~x1.25,
+MEL_CAP = PIECE_SAMPLES // MEL_HOP      # up to the 30 s piece
+GRAPH_BATCH = 16                        # pieces per batch when graphs (or bucket padding) are on
+MAX_BATCH_FRAMES = 16 * 3000            # padded mel frames per eager batch
+
+
+class SemanticTokenizer:
+    """vq06 codes of independent <= 30 s pieces from their Whisper mels, batched.
+
+    Pieces are grouped longest first; with CUDA graphs each group is padded to a (batch, mel-length)
+    bucket and replays that bucket's graph of the encoder + code search, on a side stream of its own
+    so that it can run beside the Paraformer (`bucket_eager` pads eager runs the same way, which is
+    how the CPU tests exercise the graphs' inputs)."""
+
+    def __init__(self, model: S3Tokenizer, *, use_cuda_graphs: bool = True, bucket_eager: bool = False,
+                 tf32: bool = False):
+        self.model = model
+        self.device = model.device
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.bucket_eager = bucket_eager
+        self.tf32 = tf32
+        self.graphs = GraphCache(self._body, self._static, self.device)
+        self._side_stream = None
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.graphs)
+
+    def code_count(self, mel_frames: int) -> int:
+        return self.model.code_count(mel_frames)
+
+    def _body(self, key, mel, mel_len) -> torch.Tensor:
+        with matmul_precision(self.tf32, self.device):
+            return self.model(mel, mel_len, key[2])[0]
+
+    def _static(self, key):
+        batch, frames, _ = key
+        return (torch.zeros(batch, self.model.cfg.n_mels, frames, device=self.device),
+                torch.full((batch,), frames, device=self.device, dtype=torch.long))
+
+    def _side(self):
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
+
+    def launch(self, mels: list[torch.Tensor], wait: bool = True, max_batch_frames: int = MAX_BATCH_FRAMES):
+        """Enqueue the codes (device tensors, one per piece) of pieces given their mels. With graphs
+        the replays go to the side stream (all of them: graphs of one pool never overlap); with
+        `wait` the current stream waits for it before returning, else the caller makes it wait once
+        it has enqueued its own work to run beside them. Returns (codes per piece, side stream or
+        None). No host sync."""
+        frames = [m.shape[-1] for m in mels]
+        bucketed = self.use_cuda_graphs or self.bucket_eager
+        out: list[torch.Tensor | None] = [None] * len(mels)
+        jobs = []
+        for group in self.model.group_pieces(frames, max_batch_frames, max_batch=GRAPH_BATCH if bucketed else None):
+            longest = max(frames[i] for i in group)
+            length = bucket_length(longest, MEL_UNIT, MEL_CAP, MEL_GEOMETRIC_AFTER) if bucketed else None
+            jobs.append((group, length, bucket_batch(len(group)) if bucketed else None))
+        side = self._side() if self.use_cuda_graphs else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for group, length, batch in jobs:
+                mel, mel_len, padded = self.model.batch_mels([mels[i] for i in group], length, batch)
+                if self.use_cuda_graphs:
+                    with self.graphs.lock:
+                        codes = self.graphs.run((batch, length, padded), (mel, mel_len)).clone()
+                else:
+                    codes = self._body((batch, length, padded), mel, mel_len)
+                for j, i in enumerate(group):
+                    out[i] = codes[j, : self.code_count(frames[i])]
+        if side is not None and wait:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            side = None
+        return out, side
+
+    def warmup(self, max_frames: int, batch: int) -> None:
+        """Capture the graphs of `batch`-piece batches of every length bucket up to `max_frames` mel
+        frames (padded batches, the common case; and the unpadded full 30 s bucket). No-op without
+        graphs."""
+        if not self.use_cuda_graphs:
+            return
+        batch = bucket_batch(min(batch, GRAPH_BATCH))
+        top = bucket_length(min(max_frames, MEL_CAP), MEL_UNIT, MEL_CAP, MEL_GEOMETRIC_AFTER)
+        f = MEL_UNIT
+        while True:
+            with self.graphs.lock:
+                self.graphs.entry((batch, f, True))
+            if f >= top:
+                break
+            f = bucket_length(f + 1, MEL_UNIT, MEL_CAP, MEL_GEOMETRIC_AFTER)
+        if max_frames >= MEL_CAP:               # whole 30 s pieces fill the last bucket exactly
+            with self.graphs.lock:
+                self.graphs.entry((batch, MEL_CAP, False))
+
+
 # ---------------------------------------------------------------------------------- ONNX -> torch
 _BLOCK_NODE = re.compile(r"^/blocks\.(\d+)/(attn/(query|key|value|out)|mlp/mlp\.(0|2)|attn_ln|mlp_ln)/"
                          r"(MatMul|Add|Add_1|Mul|LayerNormalization)$")
-_NAMED = re.compile(r"^encoders\.(conv[12]\.(weight|bias)|positional_embedding|"
+_NAMED = re.compile(r"^(?:encoders?\.)?(conv[12]\.(weight|bias)|positional_embedding|"
                     r"blocks\.\d+\.(attn_ln|mlp_ln)\.(weight|bias))$")
+_ATTN_NODE = re.compile(r"^/blocks\.\d+/attn/")
 
 
 def _block_key(m: re.Match, op: str, index: int) -> tuple[str, bool] | None:
@@ -247,8 +348,9 @@ def s3_tensors_from_onnx(w: OnnxWeights) -> tuple[S3Config, dict[str, torch.Tens
     conv_nodes = {}
     for name, array in w.initializers.items():
         users = w.consumers.get(name, [])
-        if _NAMED.match(name):
-            tensors["encoder." + name[len("encoders."):]] = torch.from_numpy(array.copy())
+        named = _NAMED.match(name)
+        if named:
+            tensors["encoder." + named.group(1)] = torch.from_numpy(array.copy())
             continue
         placed = False
         for c in users:
@@ -275,11 +377,11 @@ def s3_tensors_from_onnx(w: OnnxWeights) -> tuple[S3Config, dict[str, torch.Tens
             if index in arrays and key not in tensors:
                 tensors[key] = torch.from_numpy(arrays[index].copy())
     if unknown:
-        raise TokenizerCheckpointError(f"{w.path}: initializers not part of the S3 v1 layout: " + "; ".join(unknown[:8]))
+        raise CheckpointError(f"{w.path}: initializers not part of the S3 v1 layout: " + "; ".join(unknown[:8]))
     conv1 = tensors.get("encoder.conv1.weight")
     pos = tensors.get("encoder.positional_embedding")
     if conv1 is None or pos is None:
-        raise TokenizerCheckpointError(f"{w.path}: no conv1 weight / positional_embedding initializer found")
+        raise CheckpointError(f"{w.path}: no conv1 weight / positional_embedding initializer found")
     n_state, n_mels = int(conv1.shape[0]), int(conv1.shape[1])
     if codebook_candidates:
         codebook_candidates.sort(key=lambda t: (not t[0].endswith("_codebook/MatMul"), t[0]))
@@ -289,11 +391,11 @@ def s3_tensors_from_onnx(w: OnnxWeights) -> tuple[S3Config, dict[str, torch.Tens
         tensors["quantizer._codebook.embed"] = torch.from_numpy(np.array(cb, copy=True, order="C"))
     n_layer = 1 + max([int(k.split(".")[2]) for k in tensors if k.startswith("encoder.blocks.")], default=-1)
     stride = w.node_attributes.get("/conv1/Conv", {}).get("strides", [2])[0]
-    n_head = n_state // 64
-    heads = w.node_attributes.get("/blocks.0/attn/Constant_1", {}).get("value")
-    if heads is not None and np.size(heads) == 1 and int(np.ravel(heads)[0]) > 0 \
-            and n_state % int(np.ravel(heads)[0]) == 0:
-        n_head = int(np.ravel(heads)[0])
+    if n_state % HEAD_DIM:
+        raise CheckpointError(f"{w.path}: conv1 weight {tuple(conv1.shape)} gives n_state {n_state}, "
+                              f"not a multiple of the S3 v1 head dim {HEAD_DIM}")
+    n_head = n_state // HEAD_DIM
+    _check_head_split(w, n_state, n_head)
     codebook = tensors.get("quantizer._codebook.embed")
     cfg = S3Config(n_mels=n_mels, n_ctx=int(pos.shape[0]), n_state=n_state, n_head=n_head, n_layer=n_layer,
                    codebook_size=int(codebook.shape[0]) if codebook is not None else 4096,
@@ -301,9 +403,76 @@ def s3_tensors_from_onnx(w: OnnxWeights) -> tuple[S3Config, dict[str, torch.Tens
     return cfg, tensors
 
 
-def _check_and_load(model: torch.nn.Module, tensors: dict, where: str) -> None:
-    from .paraformer import check_and_load
-    check_and_load(model, tensors, where)
+def _int_values(array: np.ndarray) -> tuple[int, list[int | None]] | None:
+    if array.dtype.kind not in "iu" or array.ndim > 1 or array.size > 16:
+        return None
+    return array.ndim, [int(v) for v in array.ravel()]
+
+
+def _static_ints(w: OnnxWeights, name: str, depth: int = 0) -> tuple[int, list[int | None]] | None:
+    """(rank, values) of a small integer tensor (a shape) folded from the graph's constants, with
+    None for an entry known only at run time (a dimension read by Shape + Gather); None when even
+    its length is not known statically. Reads the graph, runs nothing."""
+    if depth > 32:
+        return None
+    if name in w.initializers:
+        return _int_values(w.initializers[name])
+    node = w.producers.get(name)
+    if node is None:
+        return None                                    # a graph input
+    op, attrs = node.op_type, node.attributes
+    if op == "Constant":
+        for key in ("value", "value_ints", "value_int"):
+            if key in attrs:
+                return _int_values(np.asarray(attrs[key]))
+        return None
+    if op in ("Cast", "Identity"):
+        return _static_ints(w, node.inputs[0], depth + 1)
+    if op == "Unsqueeze":
+        x = _static_ints(w, node.inputs[0], depth + 1)
+        return (1, x[1]) if x is not None and x[0] == 0 else None
+    if op == "Gather" and attrs.get("axis", 0) == 0 and len(node.inputs) == 2:
+        idx = _static_ints(w, node.inputs[1], depth + 1)
+        if idx is None or None in idx[1]:
+            return None
+        data = w.producers.get(node.inputs[0])
+        if data is not None and data.op_type == "Shape":
+            return idx[0], [None] * len(idx[1])        # dimensions of a run-time tensor
+        src = _static_ints(w, node.inputs[0], depth + 1)
+        if src is None or src[0] != 1 or not all(-len(src[1]) <= i < len(src[1]) for i in idx[1]):
+            return None
+        return idx[0], [src[1][i] for i in idx[1]]
+    if op == "Concat":
+        values: list[int | None] = []
+        for part in node.inputs:
+            v = _static_ints(w, part, depth + 1)
+            if v is None:
+                producer = w.producers.get(part)
+                if producer is None or producer.op_type != "Unsqueeze":
+                    return None
+                v = (1, [None])        # a 1-D piece of a shape from Unsqueeze: one run-time scalar
+            values += v[1]
+        return 1, values
+    return None
+
+
+def _check_head_split(w: OnnxWeights, n_state: int, n_head: int) -> None:
+    """Refuse a graph whose attention reshapes split heads other than v1's n_head x 64, wherever a
+    rank-4 split (.., .., H, D) folds statically; -1, 0 and run-time entries say nothing."""
+    for node in w.nodes:
+        if node.op_type != "Reshape" or not _ATTN_NODE.match(node.name) or len(node.inputs) < 2:
+            continue
+        shape = _static_ints(w, node.inputs[1])
+        if shape is None or shape[0] != 1 or len(shape[1]) != 4:
+            continue
+        h, dh = (v if v is not None and v > 0 else None for v in shape[1][2:])
+        if (h is None or h == n_head) and (dh is None or dh == HEAD_DIM):
+            continue
+        h_txt = h if h is not None else f"{n_state // dh} (inferred)"
+        dh_txt = dh if dh is not None else f"{n_state // h} (inferred)"
+        raise CheckpointError(f"{w.path}: attention reshape {node.name} splits n_state {n_state} into "
+                              f"{h_txt} heads x {dh_txt} dims (shape {shape[1]}); S3 v1 requires "
+                              f"{n_head} heads x {HEAD_DIM} dims")
 
 
 def _cache_metadata(onnx_path: str, cfg: S3Config) -> dict[str, str]:
@@ -314,7 +483,6 @@ def _cache_metadata(onnx_path: str, cfg: S3Config) -> dict[str, str]:
 
 
 def _read_cache(onnx_path: str):
-    from safetensors import safe_open
     path = onnx_path + CACHE_SUFFIX
     if not os.path.exists(path):
         return None
@@ -325,31 +493,31 @@ def _read_cache(onnx_path: str):
             if meta.get("onnx_size") != str(st.st_size) or meta.get("onnx_mtime_ns") != str(st.st_mtime_ns):
                 return None
             cfg = S3Config(**{k: int(meta[k]) for k in asdict(S3Config()) if k in meta})
+            if cfg.n_head * HEAD_DIM != cfg.n_state:
+                return None            # written by a loader that took the head count from a graph constant
             return cfg, {k: f.get_tensor(k) for k in f.keys()}
     except Exception:  # noqa: BLE001 - a stale or broken cache is rebuilt, never trusted
         return None
 
 
 def load_s3_tokenizer(onnx_path: str | os.PathLike, device="cpu", dtype=torch.float32,
-                      cache: bool = True) -> S3Tokenizer:
+                      cache: bool = True, kernels: KernelConfig = KernelConfig()) -> S3Tokenizer:
     """Build the native S3 tokenizer from the ONNX file's initializers (nothing is executed).
     With `cache`, the converted weights are kept beside it as `<file>.stepvox.safetensors`
     (checked against the ONNX file's size and mtime) when the folder is writable."""
     onnx_path = os.fspath(onnx_path)
     if not os.path.exists(onnx_path):
-        raise TokenizerCheckpointError(f"missing S3 tokenizer file {onnx_path}")
+        raise CheckpointError(f"missing S3 tokenizer file {onnx_path}")
     cached = _read_cache(onnx_path) if cache else None
     if cached is not None:
         cfg, tensors = cached
     else:
         cfg, tensors = s3_tensors_from_onnx(read_onnx_weights(onnx_path))
     with torch.device("meta"):
-        model = S3Tokenizer(cfg)
-    model = model.to_empty(device="cpu")
-    _check_and_load(model, tensors, onnx_path)
+        model = S3Tokenizer(cfg, kernels)
+    load_strict(model, tensors, onnx_path)
     if cache and cached is None:
         try:
-            from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in tensors.items()}, onnx_path + CACHE_SUFFIX,
                       metadata=_cache_metadata(onnx_path, cfg))
         except OSError:

@@ -14,42 +14,51 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stepvox.kernels import embedding_sumsq, linear_small_m_add_, rms_linear_small_m, silu_and_mul, use_triton
+from stepvox.kernels import (KernelConfig, embedding_sumsq, linear_small_m_add_, rms_linear_small_m, silu_and_mul,
+                             use_triton)
 from stepvox.kernels.gemv import MAX_M as FUSED_MAX_TOKENS
 
 from ..attention_metadata import AttentionMetadata
-from ..checkpoint import CheckpointReader
 from ..config import Step1Config
-from ..distributed.parallel_state import get_tp_group
+from ..distributed.parallel_state import TPGroup
 from ..layers.attention import Step1Attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from ..layers.linear import ColumnParallelLinear, RowParallelLinear
+from ..layers.linear import ColumnParallelLinear, Matmul, RowParallelLinear
 from ..layers.norm import RMSNorm
+from .step1_checkpoint import CheckpointReader
 
 
 class Step1MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, dtype, device):
+    def __init__(self, hidden: int, inter: int, dtype, device, tp: TPGroup, kernels: KernelConfig, matmul: Matmul):
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(hidden, [inter, inter], dtype, device, names=("gate_proj", "up_proj"))
-        self.down_proj = RowParallelLinear(inter, hidden, dtype, device, name="down_proj")
+        self.kernels = kernels
+        self.matmul = matmul
+        self.gate_up_proj = ColumnParallelLinear(hidden, [inter, inter], dtype, device, tp, matmul,
+                                                 names=("gate_proj", "up_proj"))
+        self.down_proj = RowParallelLinear(inter, hidden, dtype, device, tp, matmul, name="down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        k = self.kernels
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=k.backend, pdl=k.pdl))
 
     def forward_fused(self, residual: torch.Tensor, sumsq: torch.Tensor, eps: float) -> torch.Tensor:
         """residual += MLP(RMSNorm(residual)) in two launches; returns the new rows' sums of squares."""
-        act = rms_linear_small_m(residual, self.gate_up_proj.weight, sumsq, eps, silu_and_mul=True)
-        return linear_small_m_add_(act, self.down_proj.weight, residual)
+        k, gate_up, down = self.kernels, self.gate_up_proj.weight, self.down_proj.weight
+        act = rms_linear_small_m(residual, gate_up, sumsq, eps, silu_and_mul=True, config=self.matmul.tiles(gate_up),
+                                 backend=k.backend, pdl=k.pdl)
+        return linear_small_m_add_(act, down, residual, config=self.matmul.tiles(down), backend=k.backend, pdl=k.pdl)
 
 
 class Step1DecoderLayer(nn.Module):
-    def __init__(self, cfg: Step1Config, dtype, device):
+    def __init__(self, cfg: Step1Config, dtype, device, tp: TPGroup, kernels: KernelConfig, matmul: Matmul):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.kernels = kernels
+        self.matmul = matmul
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, kernels)
         self.self_attn = Step1Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_attention_groups,
-                                        dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = Step1MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+                                        dtype, device, tp, kernels, matmul)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, kernels)
+        self.mlp = Step1MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, kernels, matmul)
 
     def forward(self, hidden, residual, meta: AttentionMetadata):
         if residual is None:
@@ -64,32 +73,42 @@ class Step1DecoderLayer(nn.Module):
     def forward_fused(self, residual: torch.Tensor, sumsq: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The layer on the fused decode path (norm weights folded): `residual` is updated in place;
         returns the sums of squares of its new rows for the next layer's first product."""
-        attn = self.self_attn
-        qkv = rms_linear_small_m(residual, attn.qkv_proj.weight, sumsq, self.input_layernorm.eps)
-        sumsq = linear_small_m_add_(attn.attend(qkv, meta), attn.o_proj.weight, residual)
+        attn, k, tiles = self.self_attn, self.kernels, self.matmul.tiles
+        w_qkv, w_o = attn.qkv_proj.weight, attn.o_proj.weight
+        qkv = rms_linear_small_m(residual, w_qkv, sumsq, self.input_layernorm.eps, config=tiles(w_qkv),
+                                 backend=k.backend, pdl=k.pdl)
+        sumsq = linear_small_m_add_(attn.attend(qkv, meta), w_o, residual, config=tiles(w_o), backend=k.backend,
+                                    pdl=k.pdl)
         return self.mlp.forward_fused(residual, sumsq, self.post_attention_layernorm.eps)
 
 
-# comparison switch for benchmarks: False runs every step on the unfused path
-FUSED_DECODE = True
-
-
 class Step1ForCausalLM(nn.Module):
-    def __init__(self, cfg: Step1Config, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: Step1Config, dtype: torch.dtype, device: torch.device, tp: TPGroup = TPGroup(),
+                 kernels: KernelConfig = KernelConfig(), fused_decode: bool = True, gemv_max_rows: int = 16,
+                 gemv_tiles=None):
+        """tp: this rank's tensor-parallel group; kernels: how its kernels run; fused_decode: steps of
+        at most 16 tokens on one GPU run the fused layer (False: always the unfused one, for
+        comparisons); gemv_max_rows: products of up to this many rows take the GEMV kernel on GPUs;
+        gemv_tiles: (N, K) -> a GEMV product's tile config, or None for the kernel's choice."""
         super().__init__()
         self.cfg = cfg
-        self.tp_size = get_tp_group().size
+        self.tp_size = tp.size
+        self.kernels = kernels
+        self.fused_decode = fused_decode
         self.norm_weights_folded = False
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(Step1DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        matmul = Matmul(kernels, gemv_max_rows, gemv_tiles)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
+        self.layers = nn.ModuleList(Step1DecoderLayer(cfg, dtype, device, tp, kernels, matmul)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, kernels)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, device, tp, matmul)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [T, hidden] of the step's tokens."""
         if self.fused_step(input_ids):
-            residual, sumsq = embedding_sumsq(input_ids, self.embed_tokens.weight)
+            residual, sumsq = embedding_sumsq(input_ids, self.embed_tokens.weight, backend=self.kernels.backend,
+                                              pdl=self.kernels.pdl)
             for layer in self.layers:
                 sumsq = layer.forward_fused(residual, sumsq, meta)
             return self.norm(residual)
@@ -104,8 +123,8 @@ class Step1ForCausalLM(nn.Module):
         """Whether a step of these tokens runs the fused decode path: one GPU (the row-parallel
         products of tensor parallelism must all-reduce before the residual add), norm weights
         folded, at most 16 tokens, Triton kernels."""
-        return (FUSED_DECODE and self.norm_weights_folded and self.tp_size == 1
-                and 0 < input_ids.shape[0] <= FUSED_MAX_TOKENS and use_triton(input_ids))
+        return (self.fused_decode and self.norm_weights_folded and self.tp_size == 1
+                and 0 < input_ids.shape[0] <= FUSED_MAX_TOKENS and use_triton(input_ids, self.kernels.backend))
 
     @torch.inference_mode()
     def fold_norm_weights(self) -> None:

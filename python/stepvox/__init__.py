@@ -1,25 +1,27 @@
 """stepvox: an inference engine for the Step-Audio speech-dialogue models."""
 from stepvox.engine.async_engine import AsyncLLMEngine
-from stepvox.engine.audio.decoder_errors import SpeechDecoderError
-from stepvox.engine.audio.tokenizer_errors import AudioTooShortError, TokenizerCheckpointError
-from stepvox.engine.audio_tokenizer import AudioTokenizer
+from stepvox.engine.audio.decoder import SpeakerPrompt, SpeechDecoder
+from stepvox.engine.audio.decoder_stream import StreamConfig
+from stepvox.engine.audio.tokenizer import AudioTokenizer
 from stepvox.engine.config import EngineConfig
-from stepvox.engine.errors import (AudioInputError, CheckpointError, ConfigError, EngineDeadError,
-                                   InvalidRequestError, KVCacheExhaustedError, PromptTooLongError,
-                                   RequestAbortedError, StepvoxError)
+from stepvox.engine.errors import (AudioInputError, AudioTooShortError, CheckpointError, ConfigError, EngineDeadError,
+                                   InvalidRequestError, KVCacheExhaustedError, MissingTensorsError,
+                                   PromptTooLongError, RequestAbortedError, SpeakerPromptError, SpeechTokenError,
+                                   StepvoxError, StreamClosedError, TensorShapeError, UnexpectedTensorsError,
+                                   WorkerFailedError)
 from stepvox.engine.outputs import CompletionOutput, RequestOutput
 from stepvox.engine.sampling_params import SamplingParams
-from stepvox.engine.speech_decoder import SpeakerPrompt, SpeechDecoder
-from stepvox.engine.speech_decoder_stream import StreamConfig
+from stepvox.kernels import KernelConfig
 
 from .llm import LLM
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LLM", "SamplingParams", "AsyncLLMEngine", "EngineConfig", "RequestOutput", "CompletionOutput",
+    "LLM", "SamplingParams", "AsyncLLMEngine", "EngineConfig", "KernelConfig", "RequestOutput", "CompletionOutput",
     "SpeechDecoder", "SpeakerPrompt", "StreamConfig", "AudioTokenizer",
-    "AudioInputError", "AudioTooShortError", "SpeechDecoderError", "TokenizerCheckpointError",
-    "StepvoxError", "CheckpointError", "ConfigError", "InvalidRequestError", "PromptTooLongError",
-    "KVCacheExhaustedError", "RequestAbortedError", "EngineDeadError",
+    "StepvoxError", "ConfigError", "CheckpointError", "MissingTensorsError", "UnexpectedTensorsError",
+    "TensorShapeError", "InvalidRequestError", "PromptTooLongError", "AudioInputError", "AudioTooShortError",
+    "SpeechTokenError", "SpeakerPromptError", "StreamClosedError", "RequestAbortedError", "KVCacheExhaustedError",
+    "EngineDeadError", "WorkerFailedError",
 ]

@@ -12,9 +12,14 @@ import sys
 import tempfile
 import time
 
+from stepvox.engine.sampling_params import SamplingParams
+from stepvox.kernels import BACKENDS
+from stepvox.llm import LLM
+from stepvox.plan import main as plan_main
+from stepvox.testing.step1 import write_random_step1
+
 
 def _default_model(path: str | None) -> str:
-    from stepvox.engine.random_checkpoint import write_random_step1
     folder = path or os.path.join(tempfile.gettempdir(), "stepvox-tiny-step1")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         write_random_step1(folder, seed=0)
@@ -24,11 +29,10 @@ def _default_model(path: str | None) -> str:
 
 
 def cmd_generate(args) -> int:
-    from stepvox import LLM, SamplingParams
     model = args.model or _default_model(None)
     t0 = time.perf_counter()
     llm = LLM(model, device=args.device, dtype=args.dtype, tensor_parallel_size=args.tp,
-              max_model_len=args.max_model_len, enforce_eager=args.eager)
+              max_model_len=args.max_model_len, enforce_eager=args.eager, kernel_backend=args.kernels)
     load_s = time.perf_counter() - t0
     prompts = args.prompt or ["Hello, how are you today?"]
     prompts = (prompts * args.batch)[:max(args.batch, len(prompts))]
@@ -56,7 +60,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from stepvox.engine.distributed.plan import main as plan_main
     return plan_main(args)
 
 
@@ -78,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--kernels", choices=BACKENDS, default="auto",
+                   help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
     g.set_defaults(func=cmd_generate)
     p = sub.add_parser("plan", help="tensor-parallel plan: weights per rank, KV tokens, ms/token floor")
     p.add_argument("--model", help="model folder (its config.json); default: the 130B chat shape")

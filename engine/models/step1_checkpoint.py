@@ -1,0 +1,99 @@
+"""Reading a Step1 model folder as released: config.json + safetensors (one file, or shards with
+model.safetensors.index.json). Shapes are checked against the config before any tensor is read;
+tensors are read through safetensors slices, so a tensor-parallel rank reads only its part.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+
+from safetensors import safe_open
+
+from ..config import Step1Config
+from ..errors import CheckpointError
+from .weights import check_tensors
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def expected_shapes(cfg: Step1Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a released Step1 checkpoint (SPEC.md §2.1) and its shape."""
+    h, kv, inter, vocab = cfg.hidden_size, cfg.kv_dim, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        })
+    return shapes
+
+
+def _shard_map(folder: str) -> dict[str, str]:
+    """tensor name -> shard file path."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index (weight_map): {exc}") from exc
+        missing_files = sorted({v for v in weight_map.values() if not os.path.isfile(os.path.join(folder, v))})
+        if missing_files:
+            raise CheckpointError(f"{folder}: shards named in the index are missing: {', '.join(missing_files)}")
+        return {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+
+class CheckpointReader:
+    """Open shards of one folder; `get(name)` gives a safetensors slice (index it to read)."""
+
+    def __init__(self, folder: str, cfg: Step1Config):
+        self.folder = folder
+        self.cfg = cfg
+        self.locations = _shard_map(folder)
+        self._stack = ExitStack()
+        self._files: dict[str, object] = {}
+        self.validate()
+
+    def _file(self, path: str):
+        if path not in self._files:
+            try:
+                self._files[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        return self._files[path]
+
+    def validate(self) -> None:
+        found = {}
+        for name, path in self.locations.items():
+            f = self._file(path)
+            if name in f.keys():             # a name the index lists but its shard lacks counts as missing
+                found[name] = tuple(f.get_slice(name).get_shape())
+        check_tensors(found, expected_shapes(self.cfg), f"{self.folder} (against its config.json)")
+
+    def get(self, name: str):
+        return self._file(self.locations[name]).get_slice(name)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._files.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

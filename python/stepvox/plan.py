@@ -1,0 +1,70 @@
+"""`stepvox plan`: for a Step1 config and a GPU, what each tensor-parallel degree costs and allows.
+
+Per degree: weight bytes per rank (the embedding, LM head and every projection split; norms
+replicated), KV-cache tokens that fit in what is left of the GPU, and the decode ms/token floor at
+batch 1 (each rank streams its weights once per token at the given bandwidth).
+"""
+from __future__ import annotations
+
+import json
+
+from stepvox.engine.config import CHAT_130B, Step1Config
+
+ACTIVATION_RESERVE_GIB = 4.0   # activations, CUDA graphs, NCCL buffers, allocator slack (per rank)
+
+
+def rank_weight_bytes(cfg: Step1Config, tp: int, elem: int = 2) -> int:
+    h, kv, inter, vocab, layers = (cfg.hidden_size, cfg.kv_dim, cfg.intermediate_size, cfg.vocab_size,
+                                   cfg.num_hidden_layers)
+    split = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
+    replicated = layers * 2 * h + h
+    return (split // tp + replicated) * elem
+
+
+def kv_bytes_per_token(cfg: Step1Config, tp: int, elem: int = 2) -> int:
+    return cfg.num_hidden_layers * 2 * (cfg.num_attention_groups // tp) * cfg.head_dim * elem
+
+
+def plan_rows(cfg: Step1Config, tps: list[int], gpu_mem_gib: float, bandwidth_tbs: float,
+              utilization: float) -> list[dict]:
+    rows = []
+    for tp in tps:
+        row = {"tp": tp}
+        if cfg.num_attention_groups % tp:
+            row["note"] = f"not possible: tp must divide the {cfg.num_attention_groups} KV groups"
+            rows.append(row)
+            continue
+        weights = rank_weight_bytes(cfg, tp)
+        room = gpu_mem_gib * 2**30 * utilization - weights - ACTIVATION_RESERVE_GIB * 2**30
+        row.update(weights_gib=weights / 2**30, kv_tokens=max(int(room // kv_bytes_per_token(cfg, tp)), 0),
+                   floor_ms=weights / (bandwidth_tbs * 1e12) * 1e3)
+        if room <= 0:
+            row["note"] = f"does not fit: {weights / 2**30:.1f} GiB of weights per rank"
+        rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| TP | weights per rank | KV tokens that fit | decode floor (batch 1) | note |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "weights_gib" in r:
+            lines.append(f"| {r['tp']} | {r['weights_gib']:.1f} GiB | {r['kv_tokens']:,} | "
+                         f"{r['floor_ms']:.1f} ms/token | {r.get('note', '')} |")
+        else:
+            lines.append(f"| {r['tp']} | - | - | - | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    cfg = Step1Config.from_folder(args.model) if args.model else Step1Config.from_shape(CHAT_130B)
+    rows = plan_rows(cfg, args.tp, args.gpu_mem_gib, args.bandwidth_tbs, args.gpu_memory_utilization)
+    total = rank_weight_bytes(cfg, 1)
+    print(f"Step1 {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / "
+          f"{cfg.num_attention_groups} KV groups: {total / 1e9:.1f} GB of bf16 weights; GPU {args.gpu_mem_gib:g} GiB "
+          f"at {args.bandwidth_tbs:g} TB/s, {args.gpu_memory_utilization:.0%} usable, "
+          f"{ACTIVATION_RESERVE_GIB:g} GiB kept for activations")
+    print(format_rows(rows))
+    if getattr(args, "json", False):
+        print(json.dumps(rows))
+    return 0
