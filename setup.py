@@ -38,10 +38,16 @@ setup(
         "numpy<2.4",
         "safetensors",
         "sentencepiece",
+        "protobuf",                 # the tokenizer reads tokenizer.model's pieces (sentencepiece_model_pb2)
         "pyyaml",
         "onnx",
         "onnxruntime",
+        "soundfile",                # WAV/FLAC/Ogg reading and writing (libsndfile)
+        "soxr",                     # resampling of input audio (a maintained polyphase resampler)
+        "pedalboard",               # speed change without pitch change (TTS speed=)
     ],
-    extras_require={"test": ["pytest"]},
+    # transformers: the official tokenizer that tests/test_tokenizer.py compares with (the pin of
+    # Step-Audio's requirements; 5.x builds a different tokenizer from the same files)
+    extras_require={"test": ["pytest", "hypothesis", "transformers==4.48.3"]},
     entry_points={"console_scripts": ["stepvox=stepvox.cli:main"]},
 )

@@ -50,7 +50,7 @@ def _json(name: str) -> dict:
 def headline(step: str) -> str:
     """The figure each step exists for, read from the JSON its bench wrote."""
     if step == "llm":
-        r = _json("llm.json")
+        r = _json("llm_decode.json")  # --decode-only writes this file
         g = r.get("graphs", {})
         return (f"decode b1 {g.get('decode_b1_ms')} ms/token, TTS sampling {g.get('decode_b1_tts_sampling_ms')}; "
                 f"async==sync {r.get('async_equals_sync')}")

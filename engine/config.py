@@ -10,11 +10,19 @@ import torch
 
 from stepvox.kernels import BACKENDS, KernelConfig
 
+from . import checks
+from . import special_tokens as st
 from .errors import CheckpointError, ConfigError
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_attention_groups",
              "num_hidden_layers", "vocab_size")
 
+# Upper bounds on config.json sizes: several times the largest released model's (CHAT_130B), and
+# low enough that nothing sized from them is absurd (max_seq_len 1e12 once asked for 512 TB of
+# block tables). vocab_size must also hold the speech tokens (ids up to 65536 + 5120).
+CONFIG_LIMITS = dict(hidden_size=1 << 16, intermediate_size=1 << 18, num_attention_heads=1024,
+                     num_hidden_layers=1024, vocab_size=1 << 22, max_seq_len=1 << 20)
+MAX_CONFIG_BYTES = 1 << 20      # a config.json is a few hundred bytes; a bigger file is not one
 
 # config.json shapes of the released models (SPEC.md §1.4), and a tiny one for tests and demos
 TTS_3B = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=48, num_attention_groups=4,
@@ -47,20 +55,59 @@ class Step1Config:
     def kv_dim(self) -> int:
         return self.num_attention_groups * self.head_dim
 
+    def tp_problem(self, tp: int) -> str | None:
+        """Why `tp` ranks cannot split this model (KV groups, MLP width, vocabulary), or None."""
+        for what, size in (("KV groups", self.num_attention_groups), ("intermediate size", self.intermediate_size),
+                           ("vocabulary", self.vocab_size)):
+            if size % tp:
+                return f"tensor_parallel_size {tp} must divide the {size} {what}"
+        return None
+
     @classmethod
-    def from_dict(cls, raw: dict) -> "Step1Config":
+    def from_dict(cls, raw: dict, source: str = "config.json", limits: dict = CONFIG_LIMITS) -> "Step1Config":
+        """The config of a config.json's contents; CheckpointError naming `source`, the field and the
+        value for anything missing, mistyped or out of range (sizes above `limits` included)."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, found {type(raw).__name__}")
         missing = [k for k in _REQUIRED if k not in raw]
         if missing:
-            raise CheckpointError(f"config.json lacks {', '.join(missing)}")
+            raise CheckpointError(f"{source} lacks {', '.join(missing)}")
+        model_type = raw.get("model_type", "step1")
         arch = raw.get("architectures") or ["Step1ForCausalLM"]
-        if raw.get("model_type", "step1") != "step1" or "Step1ForCausalLM" not in arch:
-            raise CheckpointError(f"not a Step1 model: model_type={raw.get('model_type')!r}, architectures={arch}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in raw.items() if k in names})
+        if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
+            raise CheckpointError(f"{source}: architectures must be a list of names, got {checks.shown(arch)}")
+        if model_type != "step1" or "Step1ForCausalLM" not in arch:
+            raise CheckpointError(f"{source}: not a Step1 model: model_type={checks.shown(model_type)}, "
+                                  f"architectures={checks.shown(arch)}")
+
+        def size(key: str, hi: int | None = None) -> int:
+            return checks.integer(raw[key], f"{source}: {key}", CheckpointError, 1, hi or limits[key])
+
+        def token_id(key: str, vocab: int) -> int:
+            if raw.get(key) is None:        # absent or null (as HF configs write it): the default
+                return getattr(cls, key)
+            return checks.integer(raw[key], f"{source}: {key}", CheckpointError, 0, vocab - 1)
+
+        heads = size("num_attention_heads")
+        values = dict(hidden_size=size("hidden_size"), intermediate_size=size("intermediate_size"),
+                      num_attention_heads=heads, num_attention_groups=size("num_attention_groups", heads),
+                      num_hidden_layers=size("num_hidden_layers"))
+        values["vocab_size"] = vocab = checks.integer(raw["vocab_size"], f"{source}: vocab_size", CheckpointError,
+                                                      st.AUDIO_TOKENS_END, limits["vocab_size"])
+        if "max_seq_len" in raw:
+            values["max_seq_len"] = size("max_seq_len")
+        if "rms_norm_eps" in raw:
+            values["rms_norm_eps"] = checks.real(raw["rms_norm_eps"], f"{source}: rms_norm_eps", CheckpointError,
+                                                 0.0, 0.1, lo_open=True)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            values[key] = token_id(key, vocab)
+        cfg = cls(**values)
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise CheckpointError(f"hidden_size {cfg.hidden_size} is not a multiple of {cfg.num_attention_heads} heads")
+            raise CheckpointError(f"{source}: hidden_size {cfg.hidden_size} is not a multiple of "
+                                  f"{cfg.num_attention_heads} heads")
         if cfg.num_attention_heads % cfg.num_attention_groups:
-            raise CheckpointError(f"{cfg.num_attention_heads} heads do not divide into {cfg.num_attention_groups} KV groups")
+            raise CheckpointError(f"{source}: {cfg.num_attention_heads} heads do not divide into "
+                                  f"{cfg.num_attention_groups} KV groups")
         return cfg
 
     @classmethod
@@ -69,16 +116,20 @@ class Step1Config:
         return cls.from_dict(dict(shape))
 
     @classmethod
-    def from_folder(cls, folder: str) -> "Step1Config":
+    def from_folder(cls, folder: str, limits: dict = CONFIG_LIMITS) -> "Step1Config":
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"{folder} has no config.json")
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes is too large for a config.json "
+                                  f"(limit {MAX_CONFIG_BYTES})")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(raw)
+        # ValueError: bad UTF-8, or an integer too long to convert; RecursionError: [[[[...]]]]
+        except (ValueError, RecursionError, OSError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(raw, path, limits)
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -93,6 +144,14 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
+
+
+ENGINE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_TENSOR_PARALLEL = 64          # ranks of one host (the TP executor starts them all on this machine)
+MAX_PAGE_SIZE = 1024              # tokens per KV page
+PAGE_BOOKKEEPING_BYTES = 256      # host bytes per KV page in the block manager (lists, free map, prefix keys)
+_BOOLEAN_OPTIONS = ("enable_prefix_caching", "enforce_eager", "async_scheduling", "pdl", "fused_decode",
+                    "triton_sampling")
 
 
 @dataclasses.dataclass
@@ -121,29 +180,106 @@ class EngineConfig:
     triton_sampling: bool = True              # greedy / top-k <= 64 rows drawn by the Triton kernels on GPUs
     gemv_tiles: Callable[[int, int], dict | None] | None = None   # (N, K) of a GEMV product -> its tile config
                                               # instead of kernels.gemv.gemv_config's (tile sweeps)
+    max_buffer_bytes: int = 1 << 30           # limit on what the options above make the engine allocate before
+                                              # any request (step buffers, block tables, page lists): buffer_bytes
 
-    def validate(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.page_size < 1:
-            raise ConfigError("max_num_seqs, max_num_batched_tokens and page_size must be positive")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kv_pages is not None and self.num_kv_pages < 1:
-            raise ConfigError(f"num_kv_pages must be positive, got {self.num_kv_pages}")
-        if self.tensor_parallel_size < 1:
-            raise ConfigError("tensor_parallel_size must be at least 1")
-        if self.distributed_executor not in ("auto", "mp"):
-            raise ConfigError(f"distributed_executor must be 'auto' or 'mp', got {self.distributed_executor!r}")
-        if self.kernel_backend not in BACKENDS:
-            raise ConfigError(f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")
-        if not 0 <= self.gemv_max_rows <= 16:
-            raise ConfigError(f"gemv_max_rows must be in [0, 16] (the GEMV kernel's limit), got {self.gemv_max_rows}")
+    def validate(self, cfg: Step1Config | None = None) -> None:
+        """Check every option's type and range (ConfigError naming the option and its value; numbers
+        are normalised to Python ints and floats). With the model's config, also check the options
+        against that model: see check_model."""
+        def count(name: str, lo: int = 1, hi: int | None = None) -> None:
+            setattr(self, name, checks.integer(getattr(self, name), name, ConfigError, lo, hi))
+
+        self._check_device_and_dtype()
+        if self.max_model_len is not None:
+            count("max_model_len", hi=CONFIG_LIMITS["max_seq_len"])
+        for name in ("max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_batch"):
+            count(name)
+        count("page_size", hi=MAX_PAGE_SIZE)
+        if self.num_kv_pages is not None:
+            count("num_kv_pages")
+        count("tensor_parallel_size", hi=MAX_TENSOR_PARALLEL)
+        count("seed", 0, 2**63 - 1)
+        count("gemv_max_rows", 0, 16)            # the GEMV kernel's limit
+        count("max_buffer_bytes")
+        self.gpu_memory_utilization = checks.real(self.gpu_memory_utilization, "gpu_memory_utilization", ConfigError,
+                                                  0.0, 1.0, lo_open=True)
+        for name in _BOOLEAN_OPTIONS:
+            checks.flag(getattr(self, name), name, ConfigError)
+        checks.one_of(self.distributed_executor, "distributed_executor", ConfigError, ("auto", "mp"))
+        checks.one_of(self.kernel_backend, "kernel_backend", ConfigError, BACKENDS)
+        if self.gemv_tiles is not None and not callable(self.gemv_tiles):
+            raise ConfigError(f"gemv_tiles must be a function (N, K) -> tile config, "
+                              f"got {checks.shown(self.gemv_tiles)}")
+        self._check_buffers(self.max_model_len or 1)   # a lower bound until the model's context is known
+        if cfg is not None:
+            self.check_model(cfg)
+
+    def _check_device_and_dtype(self) -> None:
+        device = self.device
+        if isinstance(device, str) and device != "auto":
+            try:
+                device = torch.device(device)
+            except RuntimeError:
+                device = None
+        if not (device == "auto" or isinstance(device, torch.device) and device.type in ("cpu", "cuda")):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {checks.shown(self.device)}")
+        if isinstance(self.dtype, torch.dtype):
+            if self.dtype not in ENGINE_DTYPES:
+                raise ConfigError(f"dtype must be one of {', '.join(map(str, ENGINE_DTYPES))}, got {self.dtype}")
+        elif not isinstance(self.dtype, str) or (self.dtype != "auto" and self.dtype not in _DTYPES):
+            raise ConfigError(f"dtype must be 'auto' or one of {', '.join(sorted(_DTYPES))}, "
+                              f"got {checks.shown(self.dtype)}")
+
+    def check_model(self, cfg: Step1Config) -> None:
+        """The options against the model (call after validate): the context fits its max_seq_len,
+        the tensor-parallel size splits it, and the buffers sized by its context stay within
+        max_buffer_bytes."""
+        if self.max_model_len is not None and self.max_model_len > cfg.max_seq_len:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        problem = cfg.tp_problem(self.tensor_parallel_size)
+        if problem:
+            raise ConfigError(problem)
+        self._check_buffers(self.max_model_len or cfg.max_seq_len)
+
+    def buffer_bytes(self, model_len: int) -> dict[str, tuple[int, str]]:
+        """What the options make the engine allocate before any request, for a context of
+        `model_len` tokens: option -> (bytes, what). Staged step inputs come in three sets (two
+        pinned host sets used by turns and the device set, device/staging.py); the decode graphs
+        have their own inputs; the block manager keeps per-page lists (model_runner.py, kv_cache.py)."""
+        pages_per_seq = -(-model_len // self.page_size)
+        graph_batch = min(self.cuda_graph_max_batch, self.max_num_seqs)
+        token_rows = max(self.max_num_batched_tokens, graph_batch)
+        return {
+            "max_num_batched_tokens": (3 * 3 * token_rows * 8, f"staged ids, slots and rows of {token_rows} tokens"),
+            "max_num_seqs": (3 * (2 * self.max_num_seqs * pages_per_seq + 3 * self.max_num_seqs + 1) * 4,
+                             f"staged block tables of {self.max_num_seqs} sequences x {pages_per_seq} pages "
+                             f"(max_model_len {model_len} / page_size {self.page_size})"),
+            "cuda_graph_max_batch": (graph_batch * (3 * 8 + pages_per_seq * 4),
+                                     f"decode-graph inputs of {graph_batch} sequences x {pages_per_seq} pages"),
+            "num_kv_pages": ((self.num_kv_pages or 0) * PAGE_BOOKKEEPING_BYTES,
+                             f"block-manager lists of {self.num_kv_pages} pages"),
+        }
+
+    def _check_buffers(self, model_len: int) -> None:
+        parts = self.buffer_bytes(model_len)
+        total = sum(b for b, _ in parts.values())
+        if total <= self.max_buffer_bytes:
+            return
+        name, (_, what) = max(parts.items(), key=lambda item: item[1][0])
+        raise ConfigError(f"{name}={getattr(self, name)} needs {total / 2**20:,.0f} MiB of host and device buffers "
+                          f"before any request (mostly {what}), over the limit max_buffer_bytes="
+                          f"{self.max_buffer_bytes} ({self.max_buffer_bytes / 2**20:,.0f} MiB); lower {name} "
+                          f"or raise max_buffer_bytes")
 
     @property
     def kernels(self) -> KernelConfig:
         return KernelConfig(backend=self.kernel_backend, pdl=bool(self.pdl))
 
     def model_len(self, cfg: Step1Config) -> int:
-        """The context the engine serves: max_model_len, or the model's max_seq_len."""
+        """The context the engine serves: max_model_len, or the model's max_seq_len. Every sizing
+        starts here, so the options are checked against the model first (ConfigError)."""
+        self.check_model(cfg)
         return self.max_model_len or cfg.max_seq_len
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:

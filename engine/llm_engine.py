@@ -5,14 +5,24 @@ a broadcast behind the plan): when the step after this one is known
 to be a decode of the same sequences (nobody waits, nobody is preempted), it is launched right after
 this step's sampling is queued, fed with the sampled ids on the device, before the host reads them.
 The GPU then runs step n+1 while the host does step n's bookkeeping (stop checks, detokenisation,
-outputs). A sequence that stops at step n (an end token, an abort) wastes its row of step n+1;
-the row is dropped, the KV it wrote lies past the sequence's end in a page it owned.
+outputs). A sequence that stops at step n (an end token, an abort, a failure) wastes its row of
+step n+1; the row is dropped, the KV it wrote lies past the sequence's end in a page it owned.
+
+Request isolation: whatever fails because of one request inside a step (its sampling values, its
+logits processors, its stop check, its detokenisation) finishes that request alone with
+finish_reason "error" and a typed `InvalidRequestError` naming it and the cause in
+`RequestOutput.error`; its pages are freed at once and the other requests' tokens do not change.
+A row that fails while sampling stops the step from being launched ahead (its values may be what
+failed); one found later (NaN logits seen in the ids read back, a stop check) is dropped from the
+step already running ahead, like an abort. Anything else a step raises is a fault of the engine
+and propagates.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import logging
+import operator
 import time
 
 import torch
@@ -69,6 +79,17 @@ class TokenReadback:
         return host.tolist()
 
 
+def _is_int(value) -> bool:
+    """An integer token id (a Python or NumPy int, a 0-d integer tensor), not a bool or a float."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 class LLMEngine:
     def __init__(self, model_path: str, engine_config: EngineConfig | None = None, executor=None):
         self.ecfg = engine_config or EngineConfig()
@@ -97,17 +118,21 @@ class LLMEngine:
     # ---------------------------------------------------------------- requests
     def make_sequence(self, prompt, params: SamplingParams | None, request_id: str | None = None) -> Sequence:
         """Validate a request and build its sequence (does not queue it)."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params are a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_bos=True)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+            if not all(_is_int(t) for t in prompt):
+                raise InvalidRequestError(f"a prompt of token ids holds other values: {list(prompt)[:8]}")
             text, ids = None, [int(t) for t in prompt]
         else:
             raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         self.tokenizer.check_ids(ids)
-        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.cfg.vocab_size]
+        bad_stop = [t for t in params.stop_token_ids if not _is_int(t) or not 0 <= t < self.cfg.vocab_size]
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids outside the vocabulary: {bad_stop}")
         if len(ids) >= self.max_model_len:
@@ -138,7 +163,7 @@ class LLMEngine:
         if seq is None or seq.is_finished:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._output(seq)
+        return self._report(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -159,15 +184,19 @@ class LLMEngine:
             launched = self._launch(sched)
         sampling, logits, greedy_ids = self._live_rows(launched)
         seqs = [c.seq for c in sampling]
-        tokens = []
+        tokens, failed = [], {}
         if seqs:
-            device_tokens = self.sampler.sample(logits, seqs, greedy_ids)
-            handle = self._readback.start(device_tokens)
-            self._pending = self._launch_ahead(sampling, device_tokens)
+            sampled = self.sampler.sample(logits, seqs, greedy_ids)
+            handle = self._readback.start(sampled.tokens)
+            if not sampled.failed:
+                self._pending = self._launch_ahead(sampling, sampled.feed())
             tokens = self._readback.wait(handle)
+            failed = sampled.failures(tokens)
+        for i, error in failed.items():
+            self._fail(seqs[i], error)
         self.stats["steps"] += 1
         for c in launched.sched.chunks:
-            if c.seq.is_finished:                 # aborted while its step ran ahead
+            if c.seq.is_finished:                 # aborted while its step ran ahead, or failed now
                 continue
             c.seq.num_computed += c.length
             if c.length == 1:
@@ -175,18 +204,21 @@ class LLMEngine:
             else:
                 self.stats["prefill_tokens"] += c.length
         now = time.monotonic()
-        reported = []
         for seq, token in zip(seqs, tokens):
+            if seq.is_finished:
+                continue
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._check_stop(seq, token)
-            reported.append(seq)
+            try:
+                self._check_stop(seq, token)
+            except Exception as exc:  # noqa: BLE001 - the request's own stop values
+                self._fail(seq, seq.failure("the stop check", exc))
         for c in launched.sched.chunks:
             if not c.seq.is_finished:
                 self.block_manager.register_computed(c.seq)
-        outputs = [self._output(seq) for seq in reported if stream or seq.is_finished]
-        for seq in reported:
+        outputs = [self._report(seq) for seq in seqs if stream or seq.is_finished]
+        for seq in seqs:
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
         return outputs
@@ -212,15 +244,31 @@ class LLMEngine:
         if not self.async_scheduling:
             return None
         for c in sampling:
-            seq, p = c.seq, c.seq.params
-            if (p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens) \
-                    or seq.num_tokens + 1 >= self.max_model_len:
+            if self._ends_next(c.seq):
                 return None
         sched = self.scheduler.schedule_ahead(sampling)
         if sched is None:
             return None
         self.stats["steps_ahead"] += 1
         return self._launch(sched, input_tokens=device_tokens)
+
+    def _ends_next(self, seq: Sequence) -> bool:
+        """The token about to be read is the request's last by length (or its limits do not read:
+        its stop check then fails it)."""
+        try:
+            p = seq.params
+            return (p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens) \
+                or seq.num_tokens + 1 >= self.max_model_len
+        except Exception:  # noqa: BLE001 - the stop check attributes it
+            return True
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Finish one request with an error: its pages are freed now; a row of it in the step
+        running ahead is dropped."""
+        seq.error = error
+        seq.stop_reason = None
+        self.scheduler.finish(seq, "error")
+        log.warning("%s", error)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -236,13 +284,11 @@ class LLMEngine:
             return []
         seq = self.scheduler.waiting[0]
         need = self.block_manager.pages_for(seq.num_tokens)
-        seq.error = KVCacheExhaustedError(
+        self._fail(seq, KVCacheExhaustedError(
             f"request {seq.request_id} needs {need} KV pages for {seq.num_tokens} tokens; the cache has "
-            f"{self.block_manager.num_pages} pages of {self.block_manager.page_size} tokens")
-        self.scheduler.finish(seq, "error")
+            f"{self.block_manager.num_pages} pages of {self.block_manager.page_size} tokens"))
         self.requests.pop(seq.request_id, None)
-        log.warning("%s", seq.error)
-        return [self._output(seq)]
+        return [self._report(seq)]
 
     def _detokenize(self, seq: Sequence, visible: list[int]) -> str:
         """New text since the last call, decoding only a short window (vLLM's incremental scheme):
@@ -256,13 +302,21 @@ class LLMEngine:
         seq.detok_prefix, seq.detok_read = seq.detok_read, len(visible)
         return after[len(before):] if after.startswith(before) else after
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _report(self, seq: Sequence) -> RequestOutput:
+        """The request's output; a failure to detokenise it fails that request alone."""
+        try:
+            return self._output(seq)
+        except Exception as exc:  # noqa: BLE001 - its tokens or its detokenisation options
+            self._fail(seq, seq.failure("detokenising the output", exc))
+            return self._output(seq, detokenize=False)
+
+    def _output(self, seq: Sequence, detokenize: bool = True) -> RequestOutput:
         out_ids = seq.output_token_ids
         if seq.finish_reason == "stop" and out_ids and out_ids[-1] == seq.stop_reason:
             visible = out_ids[:-1]          # the stop token is not part of the text
         else:
             visible = out_ids
-        new_text = self._detokenize(seq, visible)
+        new_text = self._detokenize(seq, visible) if detokenize else ""
         seq.text_emitted += new_text
         new_ids = out_ids[seq.num_emitted:]
         seq.num_emitted = len(out_ids)

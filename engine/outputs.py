@@ -35,4 +35,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    error: Exception | None = None         # set when finish_reason == "error"
+    error: Exception | None = None         # set when finish_reason == "error": a typed StepvoxError naming
+                                           # the request and the cause (InvalidRequestError for its own
+                                           # processors or values, KVCacheExhaustedError)

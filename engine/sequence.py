@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import itertools
 
+from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 
 
@@ -61,6 +62,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def failure(self, what: str, exc: BaseException) -> InvalidRequestError:
+        """The typed error of this request alone for `what` (its processor, its stop check, ...)
+        having raised `exc` inside an engine step."""
+        error = InvalidRequestError(f"{what} of request {self.request_id} raised {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import onnxruntime
@@ -16,7 +17,7 @@ from stepvox.engine.errors import (AudioInputError, AudioTooShortError, Checkpoi
                                    InvalidRequestError, SpeakerPromptError, SpeechTokenError, StreamClosedError)
 from stepvox.engine.frontend.fbank import campplus_features
 from stepvox.engine.frontend.resample import resample
-from stepvox.engine.frontend.wav import read_wav
+from stepvox.engine.frontend.wav import read_wav, write_wav
 
 
 def test_prompt_from_speech_and_resampled_copies(tiny_decoder, speech_wav, tmp_path):
@@ -168,3 +169,50 @@ def test_variant_shares_weights_with_other_settings(tiny_decoder):
     u = v.variant(fused=False)
     assert not u.solver.fused and u.solver.bucket_eager and base.fused       # other settings carried over
     assert u.flow is tiny_decoder.flow
+
+
+# ---------------------------------------------------------------- prompt length caps (bounded decode cost)
+def test_prompt_audio_longer_than_the_cap_is_refused_before_any_work(tiny_decoder, tmp_path):
+    assert tiny_decoder.max_prompt_seconds == 30.0 and tiny_decoder.max_prompt_tokens == 1251
+    # one hour of int16 samples as a zero-stride view: refused from its shape, nothing converted
+    hour = np.broadcast_to(np.int16(0), (3600 * 16000,))
+    start = time.perf_counter()
+    with pytest.raises(AudioInputError, match=r"3600.0 s, longer than max_prompt_seconds = 30 s"):
+        tiny_decoder.make_prompt(hour, 16000)
+    with pytest.raises(AudioInputError, match="max_prompt_seconds = 30 s"):
+        tiny_decoder.make_prompt(torch.zeros(2, 31 * 48000), 48000)
+    assert time.perf_counter() - start < 0.1
+    # a file is refused from its header
+    path = str(tmp_path / "long.wav")
+    write_wav(path, np.zeros(31 * 16000, np.float32), 16000)
+    with pytest.raises(AudioInputError, match=r"long.wav: 31.0 s of audio is longer than the limit of 30 s"):
+        tiny_decoder.make_prompt(path)
+    with pytest.raises(AudioInputError, match=r"1300 tokens, more than the 1251 of max_prompt_seconds = 30 s"):
+        tiny_decoder.make_prompt(np.zeros(16000, np.float32), 16000, tokens=[0] * 1300)
+
+
+def test_prompt_cap_is_an_argument_and_holds_for_prompts_built_elsewhere(tiny_decoder, speech_wav):
+    d = tiny_decoder
+    short = SpeechDecoder(d.config, d.flow, d.hift, d.campplus, "cpu", max_prompt_seconds=1.0)
+    assert short.max_prompt_tokens == 42 and short.max_prompt_frames == 87
+    wav, sr = read_wav(speech_wav)
+    assert wav.shape[1] > 1.0 * sr
+    with pytest.raises(AudioInputError, match="longer than max_prompt_seconds = 1 s"):
+        short.make_prompt(wav, sr)
+    prompt = short.make_prompt(wav[:, :sr], sr, tokens=list(range(41)))     # exactly 1 s fits
+    assert prompt.mel.shape[0] <= short.max_prompt_frames
+    # a SpeakerPrompt made elsewhere: 10**5 tokens or an hour of mel frames are refused at use
+    emb = torch.zeros(192)
+    huge = SpeakerPrompt(torch.zeros(50, 80), emb, torch.zeros(10 ** 5, dtype=torch.long))
+    start = time.perf_counter()
+    with pytest.raises(AudioInputError, match=r"100000 tokens, more than the 1251 of max_prompt_seconds = 30 s"):
+        d.token2wav([1, 2, 3, 4, 5], prompt=huge, seed=0)
+    with pytest.raises(AudioInputError, match="100000 tokens"):
+        d.open_stream(huge)
+    long_mel = SpeakerPrompt(torch.zeros(3600 * 87, 80), emb, torch.zeros(10, dtype=torch.long))
+    with pytest.raises(AudioInputError, match=r"313200 mel frames, more than the 2584 of max_prompt_seconds"):
+        d.token2wav([1, 2, 3, 4, 5], prompt=long_mel, seed=0)
+    assert time.perf_counter() - start < 0.5
+    for bad in (0, -1, float("nan"), float("inf"), "30", True):
+        with pytest.raises(ConfigError, match="max_prompt_seconds must be a finite number of seconds"):
+            SpeechDecoder(d.config, d.flow, d.hift, d.campplus, "cpu", max_prompt_seconds=bad)

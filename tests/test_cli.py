@@ -1,9 +1,25 @@
 """The `stepvox` command end to end, as the README runs it: no model given -> a tiny random
-checkpoint is written, generation runs and throughput is reported; `stepvox plan` prints the table."""
+checkpoint is written, generation runs and throughput is reported; `stepvox plan` prints the table.
+User errors are one line on stderr and exit code 2; the default checkpoint appears atomically
+(issue 14, item 7)."""
+import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
+import time
+
+import pytest
+import torch
+
+import stepvox
+from stepvox import cli
+from stepvox.cli import COMPLETE_MARKER, DEFAULT_MODEL, STALE_PARTIAL_S, default_model, main
+from stepvox.engine.config import Step1Config
+from stepvox.engine.models.step1_checkpoint import CheckpointReader
+from stepvox.engine.tokenizer import Step1Tokenizer
+from stepvox.testing.step1 import config_dict, write_random_step1
 
 
 def _run(args, tmp_path):
@@ -30,3 +46,151 @@ def test_plan_prints_the_chat_model_table(tmp_path):
     proc = _run(["plan", "--tp", "4", "8"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "| 4 | 61.4 GiB |" in proc.stdout and "| 8 | 30.7 GiB |" in proc.stdout
+
+
+# ---------------------------------------------------------------- user errors: one line, exit 2
+def _main(argv, capsys):
+    """stepvox.cli.main in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:                      # argparse errors and --version exit from the parser
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def bad_config_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad-config")
+    (folder / "config.json").write_text(json.dumps(config_dict(hidden_size="64")))
+    return folder
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "--model", "/nonexistent"], "--model /nonexistent: no such folder"),
+    (["--model", "/nonexistent"], "--model /nonexistent: no such folder"),          # generate is the default
+    (["generate", "--max-tokens", "0"], "argument --max-tokens: expected a positive integer, got '0'"),
+    (["generate", "--max-tokens", "2.5"], "argument --max-tokens: expected a positive integer, got '2.5'"),
+    (["generate", "--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    (["generate", "--tp", "-1"], "argument --tp: expected a positive integer, got '-1'"),
+    (["generate", "--device", "banana"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'banana'"),
+    (["generate", "--dtype", "int8"], "dtype must be 'auto' or one of"),
+    (["generate", "--temperature", "nan"], r"temperature must be a finite number in \[0, 10000\], got nan"),
+    (["generate", "--top-p", "0"], r"top_p must be a finite number in \(0, 1\], got 0.0"),
+    (["generate", "--top-k", "2.5"], "argument --top-k: invalid int value: '2.5'"),
+    (["generate", "--seed", str(2**63)], r"seed must be an integer in \[0, 9223372036854775807\]"),
+    (["generate", "--kernels", "cuda"], "argument --kernels: invalid choice: 'cuda'"),
+    (["generate", "--bogus"], "unrecognized arguments: --bogus"),
+    (["plan", "--tp", "0"], "argument --tp: expected a positive integer, got '0'"),
+    (["plan", "--tp", "4", "-2"], "argument --tp: expected a positive integer, got '-2'"),
+    (["plan", "--bandwidth-tbs", "0"], "argument --bandwidth-tbs: expected a positive number, got '0'"),
+    (["plan", "--bandwidth-tbs", "inf"], "argument --bandwidth-tbs: expected a positive number, got 'inf'"),
+    (["plan", "--gpu-mem-gib", "0"], "argument --gpu-mem-gib: expected a positive number, got '0'"),
+    (["plan", "--gpu-memory-utilization", "1.5"], "argument --gpu-memory-utilization: expected a fraction"),
+    (["plan", "--model", "/nonexistent"], "/nonexistent has no config.json"),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, says, capsys):
+    code, out, err = _main(argv, capsys)
+    assert code == 2, err
+    assert re.fullmatch(rf"stepvox: error: .*{says}.*\n", err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "plan"])
+def test_a_folder_with_a_bad_config_json(command, bad_config_folder, capsys):
+    code, out, err = _main([command, "--model", str(bad_config_folder)], capsys)
+    assert code == 2
+    assert err == f"stepvox: error: {bad_config_folder}/config.json: hidden_size must be an integer, got '64'\n"
+
+
+def test_no_cuda_device_is_a_user_error(capsys, tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    code, out, err = _main(["generate", "--model", tiny_model, "--device", "cuda"], capsys)
+    assert code == 2 and err == "stepvox: error: device 'cuda' requested but no CUDA device is available\n"
+
+
+def test_version(capsys):
+    code, out, err = _main(["--version"], capsys)
+    assert code == 0 and out == f"stepvox {stepvox.__version__}\n"
+
+
+def test_user_errors_in_a_fresh_process(tmp_path):
+    """The same through the installed entry point's module: exit status 2, one line, no traceback."""
+    for args in (["generate", "--model", "/nonexistent"], ["generate", "--device", "banana"], ["plan", "--tp", "0"]):
+        proc = _run(args, tmp_path)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("stepvox: error: ") and proc.stdout == ""
+    proc = _run(["--version"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout == f"stepvox {stepvox.__version__}\n"
+
+
+# ---------------------------------------------------------------- the embedded default checkpoint
+def _is_complete(folder) -> bool:
+    cfg = Step1Config.from_folder(str(folder))
+    with CheckpointReader(str(folder), cfg):
+        pass
+    Step1Tokenizer.from_folder(str(folder), cfg.vocab_size)
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def _partials(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{DEFAULT_MODEL}.partial-"))
+
+
+def test_default_checkpoint_appears_atomically(tmp_path, monkeypatch):
+    final = tmp_path / DEFAULT_MODEL
+    seen = []
+
+    def writer(folder, **kwargs):
+        seen.append((folder, final.exists()))
+        return write_random_step1(folder, **kwargs)
+
+    monkeypatch.setattr(cli, "write_random_step1", writer)
+    assert default_model(str(tmp_path)) == str(final)
+    [(written, final_existed)] = seen
+    assert written != str(final) and os.path.dirname(written) == str(tmp_path)   # a sibling, renamed into place
+    assert not final_existed and _is_complete(final) and _partials(tmp_path) == []
+    assert default_model(str(tmp_path)) == str(final) and len(seen) == 1          # reused, not rewritten
+
+
+def test_an_interrupted_writer_leaves_nothing_that_is_reused(tmp_path, monkeypatch):
+    """Ctrl-C while writing once left a folder with a config.json that every later run took for a
+    checkpoint and failed on."""
+    def interrupted(folder, **kwargs):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config_dict(), f)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_random_step1", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        default_model(str(tmp_path))
+    assert not (tmp_path / DEFAULT_MODEL).exists() and _partials(tmp_path) == []
+    monkeypatch.undo()
+    assert _is_complete(pathlib.Path(default_model(str(tmp_path))))
+
+
+def test_partial_folders_of_killed_or_older_writers_are_not_reused(tmp_path):
+    final = tmp_path / DEFAULT_MODEL
+    final.mkdir()                                   # an older writer's: config.json, one shard, no marker
+    (final / "config.json").write_text(json.dumps(config_dict()))
+    (final / "model-00001.safetensors").write_bytes(b"partial")
+    killed = tmp_path / f".{DEFAULT_MODEL}.partial-killed"      # a writer killed mid-way (SIGKILL: no cleanup)
+    killed.mkdir()
+    (killed / "config.json").write_text(json.dumps(config_dict()))
+    stale = tmp_path / f".{DEFAULT_MODEL}.partial-stale"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 2 * STALE_PARTIAL_S,) * 2)
+    assert default_model(str(tmp_path)) == str(final)
+    assert _is_complete(final)
+    assert _partials(tmp_path) == [killed.name]     # a recent one may be a live writer's: left alone, unused
+
+
+def test_generate_after_an_interrupted_default_write(tmp_path):
+    """End to end: the partial folder an interrupted writer leaves does not stop a fresh run."""
+    final = tmp_path / DEFAULT_MODEL
+    final.mkdir()
+    (final / "config.json").write_text(json.dumps(config_dict()))
+    proc = _run(["generate", "--device", "cpu", "--max-tokens", "2", "--ignore-eos"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "-> 2 tokens (length)" in proc.stdout and (final / COMPLETE_MARKER).is_file()

@@ -12,8 +12,8 @@ import torch
 
 from stepvox.engine.errors import CheckpointError, ConfigError, MissingTensorsError
 from stepvox.engine.models.paraformer import (PARAFORMER_SUBDIR, LinguisticTokenizer, load_paraformer,
-                                              sinusoid_positions)
-from stepvox.engine.models.yaml_reader import read_yaml
+                                              parse_paraformer_config, sinusoid_positions)
+from stepvox.engine.models.yaml_reader import parse_inert_yaml, read_yaml
 from stepvox.kernels import KernelConfig
 from stepvox.kernels.backend import INTERPRETER_ACTIVE
 from stepvox.testing.tokenizer import CONFIG_YAML, TINY, cmvn_values, write_paraformer_dir
@@ -190,7 +190,7 @@ def test_loader_refuses_pickled_code_and_layer_count_mismatch(tmp_path):
 
     with open(os.path.join(folder, "model.pt"), "wb") as f:
         pickle.dump({"encoder.after_norm.weight": Evil()}, f)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match=r"model.pt: (refused|not a readable tensor state dict)"):
         load_paraformer(folder)
     torch.save({k: v for k, v in sd.items() if not k.startswith("encoder.encoders.1.")},
                os.path.join(folder, "model.pt"))
@@ -247,3 +247,37 @@ def test_cuda_stream_graph_equals_offline(para, codebook):
     assert tok.graph_count == 1                               # one step graph, replayed by every full call
     torch.testing.assert_close(torch.cat([out for out, _ in steps]), offline, atol=1e-4, rtol=1e-4)
     assert torch.cat([c for _, c in steps]).tolist() == tok.codes_of_rows(offline).tolist()
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("encoder_conf", "output_size", "abc", r"`encoder_conf.output_size` must be an integer >= 1, got 'abc'"),
+    ("encoder_conf", "attention_heads", 0, r"`encoder_conf.attention_heads` must be an integer >= 1, got 0"),
+    ("encoder_conf", "attention_heads", 3, r"output_size` 16 is not divisible by `encoder_conf.attention_heads` 3"),
+    ("encoder_conf", "num_blocks", -1, r"`encoder_conf.num_blocks` must be an integer >= 1, got -1"),
+    ("encoder_conf", "linear_units", 2.5, r"`encoder_conf.linear_units` must be an integer >= 1, got 2.5"),
+    ("encoder_conf", "kernel_size", True, r"`encoder_conf.kernel_size` must be an integer >= 1, got True"),
+    ("encoder_conf", "sanm_shfit", 6, r"`encoder_conf.sanm_shfit` 6 shifts the FSMN window past its kernel_size 11"),
+    ("encoder_conf", "sanm_shfit", -1, r"`encoder_conf.sanm_shfit` must be an integer >= 0"),
+    ("frontend_conf", "n_mels", 2, r"`frontend_conf.n_mels` must be an integer >= 4, got 2"),
+    ("frontend_conf", "n_mels", 9, r"n_mels \* lfr_m = 63 must be even"),
+    ("frontend_conf", "lfr_m", 0, r"`frontend_conf.lfr_m` must be an integer >= 1, got 0"),
+    ("frontend_conf", "lfr_n", "6", r"`frontend_conf.lfr_n` must be an integer >= 1, got '6'"),
+    ("frontend_conf", "frame_length", 0, r"`frontend_conf.frame_length` must be a number of ms in \(0, 1000\]"),
+    ("frontend_conf", "frame_length", 1e9, r"`frontend_conf.frame_length` must be a number of ms"),
+    ("frontend_conf", "frame_shift", "x", r"`frontend_conf.frame_shift` must be a number of ms in \(0, 1000\], got 'x'"),
+    ("frontend_conf", "frame_shift", 0.01, r"`frontend_conf.frame_shift` = 0.01 ms is shorter than one sample"),
+    ("frontend_conf", "fs", "abc", r"frontend fs 'abc' \(expected 16000\)"),
+])
+def test_config_values_are_checked(section, key, value, message):
+    """Every number of config.yaml is checked where it is read: a ConfigError naming the field and
+    the value (not a ValueError or ZeroDivisionError later)."""
+    data = parse_inert_yaml(CONFIG_YAML.format(d=16, h=2, f=32, n=2, m=8))
+    encoder, fbank = parse_paraformer_config(data)
+    assert (encoder.output_size, encoder.attention_heads, fbank.n_mels) == (16, 2, 8)
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_paraformer_config(data, "para/config.yaml")
+    assert str(info.value).startswith("para/config.yaml: ")
+    data[section] = [1, 2]
+    with pytest.raises(ConfigError, match=f"`{section}` must be a mapping"):
+        parse_paraformer_config(data)

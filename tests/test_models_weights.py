@@ -3,6 +3,7 @@ copies that do not reference the file's tensors."""
 from __future__ import annotations
 
 import os
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -65,6 +66,41 @@ def test_refuses_pickles_that_build_objects_and_names_the_global(tmp_path):
     torch.save({"w": torch.zeros(2), "obj": _Custom()}, path)
     with pytest.raises(CheckpointError, match=rf"refused: the file asks to build `{__name__}._Custom`"):
         read_torch_state_dict(path)
+
+
+# Opcode-level payloads the safe unpickler stops at before naming a global (torch's message for them
+# is its advice plus "Unsupported operand N" / "Can only build ...").
+_RAW_PAYLOADS = {
+    "inst.pt": b"(S'touch MARKER'\nios\nsystem\n.",                           # protocol 0 INST os.system
+    "ext.pt": b"\x80\x02\x82\x01.",                                            # EXT1 (copyreg registry)
+    "build.pt": b"\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00ab.",  # BUILD with a dict state
+}
+
+
+def test_refusals_name_the_global_and_never_advise_weights_only_false(tmp_path):
+    """Issue 14, item 8: torch's message says weights_only=False "will likely succeed" (by running
+    the file); ours names the blocked global and says nothing of the kind. Whatever the format
+    (torch zip, legacy torch, a bare pickle), the os.system the file asks for never runs."""
+    marker = tmp_path / "ran"
+    gadget = {"w": torch.zeros(2), "x": _Gadget(marker)}
+    torch.save(gadget, tmp_path / "zip.pt")
+    torch.save(gadget, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "bare.pt").write_bytes(pickle.dumps({"x": _Gadget(marker)}, protocol=2))
+    for name in ("zip.pt", "legacy.pt", "bare.pt"):
+        for mmap in (False, True):
+            with pytest.raises(CheckpointError) as info:
+                read_torch_state_dict(tmp_path / name, mmap=mmap)
+            text = str(info.value)
+            assert f"{name}: refused: the file asks to build `{os.system.__module__}.system`" in text
+            assert "likely succeed" not in text and "weights_only=False" not in text and "\n" not in text
+            assert info.value.__cause__ is None and info.value.__suppress_context__   # no torch text chained
+    for name, payload in _RAW_PAYLOADS.items():
+        (tmp_path / name).write_bytes(payload.replace(b"MARKER", str(marker).encode()))
+        with pytest.raises(CheckpointError, match=rf"{name}: not a readable tensor state dict \(UnpicklingError: "
+                                                  r"(Unsupported operand \d+|Can only build .*)\)$") as info:
+            read_torch_state_dict(tmp_path / name)
+        assert "likely succeed" not in str(info.value) and "weights_only=False" not in str(info.value)
+    assert not marker.exists()                          # nothing was executed
 
 
 def test_unreadable_files(tmp_path):

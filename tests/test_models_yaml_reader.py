@@ -3,11 +3,13 @@ resolved, nothing is imported or executed, bad text gives ConfigError."""
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 
 from stepvox.engine.errors import ConfigError
 from stepvox.engine.models.yaml_reader import parse_inert_yaml, read_yaml
+from stepvox.testing.cosyvoice import FULL_SIZES, TINY_SIZES, yaml_text
 
 
 def test_tags_are_inert_and_never_run(tmp_path):
@@ -105,3 +107,63 @@ def test_read_yaml(tmp_path):
     with pytest.raises(ConfigError, match="list.yaml: top level must be a mapping"):
         read_yaml(tmp_path / "list.yaml")
     assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- budgets: every input has a bounded cost
+def _alias_bomb(depth: int = 9, fan: int = 9) -> str:
+    """Billion laughs: each anchor a list of `fan` aliases of the one before (fan**depth leaves)."""
+    lines = ["a0: &a0 [" + ", ".join([f'"{"lol" * 30}"'] * fan) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fan) + "]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_fast():
+    text = _alias_bomb()
+    assert 1000 < len(text) < 4000           # ~3 KB that expands to 9**9 strings
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"visits more than 100000 nodes \(max_nodes\)"):
+        parse_inert_yaml(text)
+    assert time.perf_counter() - start < 0.5
+    # the same shape through !ref instead of YAML aliases
+    refs = "a0: [1, 2, 3, 4, 5, 6, 7, 8, 9]\n" + "".join(
+        f"a{i}: [" + ", ".join([f"!ref <a{i - 1}>"] * 9) + "]\n" for i in range(1, 9))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="max_nodes"):
+        parse_inert_yaml(refs)
+    assert time.perf_counter() - start < 0.5
+    # a small bomb fits a larger budget and expands as YAML says
+    data = parse_inert_yaml(_alias_bomb(depth=3, fan=3), max_nodes=100)
+    assert data["a2"] == [data["a1"]] * 3 and data["a1"] == [data["a0"]] * 3
+
+
+@pytest.mark.parametrize("text,limits,message", [
+    (_alias_bomb(depth=12, fan=10), {}, r"more than 100 YAML aliases \(max_aliases\)"),
+    ("a: &x [1]\nb: [*x, *x, *x]\n", {"max_aliases": 2}, r"more than 2 YAML aliases \(max_aliases\)"),
+    ("a: &a [*a]\n", {}, r"nested deeper than 64 levels \(max_depth\)"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", {}, r"nested deeper than 64 levels \(max_depth\)"),
+    ("a: {b: {c: 1}}\n", {"max_depth": 2}, r"nested deeper than 2 levels \(max_depth\)"),
+    ("a: " + "x" * 2000 + "\n", {"max_bytes": 1000}, r"larger than 1000 bytes \(max_bytes\)"),
+    ("s: " + "x" * 1000 + "\n" + "".join(f"t{i}: !ref " + f"<t{i - 1}>" * 8 + "\n" for i in range(1, 8)).replace(
+        "<t0>", "<s>"), {}, r"produces more than 65536 characters \(max_ref_text\)"),
+    ("a: [1, 2]\nb: !ref <a>/x\n", {}, "!ref <a> inside text must point at a scalar, it points at a list"),
+])
+def test_limits_are_typed_errors_naming_the_limit(text, limits, message):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        parse_inert_yaml(text, "cfg.yaml", **limits)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_released_configs_fit_the_default_budget(tmp_path):
+    for sizes in (FULL_SIZES, TINY_SIZES):
+        data = parse_inert_yaml(yaml_text(sizes))
+        assert data["hift"]["sampling_rate"] == 22050 and data["flow"]["spk_embed_dim"] == 192
+    # big-integer arithmetic in refs stays bounded: long products are left as text
+    data = parse_inert_yaml("a: 99999\nb: !ref <a> * <a>\nc: !ref <b> * <b> * <b>\n")
+    assert data["b"] == 99999 ** 2 and data["c"] == 99999 ** 6
+    path = tmp_path / "big.yaml"
+    path.write_text("a: 1\n" + "#" * 3000 + "\n")
+    with pytest.raises(ConfigError, match=r"big.yaml: larger than 2000 bytes \(max_bytes\)"):
+        read_yaml(path, max_bytes=2000)
+    assert read_yaml(path) == {"a": 1}
+    assert read_yaml(path, max_nodes=5) == {"a": 1}

@@ -1,7 +1,10 @@
-"""Sampler rules on crafted logits: greedy, top-k, top-p, seeds, min_tokens, the repetition rule."""
+"""Sampler rules on crafted logits: greedy, top-k, top-p, seeds, min_tokens, the repetition rule;
+a row whose processors or values fail fails alone."""
+import pytest
 import torch
 
 from stepvox import SamplingParams
+from stepvox.engine.errors import InvalidRequestError
 from stepvox.engine.sampler import Sampler, repetition_banned_token
 from stepvox.engine.sequence import Sequence
 
@@ -89,6 +92,12 @@ def _fused_sampler(seed=0):
     return Sampler(torch.device("cpu"), eos_token_id=3, seed=seed, fused=True, backend="triton")
 
 
+def _fused_applies(logits, seqs):
+    sampler = _fused_sampler()
+    plans, failed = sampler._plan_rows(seqs, logits.shape[1])
+    return not failed and sampler._fused_applies(logits, plans)
+
+
 def test_fused_path_limits_the_support_and_repeats_by_seed():
     logits = torch.log(torch.tensor([[0.40, 0.30, 0.20, 0.06, 0.04] + [0.0001] * 95]))
     sampler = _fused_sampler()
@@ -99,9 +108,9 @@ def test_fused_path_limits_the_support_and_repeats_by_seed():
     a = sampler(logits.repeat(3, 1), seeded)
     b = _fused_sampler(seed=99)(logits.repeat(3, 1), seeded)
     assert a[0] == a[1] and a == b                         # the request seed decides, not the engine's
-    assert _fused_sampler()._fused_applies(logits, seeded)
-    assert not _fused_sampler()._fused_applies(logits, [_seq(SamplingParams(top_p=0.9, top_k=5))])
-    assert not _fused_sampler()._fused_applies(logits, [_seq(SamplingParams(top_k=100))])
+    assert _fused_applies(logits, seeded)
+    assert not _fused_applies(logits, [_seq(SamplingParams(top_p=0.9, top_k=5))])
+    assert not _fused_applies(logits, [_seq(SamplingParams(top_k=100))])
 
 
 def test_fused_path_applies_min_tokens_and_the_repetition_rule():
@@ -113,3 +122,62 @@ def test_fused_path_applies_min_tokens_and_the_repetition_rule():
     assert sampler(logits.clone(), [repeated]) == [3]       # 4 banned after filling 2 of the last 10
     hot = _seq(SamplingParams(temperature=0.5, top_k=1, min_tokens=3), out=[7])
     assert sampler(logits.clone(), [hot]) == [4]            # top-1 after masking eos
+
+
+def _rows_with_bad_processors():
+    """Rows 1-4 go wrong in their own ways; rows 0 (greedy) and 5 (seeded) are fine."""
+    def boom(output_ids, logits):
+        raise ValueError("boom")
+    return [_seq(SamplingParams(temperature=0)),
+            _seq(SamplingParams(temperature=0, logits_processors=[lambda o, x: x, boom])),
+            _seq(SamplingParams(temperature=0.7, top_k=5, logits_processors=[lambda o, x: x[None]])),
+            _seq(SamplingParams(temperature=0, logits_processors=[lambda o, x: x * float("nan")])),
+            _seq(SamplingParams(temperature=0.7, top_k=5,
+                                logits_processors=[lambda o, x: torch.full_like(x, -torch.inf)])),
+            _seq(SamplingParams(temperature=0.9, top_k=5, seed=4))]
+
+
+def test_a_row_whose_processor_fails_fails_alone():
+    def sampler():
+        return Sampler(torch.device("cpu"), eos_token_id=3)
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    seqs = _rows_with_bad_processors()
+    sampled = sampler().sample(logits.clone(), seqs)
+    tokens = sampled.tokens.tolist()
+    failed = sampled.failures(tokens)
+    assert sorted(failed) == [1, 2, 3, 4]
+    assert "logits processor #1 of request r raised ValueError: boom" in str(failed[1])
+    assert "processor #0 of request r returned shape (1, 64), not its row's (64,)" in str(failed[2])
+    assert "returned NaN or +inf logits" in str(failed[3])
+    assert "masked every token" in str(failed[4])
+    assert all(isinstance(e, InvalidRequestError) for e in failed.values())
+    assert all(0 <= t < 64 for t in sampled.feed().tolist())       # what a step launched ahead is fed
+    fresh = _rows_with_bad_processors()
+    alone = [sampler()(logits[i:i + 1].clone(), [fresh[i]])[0] for i in (0, 5)]
+    assert [tokens[0], tokens[5]] == alone
+    with pytest.raises(InvalidRequestError, match="#1 of request r raised ValueError"):
+        sampler()(logits.clone(), _rows_with_bad_processors())            # __call__ raises
+
+
+def test_a_row_whose_processor_fails_fails_alone_on_the_fused_path():
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    seqs = [_seq(SamplingParams(temperature=0.7, top_k=5, seed=1))] + _rows_with_bad_processors()[3:5]
+    assert _fused_applies(logits, seqs)
+    sampled = _fused_sampler().sample(logits.clone(), seqs)
+    failed = sampled.failures(sampled.tokens.tolist())
+    assert sorted(failed) == [1, 2] and "NaN" in str(failed[1]) and "masked every token" in str(failed[2])
+    assert all(0 <= t < 64 for t in sampled.feed().tolist())
+    assert sampled.tokens.tolist()[0] in logits[0].topk(5).indices.tolist()
+
+
+def test_unusable_values_fail_their_row_only():
+    logits = torch.randn(3, 64)
+    good = _seq(SamplingParams(temperature=0))
+    bad_seed, bad_temperature = _seq(SamplingParams(temperature=0.5)), _seq(SamplingParams(temperature=0.5))
+    object.__setattr__(bad_seed.params, "seed", 2 ** 64)            # values that slipped past validation
+    object.__setattr__(bad_temperature.params, "temperature", "hot")
+    sampled = Sampler(torch.device("cpu"), 3).sample(logits.clone(), [bad_seed, good, bad_temperature])
+    failed = sampled.failures(sampled.tokens.tolist())
+    assert sorted(failed) == [0, 2]
+    assert "reading the sampling parameters of request r raised ValueError" in str(failed[0])
+    assert sampled.tokens.tolist()[1] == logits[1].argmax().item()

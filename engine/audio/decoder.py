@@ -13,6 +13,7 @@ stream and the seeded offline decode share it; `noise` overrides the ODE start e
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ import torch
 
 from ...kernels import KernelConfig
 from ..device.graphs import bucket_length
-from ..errors import (AudioInputError, AudioTooShortError, InvalidRequestError, SpeakerPromptError,
+from ..errors import (AudioInputError, AudioTooShortError, ConfigError, InvalidRequestError, SpeakerPromptError,
                       SpeechTokenError)
-from ..frontend.audio_input import checked_audio
+from ..frontend.audio_input import check_sample_rate, checked_audio
 from ..frontend.mel import mel_spectrogram
 from ..frontend.resample import resample
 from ..frontend.wav import read_wav
@@ -40,6 +41,9 @@ from .decoder_stream import DecoderStream, StreamConfig, Window
 
 SPEAKER_RATE = 16000            # CAM++ input rate
 MIN_PROMPT_SECONDS = 0.1
+# a voice prompt needs a few seconds; decode cost grows with the square of prompt + target
+# length (a 5-minute prompt made a 2 s decode take 139 s), so longer prompts are refused
+MAX_PROMPT_SECONDS = 30.0
 
 
 def flow_tokens_from_llm_ids(ids) -> list[int]:
@@ -89,10 +93,18 @@ class SpeakerPrompt:
 
 class SpeechDecoder:
     def __init__(self, config: CosyVoiceConfig, flow: FlowModel, hift: HiFTGenerator, campplus: CampPlus | None,
-                 device, cuda_graphs: bool = True, fused: bool = True, bucket_eager: bool = False):
+                 device, cuda_graphs: bool = True, fused: bool = True, bucket_eager: bool = False,
+                 max_prompt_seconds: float = MAX_PROMPT_SECONDS):
         """cuda_graphs: the pre-solve, the ODE solve and HiFT as CUDA graphs per length bucket (CUDA
         only); fused: the estimator's channels-last kernels and fused Euler steps (False: the plain
-        modules, the reference); bucket_eager: pad eager solves to the buckets the graphs use."""
+        modules, the reference); bucket_eager: pad eager solves to the buckets the graphs use;
+        max_prompt_seconds: the longest speaker prompt accepted (audio, and the same length in
+        prompt tokens and mel frames for a prompt built elsewhere)."""
+        if isinstance(max_prompt_seconds, bool) or not isinstance(max_prompt_seconds, (int, float)) \
+                or not MIN_PROMPT_SECONDS <= max_prompt_seconds < math.inf:
+            raise ConfigError(f"max_prompt_seconds must be a finite number of seconds >= {MIN_PROMPT_SECONDS}, "
+                              f"got {max_prompt_seconds!r}")
+        self.max_prompt_seconds = float(max_prompt_seconds)
         self.config = config
         self.flow, self.hift, self.campplus = flow, hift, campplus
         self.device = torch.device(device)
@@ -107,7 +119,7 @@ class SpeechDecoder:
     def from_pretrained(cls, cosyvoice_dir: str, device=None, flow_dtype: torch.dtype | None = None,
                         cuda_graphs: bool | None = None, fused: bool = True, load_campplus: bool = True,
                         campplus_threads: int = 1, kernels: KernelConfig = KernelConfig(),
-                        bucket_eager: bool = False) -> "SpeechDecoder":
+                        bucket_eager: bool = False, max_prompt_seconds: float = MAX_PROMPT_SECONDS) -> "SpeechDecoder":
         """Load a released CosyVoice folder (cosyvoice.yaml, flow.pt, hift.pt, campplus.onnx).
         flow_dtype defaults to bf16 on CUDA, float32 on CPU; CUDA graphs default on for CUDA.
         campplus.onnx is optional (only make_prompt needs it). kernels: how the flow's and HiFT's
@@ -125,7 +137,8 @@ class SpeechDecoder:
         if load_campplus and os.path.isfile(camp_path):
             camp = CampPlus(camp_path, embed_dim=cfg.flow.spk_embed_dim, threads=campplus_threads)
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        return cls(cfg, flow, hift, camp, device, cuda_graphs=graphs, fused=fused, bucket_eager=bucket_eager)
+        return cls(cfg, flow, hift, camp, device, cuda_graphs=graphs, fused=fused, bucket_eager=bucket_eager,
+                   max_prompt_seconds=max_prompt_seconds)
 
     def variant(self, cuda_graphs: bool | None = None, fused: bool | None = None,
                 bucket_eager: bool | None = None) -> "SpeechDecoder":
@@ -133,7 +146,8 @@ class SpeechDecoder:
         return SpeechDecoder(self.config, self.flow, self.hift, self.campplus, self.device,
                              cuda_graphs=self.solver.use_cuda_graphs if cuda_graphs is None else cuda_graphs,
                              fused=self.solver.fused if fused is None else fused,
-                             bucket_eager=self.solver.bucket_eager if bucket_eager is None else bucket_eager)
+                             bucket_eager=self.solver.bucket_eager if bucket_eager is None else bucket_eager,
+                             max_prompt_seconds=self.max_prompt_seconds)
 
     def warmup(self, max_frames: int, batch_sizes=(1,), min_frames: int = 1) -> int:
         """Capture the CUDA graphs of every length bucket in [min_frames, max_frames] (prompt + target
@@ -175,18 +189,43 @@ class SpeechDecoder:
         return self.config.hift.samples_per_frame
 
     # ------------------------------------------------------------------ prompts
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The prompt length cap in flow tokens (input_frame_rate tokens per second)."""
+        return math.ceil(self.max_prompt_seconds * self.config.flow.input_frame_rate)
+
+    @property
+    def max_prompt_frames(self) -> int:
+        """The prompt length cap in mel frames (what make_prompt gives for max_prompt_seconds)."""
+        mel = self.config.mel
+        return int(self.max_prompt_seconds * mel.sampling_rate) // mel.hop_size + 1
+
+    def _check_prompt_length(self, count: int, unit: str, cap: int) -> None:
+        if count > cap:
+            raise AudioInputError(f"the speaker prompt has {count} {unit}, more than the {cap} of "
+                                  f"max_prompt_seconds = {self.max_prompt_seconds:g} s")
+
     def make_prompt(self, wav, sample_rate: int | None = None, tokens=None) -> SpeakerPrompt:
         """Speaker prompt from prompt audio: a WAV path, or samples ([N] or [channels, N]) with their
-        rate (16-192 kHz). Resampled to 22.05 kHz for the mel and 16 kHz for CAM++ with torchaudio's
-        sinc filter, as the official preprocessing. tokens: the prompt's flow ids (tokenizer output
-        - 65536); optional here, required before decoding with a prompt (`with_tokens`)."""
+        rate (16-192 kHz), at most `max_prompt_seconds` long (refused before anything is computed;
+        a file from its header). Resampled to 22.05 kHz for the mel and 16 kHz for CAM++ with
+        torchaudio's sinc filter, as the official preprocessing. tokens: the prompt's flow ids
+        (tokenizer output - 65536, at most `max_prompt_tokens`); optional here, required before
+        decoding with a prompt (`with_tokens`)."""
         if isinstance(wav, (str, os.PathLike)):
-            wav, file_rate = read_wav(os.fspath(wav))
+            wav, file_rate = read_wav(os.fspath(wav), max_seconds=self.max_prompt_seconds)
             if sample_rate is not None and int(sample_rate) != file_rate:
                 raise AudioInputError(f"sample_rate {sample_rate} given for a {file_rate} Hz file")
             sample_rate = file_rate
         if sample_rate is None:
             raise AudioInputError("sample_rate is required for raw samples")
+        sample_rate = check_sample_rate(sample_rate)
+        length = wav.shape[-1] if isinstance(wav, (torch.Tensor, np.ndarray)) and wav.ndim else 0
+        if length > self.max_prompt_seconds * sample_rate:
+            raise AudioInputError(f"prompt audio is {length / sample_rate:.1f} s, longer than max_prompt_seconds = "
+                                  f"{self.max_prompt_seconds:g} s")
+        if tokens is not None and hasattr(tokens, "__len__"):
+            self._check_prompt_length(len(tokens), "tokens", self.max_prompt_tokens)
         wav, sr = checked_audio(wav, sample_rate)
         if wav.numel() < MIN_PROMPT_SECONDS * sr:
             raise AudioTooShortError(f"prompt audio is {wav.numel() / sr:.3f} s; need at least {MIN_PROMPT_SECONDS} s")
@@ -207,6 +246,11 @@ class SpeechDecoder:
         if not isinstance(prompt, SpeakerPrompt):
             raise SpeakerPromptError(f"prompt must be a SpeakerPrompt, got {type(prompt).__name__}")
         mel, emb = prompt.mel, prompt.embedding
+        if not isinstance(mel, torch.Tensor) or not isinstance(emb, torch.Tensor):
+            raise SpeakerPromptError("the prompt mel and embedding must be tensors")
+        self._check_prompt_length(mel.shape[0] if mel.dim() else 0, "mel frames", self.max_prompt_frames)
+        if hasattr(prompt.tokens, "__len__"):
+            self._check_prompt_length(len(prompt.tokens), "tokens", self.max_prompt_tokens)
         if mel.dim() != 2 or mel.shape[1] != cfg.output_size:
             raise SpeakerPromptError(f"prompt mel must be [frames, {cfg.output_size}], got {list(mel.shape)}")
         if emb.numel() != cfg.spk_embed_dim:

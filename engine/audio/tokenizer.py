@@ -5,9 +5,9 @@
     ids = tok.encode(wav, 48000)                    # [65536 + vq02, ..., 66560 + vq06, ...]
     out = tok.tokenize(wav, 48000)                  # .vq02, .vq06, .ids, .text ("<audio_N>..." form)
     batch = tok.encode_batch([w1, w2], [16000, 44100])
-    stream = tok.stream("call-17")                  # live audio, any piece sizes
-    update = stream.feed(piece, 48000)              # .vq02 new every 240 ms; .vq06/.ids per 30 s
-    update = stream.finish()
+    stream = tok.stream("call-17", 48000)           # live audio, any piece sizes
+    update = stream.feed(piece)                     # .vq02 new every 240 ms; .vq06/.ids per 30 s
+    update = stream.finish()                        # or tok.abort("call-17"): dropped, no output
 
 Offline = Step-Audio's `wav2token`: resample to 16 kHz, peak-normalise (on by default), optional
 silence trim (off by default, as for chat input; the TTS prompt path turns it on), vq02 from the
@@ -27,18 +27,27 @@ come out per 30 s piece and at `finish()`. A stream cannot peak-normalise (the p
 until the end), so it applies no normalisation: its codes equal
 `tokenize(audio, sr, energy_norm=False)` of the whole audio. Normalise live input upstream (AGC)
 if needed.
+
+Sessions end with `finish()` (last codes), `close(session)` or `abort(session)` (dropped at once,
+no more output). A session not fed for `stream_idle_timeout_s` (default 300 s) is dropped too,
+so a client that vanishes does not hold its state forever: every `stream()` / `feed()` call
+checks the open sessions (no background thread), and a later feed on a dropped one raises
+StreamClosedError saying why.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ...kernels import KernelConfig
-from ..errors import AudioInputError, AudioTooShortError, CheckpointError, StreamClosedError
+from ..errors import (AudioInputError, AudioTooShortError, CheckpointError, ConfigError, InvalidRequestError,
+                      StreamClosedError)
 from ..frontend.audio_input import check_sample_rate, to_mono_float
 from ..frontend.paraformer_features import ParaformerFeatures
 from ..frontend.preprocess import TOKENIZER_SAMPLE_RATE, prepare_waveform
@@ -51,6 +60,7 @@ from ..special_tokens import AUDIO_TOKEN_OFFSET, VQ02_CODES, VQ06_CODES, VQ06_OF
 
 VQ02_PER_GROUP = 2
 VQ06_PER_GROUP = 3
+STREAM_IDLE_TIMEOUT_S = 300.0
 
 
 def num_groups(n_vq02: int, n_vq06: int) -> int:
@@ -92,7 +102,13 @@ class StreamUpdate:
 
 
 class AudioTokenizer:
-    def __init__(self, linguistic: LinguisticTokenizer, features: ParaformerFeatures, semantic: SemanticTokenizer):
+    def __init__(self, linguistic: LinguisticTokenizer, features: ParaformerFeatures, semantic: SemanticTokenizer,
+                 stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S):
+        """stream_idle_timeout_s: a live stream not fed for this long is dropped (math.inf: never)."""
+        if isinstance(stream_idle_timeout_s, bool) or not isinstance(stream_idle_timeout_s, (int, float)) \
+                or not stream_idle_timeout_s > 0:
+            raise ConfigError(f"stream_idle_timeout_s must be a number of seconds > 0, got {stream_idle_timeout_s!r}")
+        self.stream_idle_timeout_s = float(stream_idle_timeout_s)
         self.linguistic = linguistic
         self.features = features
         self.semantic = semantic
@@ -104,7 +120,8 @@ class AudioTokenizer:
     def from_pretrained(cls, tokenizer_dir: str | os.PathLike, device="cpu", dtype=torch.float32,
                         s3_dtype: torch.dtype | None = None, cache_converted: bool = True,
                         use_cuda_graphs: bool = True, tf32: bool = False, bucket_eager: bool = False,
-                        kernels: KernelConfig = KernelConfig()) -> "AudioTokenizer":
+                        kernels: KernelConfig = KernelConfig(),
+                        stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S) -> "AudioTokenizer":
         """Load the released Step-Audio-Tokenizer folder: the FunASR Paraformer subfolder
         (config.yaml, am.mvn, model.pt encoder tensors), linguistic_tokenizer.npy and
         speech_tokenizer_v1.onnx (initializers converted to the native module; with
@@ -112,7 +129,8 @@ class AudioTokenizer:
         encoders (`s3_dtype` overrides it for the S3 encoder); the code searches run in float32.
         `tf32` (off by default) lets float32 encoders' matrix products use TF32 tensor cores;
         `bucket_eager` pads eager runs to the buckets the CUDA graphs use; `kernels` says how the
-        kernels run (stepvox.kernels.KernelConfig)."""
+        kernels run (stepvox.kernels.KernelConfig); `stream_idle_timeout_s` when a forgotten live
+        stream is dropped."""
         root = os.fspath(tokenizer_dir)
         device = torch.device(device)
         para_dir = os.path.join(root, PARAFORMER_SUBDIR)
@@ -133,7 +151,7 @@ class AudioTokenizer:
             raise CheckpointError(f"S3 codebook has {s3.cfg.codebook_size} rows, the LLM has {VQ06_CODES} ids")
         graphs = dict(use_cuda_graphs=use_cuda_graphs, bucket_eager=bucket_eager, tf32=tf32)
         linguistic = LinguisticTokenizer(encoder, torch.from_numpy(codebook.astype(np.float32)), **graphs)
-        return cls(linguistic, features, SemanticTokenizer(s3, **graphs))
+        return cls(linguistic, features, SemanticTokenizer(s3, **graphs), stream_idle_timeout_s=stream_idle_timeout_s)
 
     def variant(self, use_cuda_graphs: bool | None = None, bucket_eager: bool | None = None) -> "AudioTokenizer":
         """A tokenizer sharing this one's models with other run settings (benchmarks compare them)."""
@@ -141,7 +159,8 @@ class AudioTokenizer:
                         bucket_eager=self.linguistic.bucket_eager if bucket_eager is None else bucket_eager,
                         tf32=self.linguistic.tf32)
         return AudioTokenizer(LinguisticTokenizer(self.linguistic.encoder, self.linguistic.codebook, **settings),
-                              self.features, SemanticTokenizer(self.semantic.model, **settings))
+                              self.features, SemanticTokenizer(self.semantic.model, **settings),
+                              stream_idle_timeout_s=self.stream_idle_timeout_s)
 
     @property
     def graph_count(self) -> int:
@@ -257,27 +276,64 @@ class AudioTokenizer:
 
     # ------------------------------------------------------------------ streaming API
     def stream(self, session: str | None = None, sample_rate: int | None = None) -> "TokenizerStream":
-        """The live stream of `session`: created on first use (at `sample_rate`, default 16 kHz),
-        returned again by later calls with the same id, forgotten after `finish`."""
+        """The live stream of `session`: created on first use (at `sample_rate`, None meaning 16 kHz;
+        any other value must pass the audio rate policy), returned again by later calls with the
+        same id, forgotten after `finish`, `close`, `abort` or `stream_idle_timeout_s` unfed.
+        `session=None` gives an unregistered stream."""
+        if session is not None and not isinstance(session, str):
+            raise InvalidRequestError(f"a stream session id must be a string, got {type(session).__name__}")
+        rate = TOKENIZER_SAMPLE_RATE if sample_rate is None else check_sample_rate(sample_rate)
+        self._drop_idle()
         with self._lock:
             existing = self._streams.get(session) if session is not None else None
-        if existing is not None:
-            if sample_rate is not None and int(sample_rate) != existing.sample_rate:
-                raise AudioInputError(f"stream {session!r} is open at {existing.sample_rate} Hz, not {sample_rate}")
-            return existing
-        s = TokenizerStream(self, session, sample_rate or TOKENIZER_SAMPLE_RATE)
-        if session is not None:
-            with self._lock:
+            if existing is not None:
+                if sample_rate is not None and rate != existing.sample_rate:
+                    raise AudioInputError(f"stream {session!r} is open at {existing.sample_rate} Hz, not {rate}")
+                existing.touch()
+                return existing
+            s = TokenizerStream(self, session, rate)
+            if session is not None:
                 self._streams[session] = s
         return s
 
     def open_sessions(self) -> list[str]:
+        self._drop_idle()
         with self._lock:
             return list(self._streams)
 
-    def _forget(self, session: str | None) -> None:
+    def close(self, session: str) -> bool:
+        """Forget `session` at once: its state is released and it gives no more output (a later
+        feed raises StreamClosedError). False when no such session is open."""
+        return self._end(session, "closed")
+
+    def abort(self, session: str) -> bool:
+        """Cancel `session`: as `close`, for a request given up (its feed raises "aborted")."""
+        return self._end(session, "aborted")
+
+    def _end(self, session: str, why: str) -> bool:
         with self._lock:
-            self._streams.pop(session, None)
+            stream = self._streams.pop(session, None)
+        if stream is None:
+            return False
+        stream.release(why)
+        return True
+
+    def _drop_idle(self) -> None:
+        """Drop the sessions unfed for stream_idle_timeout_s (run on every stream/feed call)."""
+        if math.isinf(self.stream_idle_timeout_s):
+            return
+        deadline = time.monotonic() - self.stream_idle_timeout_s
+        with self._lock:
+            idle = [k for k, st in self._streams.items() if st.last_used < deadline and not st._busy]
+            dropped = [self._streams.pop(k) for k in idle]
+        for st in dropped:
+            st.release(st._idle_reason())
+
+    def _forget(self, stream: "TokenizerStream") -> None:
+        # only this stream: its id may since have been given to a new one
+        with self._lock:
+            if self._streams.get(stream.session) is stream:
+                del self._streams[stream.session]
 
 
 class TokenizerStream:
@@ -295,28 +351,89 @@ class TokenizerStream:
         self.vq02: list[int] = []
         self.vq06: list[int] = []
         self.groups = 0
-        self.closed = False
+        self.closed_as: str | None = None           # why it takes no more audio
+        self.last_used = time.monotonic()
+        # close/abort may come from another thread while a feed runs: the state is let go
+        # when that feed ends, and its output is dropped
+        self._state_lock = threading.Lock()
+        self._busy = False
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_as is not None
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def release(self, why: str) -> None:
+        """No more output: mark why, and let go of the audio and model state it holds."""
+        with self._state_lock:
+            if self.closed_as is None:
+                self.closed_as = why
+            if not self._busy:
+                self._drop_state()
+
+    def _drop_state(self) -> None:
+        self.resampler = self.features = self.encoder = self.piece = None
+
+    def _idle_reason(self) -> str:
+        return f"expired: not fed for {self.tokenizer.stream_idle_timeout_s:g} s (stream_idle_timeout_s)"
+
+    def _begin(self) -> None:
+        """Enter a feed/finish: StreamClosedError if the stream is finished, closed, aborted or idle too long."""
+        self.tokenizer._drop_idle()
+        expired = time.monotonic() - self.last_used > self.tokenizer.stream_idle_timeout_s
+        if expired:     # also an unregistered stream, whose idle time no sweep sees
+            self.tokenizer._forget(self)
+            self.release(self._idle_reason())
+        with self._state_lock:
+            if self.closed_as is not None:
+                raise StreamClosedError(f"stream {self.session!r} is {self.closed_as}")
+            self._busy = True
+        self.touch()
+
+    def _end(self, update: StreamUpdate) -> StreamUpdate:
+        with self._state_lock:
+            self._busy = False
+            if self.closed_as is None:
+                return update
+            self._drop_state()
+            return update if self.closed_as == "finished" else StreamUpdate()
 
     @torch.inference_mode()
     def feed(self, audio, sample_rate: int | None = None) -> StreamUpdate:
         """Add audio (any length; same rules as offline input); returns what became available."""
-        if self.closed:
-            raise StreamClosedError(f"stream {self.session!r} is finished")
-        if sample_rate is not None and int(sample_rate) != self.sample_rate:
-            raise AudioInputError(f"stream {self.session!r} was opened at {self.sample_rate} Hz, got {sample_rate}")
-        if isinstance(audio, (torch.Tensor, np.ndarray)) and tuple(audio.shape[-1:]) == (0,):
-            return StreamUpdate()                       # an empty piece is fine mid-stream
-        wav = to_mono_float(audio)
-        return self._consume(self.resampler.push(wav.to(self.tokenizer.device)), final=False)
+        self._begin()
+        update = StreamUpdate()
+        try:
+            if sample_rate is not None and check_sample_rate(sample_rate) != self.sample_rate:
+                raise AudioInputError(f"stream {self.session!r} was opened at {self.sample_rate} Hz, got {sample_rate}")
+            if not (isinstance(audio, (torch.Tensor, np.ndarray)) and tuple(audio.shape[-1:]) == (0,)):
+                wav = to_mono_float(audio)                 # (an empty piece is fine mid-stream)
+                update = self._consume(self.resampler.push(wav.to(self.tokenizer.device)), final=False)
+        finally:
+            update = self._end(update)
+        return update
 
     @torch.inference_mode()
     def finish(self) -> StreamUpdate:
         """End of audio: flush the last partial 240 ms call and the last S3 piece."""
-        if self.closed:
-            raise StreamClosedError(f"stream {self.session!r} is finished")
-        self.closed = True
-        self.tokenizer._forget(self.session)
-        return self._consume(self.resampler.finish(), final=True)
+        self._begin()
+        update = StreamUpdate()
+        try:
+            self.tokenizer._forget(self)
+            update = self._consume(self.resampler.finish(), final=True)
+        finally:
+            with self._state_lock:
+                if self.closed_as is None:
+                    self.closed_as = "finished"
+            update = self._end(update)
+        return update
+
+    def close(self) -> None:
+        """Drop this stream at once (no more output)."""
+        self.tokenizer._forget(self)
+        self.release("closed")
 
     def _consume(self, wav16k: torch.Tensor, final: bool) -> StreamUpdate:
         update = StreamUpdate()

@@ -4,6 +4,11 @@ A TPGroup is an object handed to the model at construction, not process-wide sta
 talk to torch.distributed directly but call `tp.all_reduce` / `tp.gather_logits`, so a faster
 all-reduce (a CUDA kernel, later) can replace NCCL's in one place, and a one-rank model carries
 `TPGroup()` and no group at all.
+
+The ranks of one engine meet in a RankGroup: a store the driver serves on a port of its own and a
+gloo (CPU) or NCCL (GPU) backend constructed on it directly. torch.distributed's default group and
+its registry of groups are never touched, so engines of any sizes live side by side in one process,
+and closing a RankGroup releases its threads and sockets.
 """
 from __future__ import annotations
 
@@ -13,19 +18,96 @@ import datetime
 import torch
 import torch.distributed as dist
 
-CONTROL_TIMEOUT = datetime.timedelta(seconds=600)
+from ..errors import EngineDeadError
+
+# joining happens once every rank has said it is alive, so a short bound only catches a rank
+# killed in between; collectives wait for the slowest rank (weights load at different speeds)
+RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=120)
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)
+LOOPBACK = "127.0.0.1"
+
+
+def serve_store() -> dist.TCPStore:
+    """The driver's store, on a port the OS picks (read it from `.port`); it waits for nobody."""
+    return dist.TCPStore(LOOPBACK, 0, None, True, RENDEZVOUS_TIMEOUT, wait_for_workers=False)
+
+
+def connect_store(port: int) -> dist.TCPStore:
+    return dist.TCPStore(LOOPBACK, port, None, False, RENDEZVOUS_TIMEOUT)
+
+
+class RankGroup:
+    """One engine's ranks, joined through that engine's store. Constructing it is a rendezvous:
+    every rank must construct it (NCCL connects here too, not in the first collective)."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device):
+        self.rank, self.size = rank, size
+        prefixed = dist.PrefixStore("tp", store)
+        if device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options.is_high_priority_stream = False
+            options._timeout = COLLECTIVE_TIMEOUT
+            options.global_ranks_in_group = list(range(size))
+            options.group_name = "stepvox-tp"
+            backend = dist.ProcessGroupNCCL(prefixed, rank, size, options)
+            backend.eager_connect_single_device(device)
+        else:
+            backend = dist.ProcessGroupGloo(prefixed, rank, size, RENDEZVOUS_TIMEOUT)
+            backend.set_timeout(COLLECTIVE_TIMEOUT)
+        self._store, self._backend = store, backend
+
+    def _live(self):
+        if self._backend is None:
+            raise EngineDeadError("the tensor-parallel group was closed (the engine was shut down)")
+        return self._backend
+
+    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        options = dist.AllreduceOptions()
+        options.reduceOp = op
+        self._live().allreduce([x], options).wait()
+
+    def all_gather(self, parts: list[torch.Tensor], x: torch.Tensor) -> None:
+        self._live().allgather([parts], [x]).wait()
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        self._live().broadcast([x], options).wait()
+
+    def abort(self) -> None:
+        """Break collectives blocked on a dead rank (NCCL would wait for ever; gloo notices the
+        closed socket itself). Callable from another thread."""
+        backend = self._backend
+        if backend is not None:
+            try:
+                backend.abort()
+            except RuntimeError:        # a backend without abort: its collectives fail on their own
+                pass
+
+    def close(self, graceful: bool = True) -> None:
+        """Release the backend and the store (threads, sockets); later collectives raise. Not
+        graceful when a rank died or stopped inside a collective: abort rather than finish."""
+        backend, self._backend, self._store = self._backend, None, None
+        if backend is not None:
+            try:
+                if graceful:
+                    backend.shutdown()
+                else:
+                    backend.abort()
+            except RuntimeError:        # a peer gone, or no abort in this backend: nothing to finish
+                pass
 
 
 @dataclasses.dataclass(frozen=True)
 class TPGroup:
     rank: int = 0
     size: int = 1
-    group: object | None = None      # a torch.distributed ProcessGroup when size > 1
+    group: RankGroup | None = None      # the engine's RankGroup when size > 1
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the tensor-parallel ranks, in place."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            self.group.all_reduce(x)
         return x
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
@@ -33,7 +115,7 @@ class TPGroup:
         if self.size == 1:
             return local
         parts = [torch.empty_like(local) for _ in range(self.size)]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
+        self.group.all_gather(parts, local.contiguous())
         return torch.cat(parts, dim=-1)
 
     def min_int(self, value: int, device: torch.device) -> int:
@@ -41,16 +123,5 @@ class TPGroup:
         if self.size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        self.group.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
-
-
-def init_groups(rank: int, size: int, init_method: str, device: torch.device):
-    """Join the ranks: returns (the model's TPGroup: NCCL on GPUs, gloo on CPUs, and a gloo group
-    for step plans)."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, init_method=init_method, world_size=size, rank=rank,
-                            timeout=CONTROL_TIMEOUT, **kwargs)
-    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if backend != "gloo" else dist.group.WORLD
-    return TPGroup(rank, size, dist.group.WORLD), control

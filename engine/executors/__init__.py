@@ -6,7 +6,11 @@ returns device tensors without waiting for them; `input_tokens` (a device tensor
 step planned ahead (LLMEngine's async scheduling) with the previous step's samples.
 
 - LocalExecutor: one process, one device.
-- TensorParallelExecutor: rank 0 in this process, ranks 1..N-1 in worker processes (worker.py).
+- TensorParallelExecutor: rank 0 in this process, ranks 1..N-1 in worker processes (worker.py),
+  joined by a process group of its own (no process-wide state), so executors of any sizes coexist.
+
+`shutdown()` releases everything the executor made and may be called more than once; `execute`
+after it raises EngineDeadError.
 """
 from __future__ import annotations
 

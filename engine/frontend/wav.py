@@ -1,76 +1,89 @@
-"""WAV files: read into float32 [channels, samples] in [-1, 1], write 16-bit PCM or float32."""
+"""Audio files through libsndfile (python-soundfile): read WAV / FLAC / OGG (whatever libsndfile
+opens) into float32 [channels, samples] in [-1, 1]; write 16-bit PCM or float32 WAV. Every file
+libsndfile refuses, a truncated data chunk and an empty file are an AudioInputError naming the
+file and the problem."""
 from __future__ import annotations
 
+import os
+import re
 import struct
 
 import numpy as np
+import soundfile
 import torch
 
 from ..errors import AudioInputError
 
-_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+# libsndfile's log line for a WAV data chunk that claims more bytes than the file holds
+_TRUNCATED = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# sizes that streaming writers put in the header before the length is known: not truncation
+_STREAMED_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)
 
 
-def read_wav(path: str) -> tuple[np.ndarray, int]:
-    """Read a RIFF/WAVE file (PCM 8/16/24/32-bit or IEEE float 32/64). Returns float32
-    [channels, samples] in [-1, 1] and the sample rate. AudioInputError when the file is malformed."""
+def _wav_fmt(path: str) -> str:
+    """The fields of a RIFF/WAVE file's fmt chunk as text, or "" (to say why libsndfile refused it)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise AudioInputError(f"{path}: cannot read: {exc}") from exc
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise AudioInputError(f"{path}: not a RIFF/WAVE file")
-    pos, fmt, payload = 12, None, None
-    while pos + 8 <= len(data):
-        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
-        body = data[pos + 8:pos + 8 + size]
-        if cid == b"fmt ":
-            if len(body) < 16:
-                raise AudioInputError(f"{path}: fmt chunk too short")
-            fmt = struct.unpack("<HHIIHH", body[:16])
-            if fmt[0] == _EXTENSIBLE and len(body) >= 26:
-                fmt = (struct.unpack("<H", body[24:26])[0],) + fmt[1:]
-        elif cid == b"data":
-            payload = body
+            head = f.read(4096)
+    except OSError:
+        return ""
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return ""
+    pos = 12
+    while pos + 8 <= len(head):
+        cid, size = head[pos:pos + 4], struct.unpack("<I", head[pos + 4:pos + 8])[0]
+        if cid == b"fmt " and pos + 24 <= len(head):
+            tag, channels, rate, _, block, bits = struct.unpack("<HHIIHH", head[pos + 8:pos + 24])
+            return (f" (fmt chunk: format 0x{tag:x}, {channels} channels, {rate} Hz, {bits} bits per sample, "
+                    f"block align {block})")
         pos += 8 + size + (size & 1)
-    if fmt is None or payload is None:
-        raise AudioInputError(f"{path}: missing fmt or data chunk")
-    tag, channels, rate, _, block_align, bits = fmt
-    if channels < 1 or bits % 8 or block_align != channels * bits // 8:
-        raise AudioInputError(f"{path}: inconsistent fmt chunk (channels {channels}, bits {bits})")
-    width = bits // 8
-    usable = len(payload) - len(payload) % block_align
-    raw = np.frombuffer(payload[:usable], dtype=np.uint8)
-    if tag == _PCM and width == 1:
-        x = (raw.astype(np.float32) - 128.0) / 128.0
-    elif tag == _PCM and width == 2:
-        x = raw.view("<i2").astype(np.float32) / 32768.0
-    elif tag == _PCM and width == 3:
-        b = raw.reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-    elif tag == _PCM and width == 4:
-        x = raw.view("<i4").astype(np.float32) / float(1 << 31)
-    elif tag == _FLOAT and width in (4, 8):
-        x = raw.view("<f4" if width == 4 else "<f8").astype(np.float32)
-    else:
-        raise AudioInputError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits)")
-    return np.ascontiguousarray(x.reshape(-1, channels).T), int(rate)
+    return ""
+
+
+def _open_error(path: str, exc: Exception) -> AudioInputError:
+    reason = str(exc).split(": ", 1)[-1] if str(exc).startswith("Error opening") else str(exc)
+    return AudioInputError(f"{path}: not readable as audio: {reason}{_wav_fmt(path)}")
+
+
+def read_wav(path: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Read an audio file (WAV PCM 8/16/24/32-bit or float, FLAC, OGG, ...). Returns float32
+    [channels, samples] in [-1, 1] and the sample rate. With `max_seconds`, a longer file is
+    refused from its header, before its samples are read. AudioInputError when the file cannot be
+    used."""
+    if not os.path.isfile(path):
+        raise AudioInputError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
+    try:
+        info = soundfile.info(path)
+    except (soundfile.SoundFileError, OSError, ValueError, TypeError) as exc:
+        raise _open_error(path, exc) from exc
+    truncated = _TRUNCATED.search(info.extra_info or "")
+    if truncated and int(truncated.group(1)) not in _STREAMED_SIZES:
+        raise AudioInputError(f"{path}: truncated: its data chunk declares {truncated.group(1)} bytes, "
+                              f"the file holds {truncated.group(2)}")
+    if info.frames <= 0:
+        raise AudioInputError(f"{path}: holds no audio frames")
+    if max_seconds is not None and info.frames > max_seconds * info.samplerate:
+        raise AudioInputError(f"{path}: {info.frames / info.samplerate:.1f} s of audio is longer than the "
+                              f"limit of {max_seconds:g} s")
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (soundfile.SoundFileError, OSError, ValueError, TypeError) as exc:
+        raise _open_error(path, exc) from exc
+    if data.shape[0] == 0:
+        raise AudioInputError(f"{path}: holds no audio frames")
+    return np.ascontiguousarray(data.T), int(rate)
 
 
 def write_wav(path: str, audio, sample_rate: int, float32: bool = False) -> None:
-    """Write mono [N] or [channels, N] audio in [-1, 1] as 16-bit PCM (or 32-bit float)."""
+    """Write mono [N] or [channels, N] audio in [-1, 1] as 16-bit PCM (or 32-bit float) WAV."""
     a = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     a = a.reshape(1, -1) if a.ndim == 1 else a
-    channels = a.shape[0]
     if float32:
-        body, tag, bits = a.T.astype("<f4").tobytes(), _FLOAT, 32
+        frames, subtype = a.T.astype(np.float32), "FLOAT"
     else:
-        body, tag, bits = (np.clip(a.T, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes(), _PCM, 16
-    block = channels * bits // 8
-    fmt = struct.pack("<HHIIHH", tag, channels, int(sample_rate), int(sample_rate) * block, block, bits)
-    with open(path, "wb") as f:
-        f.write(b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(body)) + b"WAVE")
-        f.write(b"fmt " + struct.pack("<I", len(fmt)) + fmt)
-        f.write(b"data" + struct.pack("<I", len(body)) + body)
+        # the scaling and rounding are ours (x * 32767, clipped), not libsndfile's, so files stay bit-identical
+        frames, subtype = (np.clip(a.T, -1.0, 1.0) * 32767.0).round().astype(np.int16), "PCM_16"
+    try:
+        soundfile.write(path, frames, int(sample_rate), subtype=subtype, format="WAV")
+    except soundfile.SoundFileError as exc:
+        raise OSError(f"{path}: cannot write: {exc}") from exc

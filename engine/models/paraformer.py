@@ -71,9 +71,41 @@ class ParaformerEncoderConfig:
         return (self.kernel_size - 1) // 2 + self.sanm_shift
 
 
+MAX_FRAME_MS = 1000.0     # a longer fbank window is no speech front end (and its FFT grows with it)
+
+
+def _section(data: dict, key: str, where: str) -> dict:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: `{key}` must be a mapping, got {value!r}")
+    return value
+
+
+def _int_field(node: dict, section: str, key: str, default: int, where: str, minimum: int = 1) -> int:
+    value = node.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: `{section}.{key}` must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _ms_field(node: dict, section: str, key: str, default: float, where: str) -> float:
+    value = node.get(key, default)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= MAX_FRAME_MS
+    if not ok:
+        raise ConfigError(f"{where}: `{section}.{key}` must be a number of ms in (0, {MAX_FRAME_MS:g}], "
+                          f"got {value!r}")
+    if int(value * 16) < 1:     # samples at 16 kHz, as FbankConfig computes them
+        raise ConfigError(f"{where}: `{section}.{key}` = {value!r} ms is shorter than one sample at 16 kHz")
+    return float(value)
+
+
 def parse_paraformer_config(data: dict, where: str = "config.yaml") -> tuple[ParaformerEncoderConfig, FbankConfig]:
-    enc = data.get("encoder_conf") or {}
-    fe = data.get("frontend_conf") or {}
+    """The encoder and front-end settings of a FunASR config.yaml; ConfigError naming the field and
+    the value for a variant this engine does not run or a value it cannot use."""
+    enc = _section(data, "encoder_conf", where)
+    fe = _section(data, "frontend_conf", where)
     encoder_name = str(data.get("encoder", "SANMEncoderChunkOpt"))
     problems = []
     if encoder_name != "SANMEncoderChunkOpt":
@@ -82,22 +114,36 @@ def parse_paraformer_config(data: dict, where: str = "config.yaml") -> tuple[Par
         problems.append(f"input_layer {enc.get('input_layer')!r} (expected pe_online)")
     if enc.get("selfattention_layer_type", "sanm") != "sanm":
         problems.append(f"selfattention_layer_type {enc.get('selfattention_layer_type')!r} (expected sanm)")
-    if not enc.get("normalize_before", True):
-        problems.append("normalize_before false (expected true)")
+    if enc.get("normalize_before", True) is not True:
+        problems.append(f"normalize_before {enc.get('normalize_before')!r} (expected true)")
     if str(fe.get("window", "hamming")) != "hamming":
         problems.append(f"frontend window {fe.get('window')!r} (expected hamming)")
-    if int(fe.get("fs", 16000)) != 16000:
-        problems.append(f"frontend fs {fe.get('fs')} (expected 16000)")
+    if fe.get("fs", 16000) != 16000 or isinstance(fe.get("fs"), bool):
+        problems.append(f"frontend fs {fe.get('fs')!r} (expected 16000)")
     if problems:
         raise ConfigError(f"{where}: unsupported Paraformer variant: " + "; ".join(problems))
-    fbank = FbankConfig(n_mels=int(fe.get("n_mels", 80)), frame_length_ms=float(fe.get("frame_length", 25)),
-                        frame_shift_ms=float(fe.get("frame_shift", 10)), lfr_m=int(fe.get("lfr_m", 7)),
-                        lfr_n=int(fe.get("lfr_n", 6)))
+    f, e = "frontend_conf", "encoder_conf"
+    fbank = FbankConfig(n_mels=_int_field(fe, f, "n_mels", 80, where, minimum=4),   # Kaldi's mel bank needs > 3
+                        frame_length_ms=_ms_field(fe, f, "frame_length", 25, where),
+                        frame_shift_ms=_ms_field(fe, f, "frame_shift", 10, where),
+                        lfr_m=_int_field(fe, f, "lfr_m", 7, where), lfr_n=_int_field(fe, f, "lfr_n", 6, where))
+    if fbank.feature_dim % 2:
+        raise ConfigError(f"{where}: n_mels * lfr_m = {fbank.feature_dim} must be even (the sinusoidal "
+                          "positions fill it with sin and cos halves)")
+    kernel_size = _int_field(enc, e, "kernel_size", 11, where)
+    shift_key = "sanm_shfit" if "sanm_shfit" in enc else "sanm_shift"    # FunASR's spelling first
     encoder = ParaformerEncoderConfig(
-        input_size=fbank.feature_dim, output_size=int(enc.get("output_size", 512)),
-        attention_heads=int(enc.get("attention_heads", 4)), linear_units=int(enc.get("linear_units", 2048)),
-        num_blocks=int(enc.get("num_blocks", 50)), kernel_size=int(enc.get("kernel_size", 11)),
-        sanm_shift=int(enc.get("sanm_shfit", enc.get("sanm_shift", 0))))
+        input_size=fbank.feature_dim, output_size=_int_field(enc, e, "output_size", 512, where),
+        attention_heads=_int_field(enc, e, "attention_heads", 4, where),
+        linear_units=_int_field(enc, e, "linear_units", 2048, where),
+        num_blocks=_int_field(enc, e, "num_blocks", 50, where), kernel_size=kernel_size,
+        sanm_shift=_int_field(enc, e, shift_key, 0, where, minimum=0))
+    if encoder.output_size % encoder.attention_heads:
+        raise ConfigError(f"{where}: `encoder_conf.output_size` {encoder.output_size} is not divisible by "
+                          f"`encoder_conf.attention_heads` {encoder.attention_heads}")
+    if encoder.fsmn_left_pad > kernel_size - 1:
+        raise ConfigError(f"{where}: `encoder_conf.{shift_key}` {encoder.sanm_shift} shifts the FSMN window past "
+                          f"its kernel_size {kernel_size}")
     return encoder, fbank
 
 

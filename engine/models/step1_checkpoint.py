@@ -11,11 +11,13 @@ from contextlib import ExitStack
 from safetensors import safe_open
 
 from ..config import Step1Config
+from ..checks import shown
 from ..errors import CheckpointError
 from .weights import check_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_INDEX_BYTES = 64 << 20      # the 130B model's index is about 100 KB
 
 
 def expected_shapes(cfg: Step1Config) -> dict[str, tuple[int, ...]]:
@@ -38,22 +40,47 @@ def expected_shapes(cfg: Step1Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _open(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _read_index(path: str) -> dict[str, str]:
+    """The weight_map of a safetensors index: tensor name -> shard file name (a plain name in the
+    folder: an index cannot point outside it)."""
+    if os.path.getsize(path) > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes is too large for an index "
+                              f"(limit {MAX_INDEX_BYTES})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, RecursionError, OSError) as exc:    # ValueError: JSON, UTF-8, over-long integers
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else index   # shown as found
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: not a safetensors index: expected an object with a weight_map object "
+                              f"(tensor name -> shard file), found {shown(weight_map)}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or os.path.basename(shard) != shard or shard in (".", ".."):
+            raise CheckpointError(f"{path}: weight_map[{shown(name)}] must name a shard file in the folder, "
+                                  f"got {shown(shard)}")
+    return weight_map
+
+
 def _shard_map(folder: str) -> dict[str, str]:
     """tensor name -> shard file path."""
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a safetensors index (weight_map): {exc}") from exc
+        weight_map = _read_index(index)
         missing_files = sorted({v for v in weight_map.values() if not os.path.isfile(os.path.join(folder, v))})
         if missing_files:
             raise CheckpointError(f"{folder}: shards named in the index are missing: {', '.join(missing_files)}")
         return {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
     single = os.path.join(folder, SINGLE_FILE)
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
+        with _open(single) as f:
             return {name: single for name in f.keys()}
     raise CheckpointError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
@@ -71,10 +98,7 @@ class CheckpointReader:
 
     def _file(self, path: str):
         if path not in self._files:
-            try:
-                self._files[path] = self._stack.enter_context(safe_open(path, framework="pt"))
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"cannot read {path}: {exc}") from exc
+            self._files[path] = self._stack.enter_context(_open(path))
         return self._files[path]
 
     def validate(self) -> None:

@@ -15,12 +15,31 @@ import torch
 from ..errors import CheckpointError, MissingTensorsError, TensorShapeError, UnexpectedTensorsError
 
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_REFUSAL = "Weights only load failed"      # how torch's weights_only unpickler starts a refusal
 
 
 def _listing(names, limit: int = 8) -> str:
     names = sorted(names)
     more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def _load_error(path: str, exc: Exception) -> CheckpointError:
+    """Our account of a failed torch.load: a refused global is named; otherwise the cause, without
+    torch's advice to retry with weights_only=False (which "will likely succeed" by running the file)."""
+    text = str(exc)
+    blocked = _BLOCKED_GLOBAL.search(text)
+    if blocked:
+        return CheckpointError(f"{path}: refused: the file asks to build `{blocked.group(1)}`, which a plain "
+                               "tensor state dict never needs; stepvox reads weights as data only "
+                               "(torch.load weights_only=True) and runs no code from a model folder")
+    if text.startswith(_REFUSAL):
+        # torch's text: its advice, then the cause in a paragraph of its own, then a link
+        causes = [p.strip() for p in text.split("\n\n")[1:]
+                  if p.strip() and not p.startswith("Check the documentation")]
+        text = causes[0] if causes else "the safe unpickler stopped"
+    first = text.splitlines()[0] if text else ""
+    return CheckpointError(f"{path}: not a readable tensor state dict ({type(exc).__name__}: {first})")
 
 
 def read_torch_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict:
@@ -40,14 +59,7 @@ def read_torch_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
     except Exception as exc:  # noqa: BLE001 - unpickling refusals and IO errors have many types
-        text = str(exc)
-        blocked = _BLOCKED_GLOBAL.search(text)
-        if blocked:
-            raise CheckpointError(f"{path}: refused: the file asks to build `{blocked.group(1)}`, which a plain "
-                                  "tensor state dict never needs; stepvox reads weights as data only "
-                                  "(torch.load weights_only=True) and runs no code from a model folder") from None
-        first = text.splitlines()[0] if text else ""
-        raise CheckpointError(f"{path}: not a readable tensor state dict ({type(exc).__name__}: {first})") from None
+        raise _load_error(path, exc) from None
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

@@ -1,43 +1,168 @@
 """The `stepvox` command.
 
+  stepvox tts TEXT --out FILE [--model DIR --tokenizer DIR --speakers DIR] [--voice NAME] ...
+                                                      text to speech, with latency and RTF
   stepvox generate [--model DIR] [--prompt TEXT ...]   generate and report throughput
   stepvox plan --model DIR [--tp 1 2 4 8]              tensor-parallel memory/speed plan
-Given no model folder, `generate` writes a tiny random-weight Step1 checkpoint and says so.
+  stepvox --version
+Given no model folder, `tts` writes tiny random-weight folders of the three releases (and a
+generated voice prompt), `generate` a tiny random-weight Step1 checkpoint, and each says so.
+A mistake of the user's (a bad option, a bad model folder) is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 
+from stepvox import __version__
+from stepvox.engine.config import EngineConfig
+from stepvox.engine.errors import CheckpointError, ConfigError, InvalidRequestError, StepvoxError
+from stepvox.engine.frontend.audio_formats import FORMATS, RATES, output_rate
+from stepvox.engine.pipelines.tts import TTS
+from stepvox.engine.pipelines.tts_text import MODES
+from stepvox.engine.pipelines.voices import VoiceRef
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.kernels import BACKENDS
 from stepvox.llm import LLM
 from stepvox.plan import main as plan_main
 from stepvox.testing.step1 import write_random_step1
+from stepvox.testing.tts import write_tts_folders
+
+COMMANDS = ("tts", "generate", "plan")
+USER_ERRORS = (ConfigError, CheckpointError, InvalidRequestError)   # exit 2; other StepvoxErrors exit 1
+DEFAULT_MODEL = "stepvox-tiny-step1"
+DEFAULT_TTS = "stepvox-tiny-tts"
+COMPLETE_MARKER = ".stepvox-complete"     # written last: a folder without it is not a finished checkpoint
+STALE_PARTIAL_S = 3600                    # a partial folder this old belongs to a writer that was killed
 
 
-def _default_model(path: str | None) -> str:
-    folder = path or os.path.join(tempfile.gettempdir(), "stepvox-tiny-step1")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        write_random_step1(folder, seed=0)
-    print(f"no --model given: using a tiny random-weight Step1 checkpoint written to {folder} "
-          f"(2 layers, hidden 64, real 74752-token vocabulary; its output is noise)")
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `stepvox: error: ...`, and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        sys.stderr.write(f"stepvox: error: {_one_line(message)}\n")
+        raise SystemExit(2)
+
+
+# ---------------------------------------------------------------- argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------- the embedded default checkpoint
+def _clear_stale_partials(parent: str, name: str) -> None:
+    prefix = f".{name}.partial-"
+    for entry in os.listdir(parent):
+        path = os.path.join(parent, entry)
+        try:
+            if entry.startswith(prefix) and time.time() - os.path.getmtime(path) > STALE_PARTIAL_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass                                   # another run removed it first
+
+
+def materialized(name: str, write, parent: str | None = None) -> str:
+    """The folder `name` under `parent` (default: the temp folder), made by `write(path)` if it is
+    not there yet. It is written into a temporary sibling and renamed into place once complete, so
+    an interrupted writer never leaves a folder that a later run would take for a finished one; a
+    folder without the completion marker (an older writer's) is replaced."""
+    parent = parent or tempfile.gettempdir()
+    folder = os.path.join(parent, name)
+    if os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+        return folder
+    _clear_stale_partials(parent, name)
+    work = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        write(work)
+        with open(os.path.join(work, COMPLETE_MARKER), "w"):
+            pass
+        if os.path.lexists(folder):                # incomplete: move it out of the way, then drop it
+            doomed = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+            try:
+                os.replace(folder, os.path.join(doomed, "old"))
+            except FileNotFoundError:
+                pass                               # a concurrent run moved it first
+            shutil.rmtree(doomed, ignore_errors=True)
+        try:
+            os.rename(work, folder)
+        except OSError:                            # a concurrent run finished first: use its folder
+            if not os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)   # still there when interrupted or beaten to it
     return folder
 
 
+def default_model(parent: str | None = None) -> str:
+    """The tiny random-weight Step1 checkpoint (see `materialized`)."""
+    return materialized(DEFAULT_MODEL, lambda path: write_random_step1(path, seed=0), parent)
+
+
+def default_tts_folders(parent: str | None = None) -> dict[str, str]:
+    """Tiny random-weight Step-Audio-TTS-3B, Step-Audio-Tokenizer and speakers folders."""
+    root = materialized(DEFAULT_TTS, lambda path: write_tts_folders(path, seed=0), parent)
+    return {k: os.path.join(root, v) for k, v in (("model", "Step-Audio-TTS-3B"),
+                                                  ("tokenizer", "Step-Audio-Tokenizer"), ("speakers", "speakers"))}
+
+
+# ---------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
-    model = args.model or _default_model(None)
-    t0 = time.perf_counter()
-    llm = LLM(model, device=args.device, dtype=args.dtype, tensor_parallel_size=args.tp,
-              max_model_len=args.max_model_len, enforce_eager=args.eager, kernel_backend=args.kernels)
-    load_s = time.perf_counter() - t0
-    prompts = args.prompt or ["Hello, how are you today?"]
-    prompts = (prompts * args.batch)[:max(args.batch, len(prompts))]
+    # every option is checked before anything is written or loaded
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
+    options = dict(device=args.device, dtype=args.dtype, tensor_parallel_size=args.tp,
+                   max_model_len=args.max_model_len, enforce_eager=args.eager, kernel_backend=args.kernels)
+    EngineConfig(**options).validate()
+    if args.model is not None and not os.path.isdir(args.model):
+        raise CheckpointError(f"--model {args.model}: no such folder")
+    model = args.model
+    if model is None:
+        model = default_model()
+        print(f"no --model given: using a tiny random-weight Step1 checkpoint written to {model} "
+              f"(2 layers, hidden 64, real 74752-token vocabulary; its output is noise)")
+    t0 = time.perf_counter()
+    llm = LLM(model, **options)
+    try:
+        return _report_generation(llm, args, params, time.perf_counter() - t0)
+    finally:
+        llm.shutdown()
+
+
+def _report_generation(llm: LLM, args, params: SamplingParams, load_s: float) -> int:
+    prompts = args.prompt or ["Hello, how are you today?"]
+    prompts = (prompts * args.batch)[:max(args.batch, len(prompts))]
     t1 = time.perf_counter()
     outs = llm.generate(prompts, params)
     gen_s = time.perf_counter() - t1
@@ -50,13 +175,69 @@ def cmd_generate(args) -> int:
         print(f"  text: {c.text[:200]!r}")
     new_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs if o.metrics.first_token_time]
+    ttft_text = f"{1e3 * min(ttft):.1f}-{1e3 * max(ttft):.1f} ms" if ttft else "-"
     print(f"device {eng.device} dtype {str(eng.dtype).replace('torch.', '')}; load {load_s:.2f} s; "
           f"KV cache {eng.block_manager.num_pages} pages of {eng.ecfg.page_size} tokens")
     print(f"{len(outs)} requests, {eng.stats['prefill_tokens']} prefill + {new_tokens} generated tokens in "
           f"{gen_s:.3f} s: {new_tokens / gen_s:.1f} generated tokens/s, "
-          f"time to first token {1e3 * min(ttft):.1f}-{1e3 * max(ttft):.1f} ms, {eng.stats['steps']} steps")
-    llm.shutdown()
+          f"time to first token {ttft_text}, {eng.stats['steps']} steps")
     return 0
+
+
+def cmd_tts(args) -> int:
+    # checked before anything is written or loaded
+    output_rate(args.format or _format_of(args.out), args.sample_rate, 22050)
+    options = dict(kernel_backend=args.kernels, max_model_len=args.max_model_len)
+    EngineConfig(device=args.device, **options).validate()
+    given = [x is not None for x in (args.model, args.tokenizer)]
+    if any(given) and not all(given):
+        raise ConfigError("--model and --tokenizer go together (a Step-Audio-TTS-3B and a Step-Audio-Tokenizer folder)")
+    if (args.clone_wav is None) != (args.clone_text is None):
+        raise InvalidRequestError("--clone-wav and --clone-text go together")
+    if args.model is None:
+        folders = default_tts_folders()
+        speakers = args.speakers or folders["speakers"]
+        print(f"no --model given: using tiny random-weight folders of Step-Audio-TTS-3B, Step-Audio-Tokenizer and a "
+              f"speakers folder written under {os.path.dirname(folders['model'])} (their speech is noise)")
+    else:
+        for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--speakers", args.speakers)):
+            if path is not None and not os.path.isdir(path):
+                raise CheckpointError(f"{flag} {path}: no such folder")
+        folders, speakers = {"model": args.model, "tokenizer": args.tokenizer}, args.speakers
+    device = None if args.device == "auto" else args.device
+    t0 = time.perf_counter()
+    tts = TTS.from_pretrained(folders["model"], folders["tokenizer"], speakers, device=device,
+                              voices_dir=args.voices_dir, **options)
+    try:
+        load_s = time.perf_counter() - t0
+        clone = VoiceRef(args.clone_wav, args.clone_text) if args.clone_wav else None
+        request = dict(clone=clone, emotion=args.emotion, language=args.language, speed=args.speed, mode=args.mode,
+                       speed_factor=args.speed_factor, volume=args.volume, seed=args.seed,
+                       temperature=args.temperature, max_tokens=args.max_tokens)
+        t1 = time.perf_counter()
+        chunks, first = [], None
+        for chunk in tts.stream(args.text, args.voice, **request):
+            first = first if first is not None else time.perf_counter() - t1
+            chunks.append(chunk)
+        total = time.perf_counter() - t1
+        audio = type(chunks[0]).concatenate(chunks, tts.sample_rate) if chunks else None
+        if audio is None or audio.samples.size == 0:
+            raise InvalidRequestError("the model produced no speech tokens for this text")
+        path = audio.save(args.out, args.format, args.sample_rate)
+        print(f"wrote {path}: {audio.duration:.2f} s of audio ({len(chunks)} chunks"
+              f"{', streamed' if args.stream else ''}); load {load_s:.2f} s; first audio {1e3 * first:.1f} ms; "
+              f"total {total:.2f} s; RTF {total / audio.duration:.3f}")
+        return 0
+    finally:
+        tts.shutdown()
+
+
+def _format_of(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    fmt = {"ogg": "opus", "raw": "pcm"}.get(ext, ext)
+    if fmt not in FORMATS:
+        raise InvalidRequestError(f"--out {path}: cannot tell the format from the extension; pass --format")
+    return fmt
 
 
 def cmd_plan(args) -> int:
@@ -64,13 +245,42 @@ def cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="stepvox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="stepvox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"stepvox {__version__}")
     sub = ap.add_subparsers(dest="command")
+    t = sub.add_parser("tts", help="text to speech with Step-Audio-TTS-3B")
+    t.add_argument("text", help="the text to speak (tags such as (高兴1) may be written inline)")
+    t.add_argument("--out", required=True, help="audio file to write (.wav .flac .mp3 .ogg .pcm)")
+    t.add_argument("--model", help="Step-Audio-TTS-3B folder (with CosyVoice-300M-25Hz/ and -Music/)")
+    t.add_argument("--tokenizer", help="Step-Audio-Tokenizer folder")
+    t.add_argument("--speakers", help="speakers folder (speakers_info.json + {id}_prompt.wav)")
+    t.add_argument("--voices-dir", help="folder of registered voices (kept across runs)")
+    t.add_argument("--voice", default="Tingting")
+    t.add_argument("--clone-wav", help="a 1-30 s reference recording to clone the voice of")
+    t.add_argument("--clone-text", help="the words spoken in --clone-wav")
+    t.add_argument("--emotion", help="e.g. 高兴1 高兴2 生气1 生气2 悲伤1 撒娇1")
+    t.add_argument("--language", help="e.g. 中文 英文 韩语 日语 四川话 粤语 广东话")
+    t.add_argument("--speed", help="spoken speed tag: 慢速1 慢速2 快速1 快速2")
+    t.add_argument("--mode", choices=sorted(MODES), default="normal", help="rap and humming use the Music decoder")
+    t.add_argument("--speed-factor", type=_positive_float, default=1.0, help="tempo, pitch kept (0.5-2)")
+    t.add_argument("--volume", type=float, default=1.0, help="0-4; peaks are kept below full scale")
+    t.add_argument("--format", choices=FORMATS, default=None, help="default: from --out's extension")
+    t.add_argument("--sample-rate", type=int, choices=RATES, default=None, help="default: 22050 (Opus 24000)")
+    t.add_argument("--stream", action="store_true", help="report the streamed chunks (audio always streams)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--temperature", type=float, default=0.7)
+    t.add_argument("--max-tokens", type=_positive_int, default=None, help="audio tokens per sentence (default: "
+                                                                          "proportional to its length)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--max-model-len", type=_positive_int, default=None)
+    t.add_argument("--kernels", choices=BACKENDS, default="auto",
+                   help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
+    t.set_defaults(func=cmd_tts)
     g = sub.add_parser("generate", help="generate from a Step1 model folder")
     g.add_argument("--model", help="Step1 folder (config.json, safetensors, tokenizer.model)")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    g.add_argument("--batch", type=int, default=1, help="number of requests (prompts repeated)")
-    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--batch", type=_positive_int, default=1, help="number of requests (prompts repeated)")
+    g.add_argument("--max-tokens", type=_positive_int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
@@ -78,28 +288,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
+    g.add_argument("--max-model-len", type=_positive_int, default=None)
     g.add_argument("--eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--kernels", choices=BACKENDS, default="auto",
                    help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
     g.set_defaults(func=cmd_generate)
     p = sub.add_parser("plan", help="tensor-parallel plan: weights per rank, KV tokens, ms/token floor")
     p.add_argument("--model", help="model folder (its config.json); default: the 130B chat shape")
-    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
-    p.add_argument("--bandwidth-tbs", type=float, default=3.35)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--tp", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--gpu-mem-gib", type=_positive_float, default=80.0)
+    p.add_argument("--bandwidth-tbs", type=_positive_float, default=3.35)
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
     p.set_defaults(func=cmd_plan)
     return ap
 
 
 def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if not getattr(args, "command", None):
-        args = ap.parse_args(["generate"] + list(argv if argv is not None else sys.argv[1:]))
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["generate"] + argv                 # `stepvox --model DIR` means generate
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StepvoxError as exc:
+        sys.stderr.write(f"stepvox: error: {_one_line(exc)}\n")
+        return 2 if isinstance(exc, USER_ERRORS) else 1
+    except KeyboardInterrupt:
+        sys.stderr.write("stepvox: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

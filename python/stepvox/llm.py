@@ -47,7 +47,13 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Run the prompts to completion; outputs come back in prompt order."""
+        """Run the prompts to completion; outputs come back in prompt order, one per prompt.
+
+        A request that fails at run time because of itself (a logits processor raises or returns
+        NaN, its values cannot be sampled, it outgrows the KV cache) does not stop the batch: its
+        output comes back with finish_reason "error", the tokens it had, and the typed error in
+        `.error`; the others complete as they would alone. Prompts or params refused when they are
+        submitted (InvalidRequestError) raise before anything runs; a fault of the engine raises."""
         ids = self._submit(prompts, sampling_params)
         final: dict[str, RequestOutput] = {}
         try:
@@ -62,6 +68,8 @@ class LLM:
 
     def generate_stream(self, prompts, sampling_params=None) -> Iterator[RequestOutput]:
         """Yield each request's outputs as tokens arrive (`new_token_ids`/`new_text` hold the deltas).
+        A request that fails at run time ends with an output whose finish_reason is "error" and
+        whose `.error` says why (the stream goes on with the others), as in `generate`.
         Closing the iterator early aborts the unfinished requests and frees their KV pages."""
         ids = self._submit(prompts, sampling_params)
         pending = set(ids)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 
+from stepvox.engine import checks
 from stepvox.engine.config import CHAT_130B, Step1Config
+from stepvox.engine.errors import ConfigError
 
 ACTIVATION_RESERVE_GIB = 4.0   # activations, CUDA graphs, NCCL buffers, allocator slack (per rank)
+MAX_GPU_MEM_GIB = 1 << 20      # bounds that keep the arithmetic finite, far above any GPU
+MAX_BANDWIDTH_TBS = 1e3
 
 
 def rank_weight_bytes(cfg: Step1Config, tp: int, elem: int = 2) -> int:
@@ -27,11 +31,17 @@ def kv_bytes_per_token(cfg: Step1Config, tp: int, elem: int = 2) -> int:
 
 def plan_rows(cfg: Step1Config, tps: list[int], gpu_mem_gib: float, bandwidth_tbs: float,
               utilization: float) -> list[dict]:
+    """One row per degree in `tps`; ConfigError naming any argument out of range."""
+    tps = [checks.integer(tp, "tp", ConfigError, 1) for tp in tps]
+    gpu_mem_gib = checks.real(gpu_mem_gib, "gpu_mem_gib", ConfigError, 0.0, MAX_GPU_MEM_GIB, lo_open=True)
+    bandwidth_tbs = checks.real(bandwidth_tbs, "bandwidth_tbs", ConfigError, 0.0, MAX_BANDWIDTH_TBS, lo_open=True)
+    utilization = checks.real(utilization, "gpu_memory_utilization", ConfigError, 0.0, 1.0, lo_open=True)
     rows = []
     for tp in tps:
         row = {"tp": tp}
-        if cfg.num_attention_groups % tp:
-            row["note"] = f"not possible: tp must divide the {cfg.num_attention_groups} KV groups"
+        problem = cfg.tp_problem(tp)
+        if problem:
+            row["note"] = f"not possible: {problem}"
             rows.append(row)
             continue
         weights = rank_weight_bytes(cfg, tp)

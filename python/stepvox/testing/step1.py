@@ -34,8 +34,11 @@ def config_dict(**overrides) -> dict:
             **cfg}
 
 
-def random_weights(cfg: Step1Config, seed: int = 0, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Weights scaled so that a tiny model's activations and logits stay well spread (clear argmax)."""
+def random_weights(cfg: Step1Config, seed: int = 0, dtype=torch.bfloat16,
+                   audio_head_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Weights scaled so that a tiny model's activations and logits stay well spread (clear argmax).
+    `audio_head_scale` > 1 scales the LM-head rows of the speech tokens, so that a model meant to
+    stand in for the TTS model mostly emits speech tokens (as the trained one does)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in expected_shapes(cfg).items():
@@ -45,6 +48,7 @@ def random_weights(cfg: Step1Config, seed: int = 0, dtype=torch.bfloat16) -> dic
             t = torch.randn(shape, generator=gen)
         elif name == "lm_head.weight":
             t = torch.randn(shape, generator=gen) * (3.0 / shape[1] ** 0.5)
+            t[st.AUDIO_TOKEN_OFFSET:st.AUDIO_TOKENS_END] *= audio_head_scale
         else:
             t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
         out[name] = t.to(dtype)
@@ -52,12 +56,16 @@ def random_weights(cfg: Step1Config, seed: int = 0, dtype=torch.bfloat16) -> dic
 
 
 def build_tokenizer_model(path: str, vocab_size: int = 74752) -> None:
-    """A SentencePiece model trained on a small corpus, then laid out like Step1's vocabulary."""
+    """A SentencePiece model trained on a small corpus, then laid out like Step1's vocabulary.
+
+    Normalised like the release (Llama style): identity rule, whitespace kept as it is, a dummy
+    prefix, byte fallback, so spaces, tabs and newlines reach the pieces (a newline becomes <0x0A>)."""
     trained = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(_CORPUS.splitlines()), model_writer=trained,
                                    vocab_size=340, model_type="unigram", byte_fallback=True, hard_vocab_limit=False,
                                    character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   user_defined_symbols=["<|EOT|>", "<|BOT|>"], minloglevel=2)
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, user_defined_symbols=["<|EOT|>", "<|BOT|>"], minloglevel=2)
     proto = pb.ModelProto()
     proto.ParseFromString(trained.getvalue())
     assert proto.pieces[3].piece == "<|EOT|>" and proto.pieces[4].piece == "<|BOT|>"
@@ -73,14 +81,14 @@ def build_tokenizer_model(path: str, vocab_size: int = 74752) -> None:
 
 
 def write_random_step1(folder: str, seed: int = 0, num_shards: int = 2, dtype=torch.bfloat16,
-                       tokenizer: bool = True, **config_overrides) -> str:
+                       tokenizer: bool = True, audio_head_scale: float = 1.0, **config_overrides) -> str:
     """Write a released-format Step1 folder with random weights; returns the folder."""
     os.makedirs(folder, exist_ok=True)
     raw = config_dict(**config_overrides)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)
     cfg = Step1Config.from_dict(raw)
-    weights = random_weights(cfg, seed, dtype)
+    weights = random_weights(cfg, seed, dtype, audio_head_scale)
     if num_shards <= 1:
         save_file(weights, os.path.join(folder, SINGLE_FILE), metadata={"format": "pt"})
     else:
@@ -99,9 +107,17 @@ def write_random_step1(folder: str, seed: int = 0, num_shards: int = 2, dtype=to
         with open(os.path.join(folder, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     if tokenizer:
-        build_tokenizer_model(os.path.join(folder, "tokenizer.model"), cfg.vocab_size)
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                       "unk_token": "<unk>", "pad_token": "<unk>", "legacy": False,
-                       "model_max_length": cfg.max_seq_len}, f, indent=2)
+        write_tokenizer(folder, cfg.vocab_size, cfg.max_seq_len)
+    return folder
+
+
+def write_tokenizer(folder: str, vocab_size: int = 74752, model_max_length: int = 4096) -> str:
+    """tokenizer.model and the released tokenizer_config.json (no add_bos_token key: True by
+    default), the two files `AutoTokenizer.from_pretrained` reads; returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    build_tokenizer_model(os.path.join(folder, "tokenizer.model"), vocab_size)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "pad_token": "<unk>", "legacy": False,
+                   "model_max_length": model_max_length}, f, indent=2)
     return folder
