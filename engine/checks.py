@@ -7,9 +7,11 @@ seed to us); NumPy scalars (and integer 0-d tensors) pass and come back as Pytho
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import operator
+import os
 
 _SHOWN = 60   # characters of a bad value quoted in a message (a 10 MB string stays out of logs)
 
@@ -33,14 +35,22 @@ def _range(lo, hi, lo_open: bool = False) -> str:
     return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
 
 
+def is_integer(value) -> bool:
+    """An int, a NumPy integer or an integer 0-d tensor; not a bool, 2.0 or "2"."""
+    if _is_flag(value) or getattr(value, "ndim", 0) != 0:
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def integer(value, name: str, error: type[Exception], lo: int | None = None, hi: int | None = None) -> int:
     """`value` as a Python int within [lo, hi] (either end may be open-ended: None)."""
-    try:
-        if _is_flag(value) or getattr(value, "ndim", 0) != 0:
-            raise TypeError
-        value = operator.index(value)          # ints, NumPy integers, integer 0-d tensors; not 2.0 or "2"
-    except TypeError:
-        raise error(f"{name} must be an integer, got {shown(value)}") from None
+    if not is_integer(value):
+        raise error(f"{name} must be an integer, got {shown(value)}")
+    value = operator.index(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"<= {hi}" if lo is None else f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise error(f"{name} must be an integer {bounds}, got {shown(value)}")
@@ -72,3 +82,18 @@ def one_of(value, name: str, error: type[Exception], choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise error(f"{name} must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
     return value
+
+
+def read_json(path: str, max_bytes: int, what: str, error: type[Exception]):
+    """The parsed content of the JSON file `path` (a `what`: "config.json", "an index"), refused
+    with `error` when it is larger than `max_bytes` or not valid JSON (a size limit first, so a
+    huge or deeply nested file costs no parse)."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise error(f"{path}: {size} bytes is too large for {what} (limit {max_bytes})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    # ValueError: bad JSON or UTF-8, or an integer too long to convert; RecursionError: [[[[...]]]]
+    except (ValueError, RecursionError, OSError) as exc:
+        raise error(f"{path} is not valid JSON: {exc}") from None

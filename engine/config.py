@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable
 
@@ -120,15 +119,7 @@ class Step1Config:
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"{folder} has no config.json")
-        if os.path.getsize(path) > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes is too large for a config.json "
-                                  f"(limit {MAX_CONFIG_BYTES})")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        # ValueError: bad UTF-8, or an integer too long to convert; RecursionError: [[[[...]]]]
-        except (ValueError, RecursionError, OSError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+        raw = checks.read_json(path, MAX_CONFIG_BYTES, "a config.json", CheckpointError)
         return cls.from_dict(raw, path, limits)
 
 

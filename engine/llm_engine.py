@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import operator
 import time
 
 import torch
 
+from . import checks
 from .config import EngineConfig, Step1Config
 from .device.staging import values_to_device
 from .errors import ConfigError, InvalidRequestError, KVCacheExhaustedError, PromptTooLongError
@@ -79,17 +79,6 @@ class TokenReadback:
         return host.tolist()
 
 
-def _is_int(value) -> bool:
-    """An integer token id (a Python or NumPy int, a 0-d integer tensor), not a bool or a float."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
-
-
 class LLMEngine:
     def __init__(self, model_path: str, engine_config: EngineConfig | None = None, executor=None):
         self.ecfg = engine_config or EngineConfig()
@@ -124,7 +113,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_bos=True)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
-            if not all(_is_int(t) for t in prompt):
+            if not all(checks.is_integer(t) for t in prompt):
                 raise InvalidRequestError(f"a prompt of token ids holds other values: {list(prompt)[:8]}")
             text, ids = None, [int(t) for t in prompt]
         else:
@@ -132,7 +121,7 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         self.tokenizer.check_ids(ids)
-        bad_stop = [t for t in params.stop_token_ids if not _is_int(t) or not 0 <= t < self.cfg.vocab_size]
+        bad_stop = [t for t in params.stop_token_ids if not checks.is_integer(t) or not 0 <= t < self.cfg.vocab_size]
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids outside the vocabulary: {bad_stop}")
         if len(ids) >= self.max_model_len:

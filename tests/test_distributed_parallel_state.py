@@ -17,35 +17,31 @@ def _resources():
     return threading.active_count(), len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
 
 
-def _join(size: int) -> list[RankGroup]:
-    """A group of `size` ranks, each constructed in its own thread (construction is a rendezvous)."""
-    master = serve_store()
-    groups = [None] * size
-
-    def join(rank):
-        store = master if rank == 0 else connect_store(master.port)
-        groups[rank] = RankGroup(store, rank, size, CPU)
-
-    threads = [threading.Thread(target=join, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return groups
-
-
-def _on_all_ranks(groups, fn):
-    results = [None] * len(groups)
+def _in_threads(size: int, fn) -> list:
+    """fn(rank) for every rank, each in its own thread (a rendezvous or a collective blocks until
+    all ranks arrive); the results in rank order."""
+    results = [None] * size
 
     def run(rank):
-        results[rank] = fn(rank, groups[rank])
+        results[rank] = fn(rank)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(groups))]
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return results
+
+
+def _join(size: int) -> list[RankGroup]:
+    """A group of `size` ranks, each constructed in its own thread (construction is a rendezvous)."""
+    master = serve_store()
+    return _in_threads(size, lambda rank: RankGroup(master if rank == 0 else connect_store(master.port),
+                                                    rank, size, CPU))
+
+
+def _on_all_ranks(groups, fn):
+    return _in_threads(len(groups), lambda rank: fn(rank, groups[rank]))
 
 
 def _collectives(rank, group):

@@ -221,38 +221,34 @@ def test_engine_made_in_a_thread_that_ends_keeps_its_workers(two_groups):
 
 
 # ---------------------------------------------------------------- failures end in seconds, typed
-@pytest.mark.parametrize("delay", [0.0, 0.4, 1.0])
-def test_worker_killed_mid_run_is_a_worker_failed_error(two_groups, delay):
-    """Was sometimes gloo's raw RuntimeError: the collective failed before the death was visible."""
-    baseline = _resources()
-    llm = _llm(two_groups, 2)
-    pid = llm.engine.executor.workers[0].pid
+def _kill_worker_while_generating(llm, worker: int, delay: float) -> int:
+    """SIGKILL worker `worker` (rank worker + 1) `delay` s into repeated generate calls; the call
+    must fail with a WorkerFailedError naming that rank and pid. Shuts the LLM down; returns the pid."""
+    pid = llm.engine.executor.workers[worker].pid
     killer = threading.Timer(delay, os.kill, (pid, signal.SIGKILL))
     try:
-        with pytest.raises(WorkerFailedError, match=rf"rank 1 \(pid {pid}\) died: killed by signal 9"):
+        with pytest.raises(WorkerFailedError, match=rf"rank {worker + 1} \(pid {pid}\) died: killed by signal 9"):
             killer.start()
             for _ in range(100):
                 llm.generate(PROMPTS, SamplingParams(max_tokens=30, ignore_eos=True))
     finally:
         killer.cancel()
         llm.shutdown()
+    return pid
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.4, 1.0])
+def test_worker_killed_mid_run_is_a_worker_failed_error(two_groups, delay):
+    """Was sometimes gloo's raw RuntimeError: the collective failed before the death was visible."""
+    baseline = _resources()
+    pid = _kill_worker_while_generating(_llm(two_groups, 2), worker=0, delay=delay)
     assert not _running(pid)
     assert _resources()[1:] == baseline[1:]      # fds and OS threads (the timer thread may linger)
 
 
 def test_killed_worker_is_named_among_four(four_groups):
     """The others' collectives fail after it; the report names the rank that was killed."""
-    llm = _llm(four_groups, 4)
-    pid = llm.engine.executor.workers[1].pid
-    killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
-    try:
-        with pytest.raises(WorkerFailedError, match=rf"rank 2 \(pid {pid}\) died: killed by signal 9"):
-            killer.start()
-            for _ in range(100):
-                llm.generate(PROMPTS, SamplingParams(max_tokens=30, ignore_eos=True))
-    finally:
-        killer.cancel()
-        llm.shutdown()
+    _kill_worker_while_generating(_llm(four_groups, 4), worker=1, delay=0.5)
 
 
 def _script(tmp_path, body: str) -> str:

@@ -4,14 +4,13 @@ tensors are read through safetensors slices, so a tensor-parallel rank reads onl
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import ExitStack
 
 from safetensors import safe_open
 
 from ..config import Step1Config
-from ..checks import shown
+from ..checks import read_json, shown
 from ..errors import CheckpointError
 from .weights import check_tensors
 
@@ -50,14 +49,7 @@ def _open(path: str):
 def _read_index(path: str) -> dict[str, str]:
     """The weight_map of a safetensors index: tensor name -> shard file name (a plain name in the
     folder: an index cannot point outside it)."""
-    if os.path.getsize(path) > MAX_INDEX_BYTES:
-        raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes is too large for an index "
-                              f"(limit {MAX_INDEX_BYTES})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (ValueError, RecursionError, OSError) as exc:    # ValueError: JSON, UTF-8, over-long integers
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    index = read_json(path, MAX_INDEX_BYTES, "an index", CheckpointError)
     weight_map = index.get("weight_map") if isinstance(index, dict) else index   # shown as found
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: not a safetensors index: expected an object with a weight_map object "
