@@ -111,6 +111,11 @@ def speech_audio(seconds: float, seed: int, workdir: str) -> np.ndarray:
     return (0.3 * voiced * env + 0.01 * rng.standard_normal(n)).astype(np.float32)
 
 
+def progress(message: str, since: float) -> None:
+    """One flushed line per phase: a slow phase on the device shows where the time goes."""
+    print(f"  .. {message} ({time.perf_counter() - since:.1f} s)", flush=True)
+
+
 def agreement(a: list[int], b: list[int]) -> float:
     n = min(len(a), len(b))
     if n == 0:
@@ -136,6 +141,7 @@ def build_folder(root: str, sizes, dev, audio: np.ndarray) -> dict:
     t0 = time.perf_counter()
     folder = os.path.join(root, PARAFORMER_SUBDIR)
     para_sd = fx.write_paraformer_dir(folder, sizes, seed=0)
+    progress("wrote the Paraformer folder", t0)
     enc_cfg, _ = parse_paraformer_config(read_yaml(os.path.join(folder, "config.yaml")))
     encoder = ParaformerEncoder(enc_cfg)
     encoder.load_state_dict({k[8:]: v for k, v in para_sd.items() if k.startswith("encoder.")})
@@ -147,6 +153,7 @@ def build_folder(root: str, sizes, dev, audio: np.ndarray) -> dict:
         rows, counts = feats.offline(wav / wav.abs().max() * 0.999)
         enc_rows = encoder.encode_offline([rows], [counts])[0]
     np.save(os.path.join(root, "linguistic_tokenizer.npy"), data_codebook(enc_rows, sizes.vq02_codes, 1, False))
+    progress("drew the vq02 codebook", t0)
     del encoder
     s3_sd = fx.s3_tensors(sizes, 0)
     cfg = S3Config(n_state=sizes.s_state, n_head=sizes.s_heads, n_layer=sizes.s_layers,
@@ -159,7 +166,9 @@ def build_folder(root: str, sizes, dev, audio: np.ndarray) -> dict:
         hidden = s3.encode_mel(mel[None], torch.tensor([mel.shape[1]], device=dev))[0]
     s3_sd["quantizer._codebook.embed"] = torch.from_numpy(data_codebook(hidden, sizes.vq06_codes, 2, True))
     del s3
+    progress("drew the vq06 codebook", t0)
     fx.build_s3_onnx(os.path.join(root, "speech_tokenizer_v1.onnx"), s3_sd, sizes.s_heads)
+    progress("wrote the S3 ONNX file", t0)
     return {"paraformer": para_sd, "s3": s3_sd, "cmvn": (shift, scale),
             "vq02_codebook": np.load(os.path.join(root, "linguistic_tokenizer.npy")),
             "write_s": time.perf_counter() - t0}
@@ -171,8 +180,10 @@ def section_correctness(res, toks, sizes, audio, fixture, dev, smoke):
     ref_tok = toks["fp32"]
     clip = audio[: SR * 3]
     # 1. fp32 on the device vs the independent CPU replay of the official path
+    t0 = time.perf_counter()
     mine = ref_tok.tokenize(clip, SR)
     vq02, vq06, ids = official_wav2token(clip, SR, fixture, sizes)
+    progress("fp32 vs the official replay", t0)
     out["fp32_vs_official_replay"] = {"vq02": agreement(mine.vq02, vq02), "vq06": agreement(mine.vq06, vq06),
                                       "ids_equal": mine.ids == ids}
     # 2. low precision vs fp32 on ~30 s of speech
@@ -183,6 +194,7 @@ def section_correctness(res, toks, sizes, audio, fixture, dev, smoke):
             continue
         o = tok.tokenize(long, SR)
         out[f"{name}_vs_fp32"] = {"vq02": agreement(o.vq02, base.vq02), "vq06": agreement(o.vq06, base.vq06)}
+    progress("low precision vs fp32", t0)
     # 3. batched vs unbatched (mixed lengths)
     lengths = [1.0, 2.5, 3.0, 7.3, 10.0, 12.1, 29.9, 31.0] if not smoke else [1.0, 2.5, 3.3]
     wavs = [audio[int(i * SR) % (SR * 5): int(i * SR) % (SR * 5) + int(s * SR)] for i, s in enumerate(lengths)]
@@ -195,6 +207,7 @@ def section_correctness(res, toks, sizes, audio, fixture, dev, smoke):
         out[f"{name}_batched_vs_unbatched_agreement"] = {
             "vq02": agreement(sum((b.vq02 for b in batched), []), sum((s.vq02 for s in single), [])),
             "vq06": agreement(sum((b.vq06 for b in batched), []), sum((s.vq06 for s in single), []))}
+    progress("batched vs unbatched", t0)
     # 4. stream vs offline (no peak normalisation in streams)
     for name in ("fp32", "bf16"):
         tok = toks.get(name)
@@ -399,7 +412,9 @@ def main():
     res = {"device": device_name(), "smoke": args.smoke, "sizes": sizes.__dict__, "torch": torch.__version__}
     root = args.keep or tempfile.mkdtemp(prefix="stepvox_tok_")
     os.makedirs(root, exist_ok=True)
+    t0 = time.perf_counter()
     audio = speech_audio(40 if args.smoke else 60, 0, root)
+    progress(f"made {len(audio) / SR:.0f} s of test audio", t0)
     res["audio"] = "espeak-ng" if shutil.which("espeak-ng") else "synthetic"
     fixture = guarded(res, "setup", lambda: build_folder(root, sizes, dev, audio))
     toks = {}
@@ -416,6 +431,7 @@ def main():
             if tok is not None:
                 toks[name] = tok
                 res[f"load_{name}_s"] = round(time.perf_counter() - t0, 2)
+                progress(f"loaded the {name} tokenizer", t0)
     runs = [("correctness", lambda: section_correctness(res, toks, sizes, audio, fixture, dev, args.smoke)),
             ("graphs", lambda: section_graphs(res, toks, audio, dev, args.smoke)),
             ("offline", lambda: section_offline(res, toks, audio, dev, args.smoke, ints(args.durations),

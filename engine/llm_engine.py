@@ -29,7 +29,7 @@ import torch
 from . import checks
 from .config import EngineConfig, Step1Config
 from .device.staging import values_to_device
-from .errors import ConfigError, InvalidRequestError, KVCacheExhaustedError, PromptTooLongError
+from .errors import InvalidRequestError, KVCacheExhaustedError, PromptTooLongError
 from .executors import create_executor
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -87,9 +87,7 @@ class LLMEngine:
         self.cfg = Step1Config.from_folder(model_path)
         self.device = self.ecfg.resolve_device()
         self.dtype = self.ecfg.resolve_dtype(self.device)
-        self.max_model_len = self.ecfg.model_len(self.cfg)
-        if self.max_model_len > self.cfg.max_seq_len:
-            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+        self.max_model_len = self.ecfg.model_len(self.cfg)        # checks the options against the model
         self.tokenizer = Step1Tokenizer.from_folder(model_path, self.cfg.vocab_size)
         self.executor = executor if executor is not None else create_executor(model_path, self.cfg, self.ecfg)
         self.block_manager = BlockManager(self.executor.num_pages, self.ecfg.page_size,
@@ -292,7 +290,8 @@ class LLMEngine:
         return after[len(before):] if after.startswith(before) else after
 
     def _report(self, seq: Sequence) -> RequestOutput:
-        """The request's output; a failure to detokenise it fails that request alone."""
+        """The request's output; a failure to detokenise it fails that request alone. A request
+        with SamplingParams(detokenize=False) is never detokenised: its text stays "" (vLLM's rule)."""
         try:
             return self._output(seq)
         except Exception as exc:  # noqa: BLE001 - its tokens or its detokenisation options
@@ -305,7 +304,7 @@ class LLMEngine:
             visible = out_ids[:-1]          # the stop token is not part of the text
         else:
             visible = out_ids
-        new_text = self._detokenize(seq, visible) if detokenize else ""
+        new_text = self._detokenize(seq, visible) if detokenize and seq.params.detokenize else ""
         seq.text_emitted += new_text
         new_ids = out_ids[seq.num_emitted:]
         seq.num_emitted = len(out_ids)

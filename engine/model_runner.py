@@ -78,9 +78,9 @@ class ModelRunner:
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
         t0 = time.perf_counter()
-        self.model = Step1ForCausalLM(cfg, self.dtype, device, tp, self.kernels, fused_decode=ecfg.fused_decode,
-                                      gemv_max_rows=ecfg.gemv_max_rows, gemv_tiles=ecfg.gemv_tiles)
-        with CheckpointReader(model_path, cfg) as reader:
+        with CheckpointReader(model_path, cfg) as reader:    # checks every shape before any weight is allocated
+            self.model = Step1ForCausalLM(cfg, self.dtype, device, tp, self.kernels, fused_decode=ecfg.fused_decode,
+                                          gemv_max_rows=ecfg.gemv_max_rows, gemv_tiles=ecfg.gemv_tiles)
             self.model.load_weights(reader, progress=_LoadProgress(tp.rank, tp.size))
         self.model.fold_norm_weights()
         if device.type == "cuda":

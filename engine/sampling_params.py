@@ -54,6 +54,7 @@ class SamplingParams:
     repetition_aware: bool = False      # Step-Audio TTS rule: ban the last token if it fills >= 2 of the last 10
     logits_processors: Sequence[LogitsProcessor] | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True             # False: the output's text stays "" (token ids only; no decode cost)
     n: int = 1
 
     def __post_init__(self):
@@ -74,7 +75,7 @@ class SamplingParams:
         self.min_tokens = checks.integer(self.min_tokens, "min_tokens", bad, 0, MAX_TOKENS)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        for name in ("ignore_eos", "repetition_aware", "skip_special_tokens"):
+        for name in ("ignore_eos", "repetition_aware", "skip_special_tokens", "detokenize"):
             checks.flag(getattr(self, name), name, bad)
         self.stop_token_ids = self._stop_ids(self.stop_token_ids)
         self.logits_processors = self._processors(self.logits_processors)

@@ -1,7 +1,8 @@
 """The `stepvox` command end to end, as the README runs it: no model given -> a tiny random
-checkpoint is written, generation runs and throughput is reported; `stepvox plan` prints the table.
-User errors are one line on stderr and exit code 2; the default checkpoint appears atomically
-(issue 14, item 7)."""
+checkpoint is written, generation runs and throughput is reported; `stepvox tts` writes the tiny
+TTS folders, speaks and writes the file in the format asked for, reporting latency and RTF;
+`stepvox plan` prints the table. User errors are one line on stderr and exit code 2; the default
+checkpoint appears atomically (issue 14, item 7)."""
 import json
 import os
 import pathlib
@@ -11,15 +12,17 @@ import sys
 import time
 
 import pytest
+import soundfile as sf
 import torch
 
 import stepvox
 from stepvox import cli
-from stepvox.cli import COMPLETE_MARKER, DEFAULT_MODEL, STALE_PARTIAL_S, default_model, main
+from stepvox.cli import COMPLETE_MARKER, DEFAULT_MODEL, DEFAULT_TTS, STALE_PARTIAL_S, default_model, main
 from stepvox.engine.config import Step1Config
 from stepvox.engine.models.step1_checkpoint import CheckpointReader
 from stepvox.engine.tokenizer import Step1Tokenizer
 from stepvox.testing.step1 import config_dict, write_random_step1
+from stepvox.testing.tts import SPEAKERS
 
 
 def _run(args, tmp_path):
@@ -117,7 +120,9 @@ def test_version(capsys):
 
 def test_user_errors_in_a_fresh_process(tmp_path):
     """The same through the installed entry point's module: exit status 2, one line, no traceback."""
-    for args in (["generate", "--model", "/nonexistent"], ["generate", "--device", "banana"], ["plan", "--tp", "0"]):
+    for args in (["generate", "--model", "/nonexistent"], ["generate", "--device", "banana"], ["plan", "--tp", "0"],
+                 ["tts", "", "--out", str(tmp_path / "a.wav")],
+                 ["tts", "hi", "--out", str(tmp_path / "a.wav"), "--clone-wav", str(tmp_path / "a.wav")]):
         proc = _run(args, tmp_path)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert proc.stderr.startswith("stepvox: error: ") and proc.stdout == ""
@@ -194,3 +199,107 @@ def test_generate_after_an_interrupted_default_write(tmp_path):
     proc = _run(["generate", "--device", "cpu", "--max-tokens", "2", "--ignore-eos"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "-> 2 tokens (length)" in proc.stdout and (final / COMPLETE_MARKER).is_file()
+
+
+# ---------------------------------------------------------------- stepvox tts
+TTS_RUN = ["--device", "cpu", "--max-tokens", "20", "--seed", "1"]     # ~0.5 s of speech: short CPU runs
+
+
+@pytest.fixture(scope="module")
+def tts_home(tmp_path_factory):
+    """The TMPDIR the tts runs share: the first run writes the tiny default folders, later ones reuse
+    them. Returns (that folder, the first run's process, the file it wrote)."""
+    home = tmp_path_factory.mktemp("tts-home")
+    out = home / "hello.wav"
+    return home, _run(["tts", "你好。", "--out", str(out), *TTS_RUN], home), out
+
+
+def _tts_report(stdout: str) -> dict:
+    m = re.search(r"wrote (\S+): (\w+) at (\d+) Hz, ([\d.]+) s of audio \((\d+) chunks(, streamed)?\); load [\d.]+ s; "
+                  r"first audio ([\d.]+) ms; total [\d.]+ s; RTF ([\d.]+)", stdout)
+    assert m, stdout
+    return dict(path=m.group(1), format=m.group(2), rate=int(m.group(3)), seconds=float(m.group(4)),
+                chunks=int(m.group(5)), streamed=bool(m.group(6)), first_ms=float(m.group(7)), rtf=float(m.group(8)))
+
+
+def test_tts_on_the_embedded_default(tts_home):
+    home, proc, out = tts_home
+    assert proc.returncode == 0, proc.stderr
+    assert "no --model given: using tiny random-weight folders" in proc.stdout
+    root = home / DEFAULT_TTS
+    assert f"written under {root}" in proc.stdout and (root / COMPLETE_MARKER).is_file()
+    for sub in ("Step-Audio-TTS-3B/CosyVoice-300M-25Hz", "Step-Audio-TTS-3B/CosyVoice-300M-25Hz-Music",
+                "Step-Audio-Tokenizer", "speakers"):
+        assert (root / sub).is_dir(), sub
+    assert sorted(p.name for p in home.iterdir() if p.name.startswith(f".{DEFAULT_TTS}.partial-")) == []
+    report = _tts_report(proc.stdout)
+    assert report["path"] == str(out) and report["format"] == "wav" and report["rate"] == 22050
+    assert report["first_ms"] > 0 and report["rtf"] > 0 and report["seconds"] > 0 and not report["streamed"]
+    samples, rate = sf.read(out, dtype="float32")
+    assert rate == 22050 and samples.ndim == 1 and samples.size > 0
+    assert abs(samples.size / rate - report["seconds"]) < 0.01
+    assert proc.stderr.count("Traceback") == 0
+
+
+def test_tts_streams_mp3_at_another_rate_reusing_the_default(tts_home):
+    home, first, _ = tts_home
+    assert first.returncode == 0, first.stderr
+    marker = home / DEFAULT_TTS / COMPLETE_MARKER
+    written = marker.stat().st_mtime_ns
+    out = home / "hello.mp3"
+    proc = _run(["tts", "Hello there.", "--out", str(out), "--stream", "--sample-rate", "24000", *TTS_RUN], home)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.stat().st_mtime_ns == written                     # the folders are reused, not rewritten
+    report = _tts_report(proc.stdout)
+    assert report["format"] == "mp3" and report["rate"] == 24000 and report["streamed"]
+    chunks = re.findall(r"^chunk (\d+): ([\d.]+) s of audio at ([\d.]+) ms$", proc.stdout, re.MULTILINE)
+    assert [int(c[0]) for c in chunks] == list(range(1, report["chunks"] + 1))
+    assert float(chunks[0][2]) == report["first_ms"]
+    assert abs(sum(float(c[1]) for c in chunks) - report["seconds"]) < 0.01 * len(chunks)
+    samples, rate = sf.read(out, dtype="float32")
+    assert rate == 24000 and samples.size > 0
+    assert abs(samples.size / rate - report["seconds"]) < 0.1                # MP3 pads a little
+
+
+def test_tts_unknown_voice_lists_the_known_ones(tts_home):
+    home, first, _ = tts_home
+    assert first.returncode == 0, first.stderr
+    out = home / "nobody.wav"
+    proc = _run(["tts", "hi", "--out", str(out), "--voice", "Nobody", *TTS_RUN], home)
+    assert proc.returncode == 2
+    known = ", ".join(repr(v) for v in sorted(SPEAKERS))
+    assert proc.stderr == f"stepvox: error: unknown voice 'Nobody'; known voices: [{known}]\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["", "--out", "a.wav"], "the text to speak is empty"),
+    (["  \n ", "--out", "a.wav"], "the text to speak is empty"),
+    (["hi", "--out", "a.wav", "--clone-wav", "ref.wav"], "--clone-wav and --clone-text go together"),
+    (["hi", "--out", "a.wav", "--clone-text", "words"], "--clone-wav and --clone-text go together"),
+    (["hi", "--out", "a.wav", "--clone-wav", "/nonexistent.wav", "--clone-text", "w"],
+     "--clone-wav /nonexistent.wav: no such file"),
+    (["hi", "--out", "a.xyz"], "--out a.xyz: cannot tell the format from the extension; pass --format"),
+    (["hi", "--out", "/nonexistent/a.wav"], "--out /nonexistent/a.wav: no such folder /nonexistent"),
+    (["hi", "--out", "a.ogg", "--sample-rate", "22050"], r"Opus codes \(16000, 24000, 48000\) Hz only"),
+    (["hi", "--out", "a.wav", "--sample-rate", "8000"], "argument --sample-rate: invalid choice: 8000"),
+    (["hi", "--out", "a.wav", "--volume", "nan"], r"volume must be a finite number in \[0, 4\], got nan"),
+    (["hi", "--out", "a.wav", "--speed-factor", "3"], r"speed_factor must be a finite number in \[0.5, 2\]"),
+    (["hi", "--out", "a.wav", "--temperature", "-1"], r"temperature must be a finite number in \[0, 10000\]"),
+    (["hi", "--out", "a.wav", "--seed", "-1"], r"seed must be an integer in \[0, 9223372036854775807\]"),
+    (["hi", "--out", "a.wav", "--max-tokens", "0"], "argument --max-tokens: expected a positive integer, got '0'"),
+    (["hi", "--out", "a.wav", "--emotion", "(高兴1)"], "emotion must be a tag word without parentheses"),
+    (["hi", "--out", "a.wav", "--mode", "opera"], "argument --mode: invalid choice: 'opera'"),
+    (["hi", "--out", "a.wav", "--model", "/nonexistent"], "--model and --tokenizer go together"),
+    (["hi", "--out", "a.wav", "--speakers", "/nonexistent"], "--speakers /nonexistent: no such folder"),
+    (["hi", "--out", "a.wav", "--device", "banana"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["hi"], "the following arguments are required: --out"),
+])
+def test_tts_user_errors_come_before_anything_is_written_or_loaded(argv, says, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "default_tts_folders", lambda *a: pytest.fail("the default folders were written"))
+    monkeypatch.setattr(cli.TTS, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, out, err = _main(["tts", *argv], capsys)
+    assert code == 2, err
+    assert re.fullmatch(rf"stepvox: error: .*{says}.*\n", err), err
+    assert err.count("\n") == 1 and out == "" and list(tmp_path.iterdir()) == []

@@ -114,6 +114,28 @@ def test_streaming_deltas_add_up_and_closing_aborts(tiny_model):
     assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
 
 
+def test_detokenize_false_skips_the_text_and_keeps_the_tokens(tiny_model, monkeypatch):
+    """SamplingParams(detokenize=False), as vLLM: token ids only, text "" throughout, and the
+    tokenizer is never asked to decode that request (a request beside it still gets its text)."""
+    llm = LLM(tiny_model, device="cpu", max_model_len=512, kernel_backend="reference")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    quiet = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)
+    want = llm.generate(["Hello world"], params)[0].outputs[0]
+    assert want.text
+    decoded = []
+    tok = llm.engine.tokenizer
+    real = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, *a, **k: decoded.append(list(ids)) or real(ids, *a, **k))
+    streamed = list(llm.generate_stream("Hello world", quiet))
+    assert decoded == []
+    assert [i for o in streamed for i in o.outputs[0].new_token_ids] == want.token_ids
+    assert all(o.outputs[0].text == "" and o.outputs[0].new_text == "" for o in streamed)
+    assert streamed[-1].finished and streamed[-1].outputs[0].finish_reason == "length"
+    loud, silent = llm.generate(["Hello world", "Hello world"], [params, quiet])
+    assert loud.outputs[0].text == want.text and silent.outputs[0].text == ""
+    assert loud.outputs[0].token_ids == silent.outputs[0].token_ids == want.token_ids
+
+
 def test_stop_tokens_min_tokens_and_max_tokens(tiny_model):
     llm = LLM(tiny_model, device="cpu", max_model_len=512, kernel_backend="reference")
     free = llm.generate(["Hello world"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]

@@ -4,6 +4,7 @@ restart), modes and the Music decoder, streaming against offline, long text, for
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 
@@ -15,10 +16,10 @@ import torch
 from stepvox.engine.errors import AudioInputError, AudioTooShortError, ConfigError, InvalidRequestError
 from stepvox.engine.frontend.audio_formats import FORMATS, OPUS_RATES, RATES
 from stepvox.engine.pipelines.audio import Audio
-from stepvox.engine.pipelines.tts import TTS
+from stepvox.engine.pipelines.tts import TTS, tagged_text
 from stepvox.engine.pipelines.tts_text import (SYS_HUMMING, SYS_RAP, SYS_WITH_SPEAKER, SYS_WITHOUT_SPEAKER,
                                                token_budget)
-from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef
+from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef, VoiceRegistry
 from stepvox.testing.speech import espeak_wav
 from stepvox.testing.tts import SPEAKERS, write_tts_folders
 
@@ -146,9 +147,14 @@ def test_default_sampling_is_the_official_one(tts, monkeypatch):
     real = tts.engine.generate
     monkeypatch.setattr(tts.engine, "generate", lambda p, params=None, request_id=None: seen.append(params)
                         or real(p, params, request_id))
+    decoded = []
+    tok = tts.engine.engine.tokenizer
+    real_decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda *a, **k: decoded.append(a) or real_decode(*a, **k))
     tts.synthesize("好。", "Tingting", max_tokens=10)
     p = seen[0]
     assert (p.temperature, p.top_k, p.top_p, p.repetition_aware) == (0.7, 50, 1.0, True)
+    assert p.detokenize is False and decoded == []             # audio ids are never decoded to text
     seen.clear()
     tts.synthesize("好。", "Tingting")
     assert seen[0].max_tokens == token_budget("好。")
@@ -236,6 +242,36 @@ def test_clone_and_registered_voice_survive_a_restart(folders, reference_wav, tm
             tts.remove_voice("me")
 
 
+def test_a_voice_of_other_model_files_is_remade_from_its_kept_audio(tts, reference_wav, tmp_path, monkeypatch):
+    """A registered voice whose files were made by other model files is recomputed on load from its
+    kept audio, read as every reference file is (frontend read_wav: [channels, samples], then the
+    one input policy), so a multi-channel file is averaged rather than taken for [samples, channels]."""
+    voices = tmp_path / "voices"
+    samples, rate = _wav(reference_wav)
+    old = VoiceRegistry(tts.tokenizer, tts.decoder, str(voices), fingerprint="old-model-files")
+    first = old.register("me", samples, "this is my voice", rate)
+    kept, kept_rate = sf.read(voices / "me.flac", dtype="float32")
+    assert kept_rate == rate and kept.shape == samples.shape                  # mono, as registered
+    sf.write(voices / "me.flac", np.stack([kept, kept], axis=1), rate, format="FLAC")   # a stereo copy
+    calls = []
+    real = tts.tokenizer.encode
+    monkeypatch.setattr(tts.tokenizer, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    new = VoiceRegistry(tts.tokenizer, tts.decoder, str(voices), fingerprint="new-model-files")
+    again = new.get("me")
+    assert calls == [1]                                                        # recomputed, once
+    assert again.prompt_code == first.prompt_code and again.transcript == first.transcript
+    torch.testing.assert_close(again.prompt.mel, first.prompt.mel)
+    torch.testing.assert_close(again.prompt.embedding, first.prompt.embedding)
+    assert json.loads((voices / "me.json").read_text(encoding="utf-8"))["models"] == "new-model-files"
+    assert sf.info(voices / "me.flac").channels == 1                           # kept again as mono
+    calls.clear()
+    assert VoiceRegistry(tts.tokenizer, tts.decoder, str(voices), "new-model-files").get("me").prompt_code \
+        == first.prompt_code and calls == []                                   # now reloaded as it is
+    (voices / "me.flac").write_bytes(b"not audio")
+    with pytest.raises(ConfigError, match="'me' cannot be read"):
+        VoiceRegistry(tts.tokenizer, tts.decoder, str(voices), "yet-other-model-files")
+
+
 def test_errors_are_typed(tts, folders, reference_wav, tmp_path):
     with pytest.raises(UnknownVoiceError, match="Tingting"):          # lists the known ones
         tts.synthesize("hi", "Nobody")
@@ -277,3 +313,20 @@ def test_a_cancelled_stream_frees_its_pages_at_once(tts):
     while bm.num_free_pages < bm.num_pages and time.monotonic() < deadline:     # the engine thread frees them
         time.sleep(0.01)
     assert bm.num_free_pages == bm.num_pages
+
+
+def test_limits_are_arguments_named_in_their_errors(tts, reference_wav):
+    assert tagged_text("x" * 20, max_chars=20).endswith("x" * 20)
+    with pytest.raises(InvalidRequestError, match="max_text_chars"):
+        tagged_text("x" * 21, max_chars=20)
+    with pytest.raises(InvalidRequestError, match="max_text_chars"):
+        tts.synthesize("x" * (tts.max_text_chars + 1))
+    samples, rate = sf.read(reference_wav, dtype="float32")
+    assert samples.size > 2 * rate
+    short = VoiceRegistry(tts.tokenizer, tts.decoder, max_reference_seconds=1.5)
+    with pytest.raises(AudioInputError, match="max_reference_seconds"):
+        short.make("a", samples[:int(2.0 * rate)], "some words", rate)
+    assert short.make("a", samples[:int(1.4 * rate)], "some words", rate).prompt_code
+    for bad in (0.5, 1e9, "30", float("nan")):     # below the 1 s minimum, above the decoder's prompt cap
+        with pytest.raises(ConfigError, match="max_reference_seconds"):
+            VoiceRegistry(tts.tokenizer, tts.decoder, max_reference_seconds=bad)

@@ -92,12 +92,20 @@ def test_valid_values_are_accepted_and_normalised():
     ("repetition_aware", "yes", "repetition_aware must be True or False, got 'yes'"),
     ("ignore_eos", None, "ignore_eos must be True or False, got None"),
     ("skip_special_tokens", 0, "skip_special_tokens must be True or False, got 0"),
+    ("detokenize", 0, "detokenize must be True or False, got 0"),
+    ("detokenize", "no", "detokenize must be True or False, got 'no'"),
+    ("detokenize", None, "detokenize must be True or False, got None"),
     ("n", 2, "only n=1 is supported"),
     ("n", "1", "n must be an integer, got '1'"),
 ])
 def test_each_field_is_typed_and_bounded(field, value, says):
     with pytest.raises(InvalidRequestError, match=f"^{says}"):
         SamplingParams(**{field: value})
+
+
+def test_detokenize_is_a_flag_on_by_default():
+    assert SamplingParams().detokenize is True
+    assert SamplingParams(detokenize=False).detokenize is False
 
 
 def test_long_values_are_shortened_in_messages():

@@ -36,14 +36,14 @@ from ..audio.decoder import SpeechDecoder
 from ..audio.decoder_stream import StreamConfig
 from ..audio.tokenizer import AudioTokenizer
 from ..config import EngineConfig
-from ..errors import CheckpointError, InvalidRequestError
+from ..errors import CheckpointError, ConfigError, InvalidRequestError
 from ..frontend.tempo import TempoStream, apply_volume, check_speed, check_volume
 from ..llm_engine import LLMEngine
 from ..sampling_params import SamplingParams
 from .audio import Audio
 from .tts_text import (EMOTIONS, LANGUAGES, MODES, MUSIC_TAGS, SPEEDS, AudioTokenFilter, compose_tags,
                        instruction_name, prompt_ids, segments, token_budget)
-from .voices import Voice, VoiceRef, VoiceRegistry, model_fingerprint
+from .voices import MAX_REFERENCE_SECONDS, Voice, VoiceRef, VoiceRegistry, model_fingerprint
 
 COMMON_DECODER = "CosyVoice-300M-25Hz"
 MUSIC_DECODER = "CosyVoice-300M-25Hz-Music"
@@ -62,8 +62,10 @@ class _Plan:
 
 class TTS:
     def __init__(self, engine: AsyncLLMEngine, tokenizer: AudioTokenizer, decoder: SpeechDecoder,
-                 music_decoder: SpeechDecoder, voices: VoiceRegistry, stream_config: StreamConfig | None = None):
+                 music_decoder: SpeechDecoder, voices: VoiceRegistry, stream_config: StreamConfig | None = None,
+                 max_text_chars: int = MAX_TEXT_CHARS):
         self.engine = engine
+        self.max_text_chars = checks.integer(max_text_chars, "max_text_chars", ConfigError, 1)
         self.tokenizer = tokenizer
         self.decoder, self.music_decoder = decoder, music_decoder
         self.voice_registry = voices
@@ -80,11 +82,14 @@ class TTS:
     @classmethod
     def from_pretrained(cls, model: str, tokenizer: str, speakers: str | None = None, device: str | None = None,
                         voices_dir: str | None = None, stream_config: StreamConfig | None = None,
+                        max_text_chars: int = MAX_TEXT_CHARS, max_reference_seconds: float = MAX_REFERENCE_SECONDS,
                         **engine_args) -> "TTS":
         """`model`: a Step-Audio-TTS-3B folder as released (Step1 LM files + CosyVoice-300M-25Hz/ +
         CosyVoice-300M-25Hz-Music/); `tokenizer`: a Step-Audio-Tokenizer folder; `speakers`: a folder
         in the official layout (speakers_info.json + {id}_prompt.wav); `voices_dir`: where registered
-        voices are kept across restarts; `engine_args`: LLM engine options (EngineConfig)."""
+        voices are kept across restarts; `max_text_chars`: the longest text of one request;
+        `max_reference_seconds`: the longest voice reference; `engine_args`: LLM engine options
+        (EngineConfig)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         folders = [os.path.join(model, COMMON_DECODER), os.path.join(model, MUSIC_DECODER)]
         for folder in folders:
@@ -98,13 +103,14 @@ class TTS:
             audio_tokenizer = AudioTokenizer.from_pretrained(tokenizer, device=device, kernels=kernels)
             decoder = SpeechDecoder.from_pretrained(folders[0], device=device, kernels=kernels)
             music = SpeechDecoder.from_pretrained(folders[1], device=device, kernels=kernels, load_campplus=False)
-            registry = VoiceRegistry(audio_tokenizer, decoder, voices_dir, model_fingerprint(tokenizer, folders[0]))
+            registry = VoiceRegistry(audio_tokenizer, decoder, voices_dir, model_fingerprint(tokenizer, folders[0]),
+                                     max_reference_seconds)
             if speakers is not None:
                 registry.load_speakers(speakers)
         except BaseException:
             engine.shutdown()
             raise
-        return cls(engine, audio_tokenizer, decoder, music, registry, stream_config)
+        return cls(engine, audio_tokenizer, decoder, music, registry, stream_config, max_text_chars)
 
     # ------------------------------------------------------------------ voices
     def voices(self) -> list[str]:
@@ -120,17 +126,7 @@ class TTS:
 
     # ------------------------------------------------------------------ requests
     def _plan(self, text: str, voice: str, clone: VoiceRef | None, emotion, language, speed, mode) -> _Plan:
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidRequestError("the text to speak is empty")
-        if len(text) > MAX_TEXT_CHARS:
-            raise InvalidRequestError(f"text of {len(text)} characters; at most {MAX_TEXT_CHARS} per request")
-        if mode not in MODES:
-            raise InvalidRequestError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        for name, value in (("emotion", emotion), ("language", language), ("speed", speed)):
-            if value is not None and (not isinstance(value, str) or not value.strip() or any(c in value for c in "()（）")):
-                raise InvalidRequestError(f"{name} must be a tag word without parentheses (e.g. {EMOTIONS[0]}, "
-                                          f"{LANGUAGES[1]}, {SPEEDS[0]}), got {value!r}")
-        full = compose_tags(mode, emotion, language, speed) + text.strip()
+        full = tagged_text(text, emotion, language, speed, mode, self.max_text_chars)
         music_tag = instruction_name(full)
         music = music_tag in MUSIC_TAGS
         if clone is not None:
@@ -173,8 +169,10 @@ class TTS:
         loop = asyncio.get_running_loop()
         for index, segment in enumerate(plan.texts):
             segment_seed = (base_seed + index) % 2 ** 63
+            # the LM's output is audio ids for the decoder, never text: no detokenisation
             params = SamplingParams(temperature=temperature, top_k=top_k, repetition_aware=True, seed=segment_seed,
-                                    max_tokens=max_tokens or token_budget(segment), ignore_eos=ignore_eos)
+                                    max_tokens=max_tokens or token_budget(segment), ignore_eos=ignore_eos,
+                                    detokenize=False)
             stream = decoder.open_stream(plan.voice.prompt, seed=segment_seed, config=self.stream_config)
             tokens = AudioTokenFilter()
             first, pushed = index > 0, 0
@@ -238,6 +236,24 @@ class TTS:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def tagged_text(text: str, emotion: str | None = None, language: str | None = None, speed: str | None = None,
+                mode: str = "normal", max_chars: int = MAX_TEXT_CHARS) -> str:
+    """The text with its tags in front, as the LM reads it; InvalidRequestError for an empty or too
+    long text, an unknown mode or a tag that is not one word (checkable before any model loads)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequestError("the text to speak is empty")
+    if len(text) > max_chars:
+        raise InvalidRequestError(f"text of {len(text)} characters; at most {max_chars} per request (max_text_chars)")
+    if mode not in MODES:
+        raise InvalidRequestError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    for name, value in (("emotion", emotion), ("language", language), ("speed", speed)):
+        if value is not None and (not isinstance(value, str) or not value.strip()
+                                  or any(c in value for c in "()（）")):
+            raise InvalidRequestError(f"{name} must be a tag word without parentheses (e.g. {EMOTIONS[0]}, "
+                                      f"{LANGUAGES[1]}, {SPEEDS[0]}), got {value!r}")
+    return compose_tags(mode, emotion, language, speed) + text.strip()
 
 
 async def _next(agen):

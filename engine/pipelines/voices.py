@@ -23,6 +23,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import checks
 from ..audio.decoder import SpeakerPrompt, SpeechDecoder
 from ..audio.tokenizer import AudioTokenizer
 from ..errors import AudioInputError, AudioTooShortError, ConfigError, InvalidRequestError
@@ -64,9 +65,13 @@ def check_name(name: str) -> str:
     return name
 
 
-def _load_audio(wav, sample_rate) -> tuple[torch.Tensor, int]:
+def _load_audio(wav, sample_rate, max_seconds: float) -> tuple[torch.Tensor, int]:
+    """(1-D float32 samples, rate) of a reference: a file goes through the frontend's reader
+    (read_wav: [channels, samples], a file over the length limit refused from its header), raw
+    samples with their rate; both then through the one input policy (checked_audio: channels
+    averaged, values and rate checked)."""
     if isinstance(wav, (str, os.PathLike)):
-        samples, file_rate = read_wav(os.fspath(wav))
+        samples, file_rate = read_wav(os.fspath(wav), max_seconds=max_seconds)
         if sample_rate is not None and int(sample_rate) != file_rate:
             raise AudioInputError(f"sample_rate {sample_rate} given for a {file_rate} Hz file")
         wav, sample_rate = samples, file_rate
@@ -91,8 +96,12 @@ class VoiceRegistry:
     prompts of the music decoder are made by the common decoder's front end, as officially)."""
 
     def __init__(self, tokenizer: AudioTokenizer, decoder: SpeechDecoder, voices_dir: str | None = None,
-                 fingerprint: str = ""):
+                 fingerprint: str = "", max_reference_seconds: float = MAX_REFERENCE_SECONDS):
+        """max_reference_seconds: the longest reference accepted (every request with the voice pays
+        for its prompt: decode cost grows with the prompt's length)."""
         self.tokenizer, self.decoder = tokenizer, decoder
+        self.max_reference_seconds = checks.real(max_reference_seconds, "max_reference_seconds", ConfigError,
+                                                 MIN_REFERENCE_SECONDS, decoder.max_prompt_seconds)
         self.voices_dir = voices_dir
         self.fingerprint = fingerprint
         self._voices: dict[str, Voice] = {}
@@ -109,13 +118,13 @@ class VoiceRegistry:
         if len(transcript) > MAX_TRANSCRIPT_CHARS:
             raise InvalidRequestError(f"voice {name!r}: transcript of {len(transcript)} characters; at most "
                                       f"{MAX_TRANSCRIPT_CHARS}")
-        samples, rate = _load_audio(wav, sample_rate)
+        samples, rate = _load_audio(wav, sample_rate, self.max_reference_seconds)
         seconds = samples.numel() / rate
         if seconds < MIN_REFERENCE_SECONDS:
             raise AudioTooShortError(f"voice {name!r}: reference of {seconds:.2f} s; at least {MIN_REFERENCE_SECONDS:g} s")
-        if seconds > MAX_REFERENCE_SECONDS:
-            raise AudioInputError(f"voice {name!r}: reference of {seconds:.1f} s; at most {MAX_REFERENCE_SECONDS:g} s "
-                                  "(a longer voice prompt slows every request that uses it)")
+        if seconds > self.max_reference_seconds:
+            raise AudioInputError(f"voice {name!r}: reference of {seconds:.1f} s; at most {self.max_reference_seconds:g} s "
+                                  "(max_reference_seconds: a longer voice prompt slows every request that uses it)")
         code = self.tokenizer.encode(samples, rate, trim=True)
         prompt = self.decoder.make_prompt(samples, rate, tokens=[i - AUDIO_TOKEN_OFFSET for i in code])
         return Voice(name, transcript.strip(), code, prompt, builtin)
@@ -150,7 +159,7 @@ class VoiceRegistry:
         with self._lock:
             if name in self._voices and self._voices[name].builtin:
                 raise InvalidRequestError(f"{name!r} is a built-in voice")
-        samples, rate = _load_audio(wav, sample_rate)
+        samples, rate = _load_audio(wav, sample_rate, self.max_reference_seconds)
         voice = self.make(name, samples, transcript, rate)
         if self.voices_dir is not None:
             self._save(voice, samples.numpy(), rate)
@@ -208,9 +217,10 @@ class VoiceRegistry:
                 with open(base + ".json", encoding="utf-8") as fh:
                     meta = json.load(fh)
                 if meta.get("format") != FORMAT_VERSION or meta.get("models") != self.fingerprint:
-                    samples, rate = sf.read(base + ".flac", dtype="float32")
+                    # the kept reference audio, read as any reference file is (mono 1-D samples)
+                    samples, rate = _load_audio(base + ".flac", None, self.max_reference_seconds)
                     voice = self.make(name, samples, meta["transcript"], rate)
-                    self._save(voice, samples, rate)          # made again with these model files
+                    self._save(voice, samples.numpy(), rate)  # made again with these model files
                 else:
                     t = load_file(base + ".safetensors")
                     code = t["prompt_code"].tolist()

@@ -10,6 +10,9 @@ from stepvox.engine.errors import (AudioInputError, AudioTooShortError, Checkpoi
                                    StepvoxError, StreamClosedError, TensorShapeError, UnexpectedTensorsError,
                                    WorkerFailedError)
 from stepvox.engine.outputs import CompletionOutput, RequestOutput
+from stepvox.engine.pipelines.audio import Audio
+from stepvox.engine.pipelines.tts import TTS
+from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.kernels import KernelConfig
 
@@ -19,9 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM", "SamplingParams", "AsyncLLMEngine", "EngineConfig", "KernelConfig", "RequestOutput", "CompletionOutput",
+    "TTS", "Audio", "VoiceRef",
     "SpeechDecoder", "SpeakerPrompt", "StreamConfig", "AudioTokenizer",
     "StepvoxError", "ConfigError", "CheckpointError", "MissingTensorsError", "UnexpectedTensorsError",
     "TensorShapeError", "InvalidRequestError", "PromptTooLongError", "AudioInputError", "AudioTooShortError",
     "SpeechTokenError", "SpeakerPromptError", "StreamClosedError", "RequestAbortedError", "KVCacheExhaustedError",
-    "EngineDeadError", "WorkerFailedError",
+    "EngineDeadError", "WorkerFailedError", "UnknownVoiceError",
 ]

@@ -21,9 +21,11 @@ import time
 
 from stepvox import __version__
 from stepvox.engine.config import EngineConfig
-from stepvox.engine.errors import CheckpointError, ConfigError, InvalidRequestError, StepvoxError
+from stepvox.engine.errors import AudioInputError, CheckpointError, ConfigError, InvalidRequestError, StepvoxError
 from stepvox.engine.frontend.audio_formats import FORMATS, RATES, output_rate
-from stepvox.engine.pipelines.tts import TTS
+from stepvox.engine.frontend.tempo import check_speed, check_volume
+from stepvox.engine.pipelines.audio import Audio
+from stepvox.engine.pipelines.tts import TTS, tagged_text
 from stepvox.engine.pipelines.tts_text import MODES
 from stepvox.engine.pipelines.voices import VoiceRef
 from stepvox.engine.sampling_params import SamplingParams
@@ -185,8 +187,18 @@ def _report_generation(llm: LLM, args, params: SamplingParams, load_s: float) ->
 
 
 def cmd_tts(args) -> int:
-    # checked before anything is written or loaded
-    output_rate(args.format or _format_of(args.out), args.sample_rate, 22050)
+    # every option (and the text) is checked before anything is written or loaded
+    fmt = args.format or _format_of(args.out)
+    output_rate(fmt, args.sample_rate, 22050)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise InvalidRequestError(f"--out {args.out}: no such folder {out_dir}")
+    if os.path.isdir(args.out):
+        raise InvalidRequestError(f"--out {args.out} is a folder; give a file name")
+    tagged_text(args.text, args.emotion, args.language, args.speed, args.mode)
+    check_speed(args.speed_factor)
+    check_volume(args.volume)
+    SamplingParams(temperature=args.temperature, top_k=50, seed=args.seed, max_tokens=args.max_tokens)
     options = dict(kernel_backend=args.kernels, max_model_len=args.max_model_len)
     EngineConfig(device=args.device, **options).validate()
     given = [x is not None for x in (args.model, args.tokenizer)]
@@ -194,15 +206,17 @@ def cmd_tts(args) -> int:
         raise ConfigError("--model and --tokenizer go together (a Step-Audio-TTS-3B and a Step-Audio-Tokenizer folder)")
     if (args.clone_wav is None) != (args.clone_text is None):
         raise InvalidRequestError("--clone-wav and --clone-text go together")
+    if args.clone_wav is not None and not os.path.isfile(args.clone_wav):
+        raise AudioInputError(f"--clone-wav {args.clone_wav}: no such file")
+    for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--speakers", args.speakers)):
+        if path is not None and not os.path.isdir(path):
+            raise CheckpointError(f"{flag} {path}: no such folder")
     if args.model is None:
         folders = default_tts_folders()
         speakers = args.speakers or folders["speakers"]
         print(f"no --model given: using tiny random-weight folders of Step-Audio-TTS-3B, Step-Audio-Tokenizer and a "
               f"speakers folder written under {os.path.dirname(folders['model'])} (their speech is noise)")
     else:
-        for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--speakers", args.speakers)):
-            if path is not None and not os.path.isdir(path):
-                raise CheckpointError(f"{flag} {path}: no such folder")
         folders, speakers = {"model": args.model, "tokenizer": args.tokenizer}, args.speakers
     device = None if args.device == "auto" else args.device
     t0 = time.perf_counter()
@@ -210,21 +224,28 @@ def cmd_tts(args) -> int:
                               voices_dir=args.voices_dir, **options)
     try:
         load_s = time.perf_counter() - t0
-        clone = VoiceRef(args.clone_wav, args.clone_text) if args.clone_wav else None
+        clone = VoiceRef(args.clone_wav, args.clone_text) if args.clone_wav is not None else None
         request = dict(clone=clone, emotion=args.emotion, language=args.language, speed=args.speed, mode=args.mode,
                        speed_factor=args.speed_factor, volume=args.volume, seed=args.seed,
                        temperature=args.temperature, max_tokens=args.max_tokens)
         t1 = time.perf_counter()
         chunks, first = [], None
         for chunk in tts.stream(args.text, args.voice, **request):
-            first = first if first is not None else time.perf_counter() - t1
+            now = time.perf_counter() - t1
+            first = now if first is None else first
             chunks.append(chunk)
+            if args.stream:
+                print(f"chunk {len(chunks)}: {chunk.duration:.3f} s of audio at {1e3 * now:.1f} ms", flush=True)
         total = time.perf_counter() - t1
-        audio = type(chunks[0]).concatenate(chunks, tts.sample_rate) if chunks else None
-        if audio is None or audio.samples.size == 0:
+        audio = Audio.concatenate(chunks, tts.sample_rate)
+        if audio.samples.size == 0:
             raise InvalidRequestError("the model produced no speech tokens for this text")
-        path = audio.save(args.out, args.format, args.sample_rate)
-        print(f"wrote {path}: {audio.duration:.2f} s of audio ({len(chunks)} chunks"
+        try:
+            path = audio.save(args.out, fmt, args.sample_rate)
+        except OSError as exc:
+            raise InvalidRequestError(f"--out {args.out}: cannot write: {exc.strerror or exc}") from exc
+        file_rate = output_rate(fmt, args.sample_rate, audio.sample_rate)
+        print(f"wrote {path}: {fmt} at {file_rate} Hz, {audio.duration:.2f} s of audio ({len(chunks)} chunks"
               f"{', streamed' if args.stream else ''}); load {load_s:.2f} s; first audio {1e3 * first:.1f} ms; "
               f"total {total:.2f} s; RTF {total / audio.duration:.3f}")
         return 0
@@ -266,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--volume", type=float, default=1.0, help="0-4; peaks are kept below full scale")
     t.add_argument("--format", choices=FORMATS, default=None, help="default: from --out's extension")
     t.add_argument("--sample-rate", type=int, choices=RATES, default=None, help="default: 22050 (Opus 24000)")
-    t.add_argument("--stream", action="store_true", help="report the streamed chunks (audio always streams)")
+    t.add_argument("--stream", action="store_true",
+                   help="print a line per audio chunk as it arrives (synthesis always streams)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--temperature", type=float, default=0.7)
     t.add_argument("--max-tokens", type=_positive_int, default=None, help="audio tokens per sentence (default: "
