@@ -45,9 +45,15 @@ setup(
         "soundfile",                # WAV/FLAC/Ogg reading and writing (libsndfile)
         "soxr",                     # resampling of input audio (a maintained polyphase resampler)
         "pedalboard",               # speed change without pitch change (TTS speed=)
+        "fastapi>=0.110",           # stepvox serve: the HTTP API (routes, pydantic bodies)
+        "pydantic>=2",              # stepvox serve: request bodies (v2 validators)
+        "uvicorn>=0.30",            # stepvox serve: the ASGI server (graceful SIGTERM)
+        "python-multipart",         # stepvox serve: multipart voice uploads
+        "prometheus-client",        # stepvox serve: /metrics
     ],
     # transformers: the official tokenizer that tests/test_tokenizer.py compares with (the pin of
-    # Step-Audio's requirements; 5.x builds a different tokenizer from the same files)
-    extras_require={"test": ["pytest", "hypothesis", "transformers==4.48.3"]},
+    # Step-Audio's requirements; 5.x builds a different tokenizer from the same files); openai: the
+    # official client that tests/test_server.py speaks to the server with
+    extras_require={"test": ["pytest", "hypothesis", "transformers==4.48.3", "openai>=1.60"]},
     entry_points={"console_scripts": ["stepvox=stepvox.cli:main"]},
 )

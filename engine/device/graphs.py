@@ -31,7 +31,9 @@ def capture_graph(run: Callable, device, pool=None, warmups: int = 1):
     if pool is None:
         pool = torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: other threads keep using the GPU during a capture (a pipeline's decoder thread
+    # captures a new bucket while the LM engine's thread runs steps; "global" invalidates the capture)
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         outputs = run()
     return graph, outputs, pool
 

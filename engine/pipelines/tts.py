@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import os
 import random
 import threading
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from ..config import EngineConfig
 from ..errors import CheckpointError, ConfigError, InvalidRequestError
 from ..frontend.tempo import TempoStream, apply_volume, check_speed, check_volume
 from ..llm_engine import LLMEngine
+from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .audio import Audio
 from .tts_text import (EMOTIONS, LANGUAGES, MODES, MUSIC_TAGS, SPEEDS, AudioTokenFilter, compose_tags,
@@ -74,6 +76,9 @@ class TTS:
         self._text_tokenizer = engine.engine.tokenizer
         # decoder work (flow + HiFT) of every request runs on this one thread, in arrival order
         self._decoder_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepvox-decoder")
+        # making voices (audio tokenizer + prompt features) from async callers runs on a thread of its
+        # own, one at a time: the event loop stays free and the decoder thread keeps streaming
+        self._voice_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepvox-voices")
         # the sync API drives the async one on a loop of its own
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="stepvox-tts-loop", daemon=True)
@@ -100,7 +105,10 @@ class TTS:
         kernels = config.kernels
         engine = AsyncLLMEngine(LLMEngine(model, config))
         try:
-            audio_tokenizer = AudioTokenizer.from_pretrained(tokenizer, device=device, kernels=kernels)
+            # eager: the tokenizer only runs when a voice is made (once per voice), and its CUDA-graph
+            # replays hang on released-size folders (H100, 2026-12-06; bench/RESULTS.md)
+            audio_tokenizer = AudioTokenizer.from_pretrained(tokenizer, device=device, kernels=kernels,
+                                                             use_cuda_graphs=False)
             decoder = SpeechDecoder.from_pretrained(folders[0], device=device, kernels=kernels)
             music = SpeechDecoder.from_pretrained(folders[1], device=device, kernels=kernels, load_campplus=False)
             registry = VoiceRegistry(audio_tokenizer, decoder, voices_dir, model_fingerprint(tokenizer, folders[0]),
@@ -120,6 +128,11 @@ class TTS:
         """Process a reference (a path, or samples with their rate; 1-30 s) once and keep it as `name`
         (in memory, and in voices_dir across restarts)."""
         self.voice_registry.register(name, wav, transcript, sample_rate)
+
+    async def aregister_voice(self, name: str, wav, transcript: str, sample_rate: int | None = None) -> None:
+        """`register_voice` for async callers: the work runs on the voice thread."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._voice_thread, self.register_voice, name, wav, transcript, sample_rate)
 
     def remove_voice(self, name: str) -> None:
         self.voice_registry.remove(name)
@@ -156,17 +169,23 @@ class TTS:
                       emotion: str | None = None, language: str | None = None, speed: str | None = None,
                       mode: str = "normal", speed_factor: float = 1.0, volume: float = 1.0, seed: int | None = None,
                       temperature: float = 0.7, top_k: int = 50, max_tokens: int | None = None,
-                      ignore_eos: bool = False) -> AsyncIterator[Audio]:
+                      ignore_eos: bool = False,
+                      on_output: Callable[[RequestOutput], None] | None = None) -> AsyncIterator[Audio]:
         """Audio chunks as the LM produces tokens (see `synthesize` for the arguments). Stopping the
-        iteration cancels the request: its KV pages are freed at once."""
+        iteration cancels the request: its KV pages are freed at once. `on_output` sees each LM
+        output of each segment (token counts and timings, for servers' usage and metrics)."""
         speed_factor, volume = check_speed(speed_factor), check_volume(volume)
-        plan = self._plan(text, voice, clone, emotion, language, speed, mode)
+        loop = asyncio.get_running_loop()
+        if clone is not None:       # a clone's voice is made from its audio: model work, off the event loop
+            plan = await loop.run_in_executor(self._voice_thread, self._plan, text, voice, clone, emotion, language,
+                                              speed, mode)
+        else:
+            plan = self._plan(text, voice, clone, emotion, language, speed, mode)
         decoder = self.music_decoder if plan.music else self.decoder
         base_seed = random.randrange(2 ** 62) if seed is None else checks.integer(seed, "seed", InvalidRequestError,
                                                                                    0, 2 ** 63 - 1)
         tempo = TempoStream(self.sample_rate, speed_factor)
         fade = int(FADE_SECONDS * self.sample_rate)
-        loop = asyncio.get_running_loop()
         for index, segment in enumerate(plan.texts):
             segment_seed = (base_seed + index) % 2 ** 63
             # the LM's output is audio ids for the decoder, never text: no detokenisation
@@ -176,22 +195,27 @@ class TTS:
             stream = decoder.open_stream(plan.voice.prompt, seed=segment_seed, config=self.stream_config)
             tokens = AudioTokenFilter()
             first, pushed = index > 0, 0
-            async for out in self.engine.generate(self._prompt(plan, segment), params):
-                if out.error is not None:
-                    raise out.error
-                new = tokens.push(out.outputs[0].new_token_ids)
-                pushed += len(new)
-                finished = out.finished
-                if not new and not (finished and pushed):
-                    continue
-                chunks = await loop.run_in_executor(self._decoder_thread, _decode, decoder, stream, new, finished)
-                for k, chunk in enumerate(chunks):
-                    last = finished and k == len(chunks) - 1
-                    samples = _fade(chunk, fade, fade_in=first, fade_out=last and index < len(plan.texts) - 1)
-                    first = False
-                    samples = apply_volume(tempo.push(samples), volume)
-                    if samples.size:
-                        yield Audio(samples, self.sample_rate)
+            # aclosing: a consumer that stops (or is cancelled) while this segment runs aborts its LM
+            # request now, not when the generator is garbage-collected
+            async with contextlib.aclosing(self.engine.generate(self._prompt(plan, segment), params)) as outputs:
+                async for out in outputs:
+                    if out.error is not None:
+                        raise out.error
+                    if on_output is not None:
+                        on_output(out)
+                    new = tokens.push(out.outputs[0].new_token_ids)
+                    pushed += len(new)
+                    finished = out.finished
+                    if not new and not (finished and pushed):
+                        continue
+                    chunks = await loop.run_in_executor(self._decoder_thread, _decode, decoder, stream, new, finished)
+                    for k, chunk in enumerate(chunks):
+                        last = finished and k == len(chunks) - 1
+                        samples = _fade(chunk, fade, fade_in=first, fade_out=last and index < len(plan.texts) - 1)
+                        first = False
+                        samples = apply_volume(tempo.push(samples), volume)
+                        if samples.size:
+                            yield Audio(samples, self.sample_rate)
         tail = apply_volume(tempo.finish(), volume)
         if tail.size:
             yield Audio(tail, self.sample_rate)
@@ -227,6 +251,7 @@ class TTS:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        self._voice_thread.shutdown(wait=True)
         self._decoder_thread.shutdown(wait=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)

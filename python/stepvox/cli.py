@@ -2,16 +2,19 @@
 
   stepvox tts TEXT --out FILE [--model DIR --tokenizer DIR --speakers DIR] [--voice NAME] ...
                                                       text to speech, with latency and RTF
+  stepvox serve [--model DIR --tokenizer DIR --speakers DIR] [--port 8000] ...
+                                                      an OpenAI-compatible speech server
   stepvox generate [--model DIR] [--prompt TEXT ...]   generate and report throughput
   stepvox plan --model DIR [--tp 1 2 4 8]              tensor-parallel memory/speed plan
   stepvox --version
-Given no model folder, `tts` writes tiny random-weight folders of the three releases (and a
-generated voice prompt), `generate` a tiny random-weight Step1 checkpoint, and each says so.
+Given no model folder, `tts` and `serve` write tiny random-weight folders of the three releases (and
+a generated voice prompt), `generate` a tiny random-weight Step1 checkpoint, and each says so.
 A mistake of the user's (a bad option, a bad model folder) is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shutil
@@ -27,7 +30,7 @@ from stepvox.engine.frontend.tempo import check_speed, check_volume
 from stepvox.engine.pipelines.audio import Audio
 from stepvox.engine.pipelines.tts import TTS, tagged_text
 from stepvox.engine.pipelines.tts_text import MODES
-from stepvox.engine.pipelines.voices import VoiceRef
+from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.kernels import BACKENDS
 from stepvox.llm import LLM
@@ -35,7 +38,7 @@ from stepvox.plan import main as plan_main
 from stepvox.testing.step1 import write_random_step1
 from stepvox.testing.tts import write_tts_folders
 
-COMMANDS = ("tts", "generate", "plan")
+COMMANDS = ("tts", "serve", "generate", "plan")
 USER_ERRORS = (ConfigError, CheckpointError, InvalidRequestError)   # exit 2; other StepvoxErrors exit 1
 DEFAULT_MODEL = "stepvox-tiny-step1"
 DEFAULT_TTS = "stepvox-tiny-tts"
@@ -73,6 +76,16 @@ def _positive_float(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in [0, 65535], got {text!r}")
     return value
 
 
@@ -201,23 +214,12 @@ def cmd_tts(args) -> int:
     SamplingParams(temperature=args.temperature, top_k=50, seed=args.seed, max_tokens=args.max_tokens)
     options = dict(kernel_backend=args.kernels, max_model_len=args.max_model_len)
     EngineConfig(device=args.device, **options).validate()
-    given = [x is not None for x in (args.model, args.tokenizer)]
-    if any(given) and not all(given):
-        raise ConfigError("--model and --tokenizer go together (a Step-Audio-TTS-3B and a Step-Audio-Tokenizer folder)")
+    _check_tts_folders(args)
     if (args.clone_wav is None) != (args.clone_text is None):
         raise InvalidRequestError("--clone-wav and --clone-text go together")
     if args.clone_wav is not None and not os.path.isfile(args.clone_wav):
         raise AudioInputError(f"--clone-wav {args.clone_wav}: no such file")
-    for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--speakers", args.speakers)):
-        if path is not None and not os.path.isdir(path):
-            raise CheckpointError(f"{flag} {path}: no such folder")
-    if args.model is None:
-        folders = default_tts_folders()
-        speakers = args.speakers or folders["speakers"]
-        print(f"no --model given: using tiny random-weight folders of Step-Audio-TTS-3B, Step-Audio-Tokenizer and a "
-              f"speakers folder written under {os.path.dirname(folders['model'])} (their speech is noise)")
-    else:
-        folders, speakers = {"model": args.model, "tokenizer": args.tokenizer}, args.speakers
+    folders, speakers = _tts_folders(args)
     device = None if args.device == "auto" else args.device
     t0 = time.perf_counter()
     tts = TTS.from_pretrained(folders["model"], folders["tokenizer"], speakers, device=device,
@@ -251,6 +253,73 @@ def cmd_tts(args) -> int:
         return 0
     finally:
         tts.shutdown()
+
+
+def _check_tts_folders(args) -> None:
+    given = [x is not None for x in (args.model, args.tokenizer)]
+    if any(given) and not all(given):
+        raise ConfigError("--model and --tokenizer go together (a Step-Audio-TTS-3B and a Step-Audio-Tokenizer folder)")
+    for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--speakers", args.speakers)):
+        if path is not None and not os.path.isdir(path):
+            raise CheckpointError(f"{flag} {path}: no such folder")
+
+
+def _tts_folders(args) -> tuple[dict[str, str], str | None]:
+    """({"model", "tokenizer"} folders, the speakers folder): the given ones, or the tiny default's."""
+    if args.model is None:
+        folders = default_tts_folders()
+        print(f"no --model given: using tiny random-weight folders of Step-Audio-TTS-3B, Step-Audio-Tokenizer and a "
+              f"speakers folder written under {os.path.dirname(folders['model'])} (their speech is noise)", flush=True)
+        return folders, args.speakers or folders["speakers"]
+    return {"model": args.model, "tokenizer": args.tokenizer}, args.speakers
+
+
+def cmd_serve(args) -> int:
+    # imported here: the other commands do not need the web stack
+    from stepvox.server import ServerConfig, bind_socket, serve
+
+    # every option is checked, and the port taken, before anything is written or loaded
+    api_key = args.api_key if args.api_key is not None else os.environ.get("STEPVOX_API_KEY") or None
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_TTS)
+    config = ServerConfig(model_name=name, api_key=api_key, max_concurrent=args.max_concurrent,
+                          max_queue=args.max_queue, max_body_bytes=args.max_body_mib << 20,
+                          default_voice=args.default_voice)
+    options = {k: v for k, v in dict(kernel_backend=args.kernels, max_model_len=args.max_model_len,
+                                     max_num_seqs=args.max_num_seqs, num_kv_pages=args.num_kv_pages,
+                                     gpu_memory_utilization=args.gpu_memory_utilization,
+                                     enforce_eager=args.eager or None).items() if v is not None}
+    EngineConfig(device=args.device, **options).validate()
+    _check_tts_folders(args)
+    if args.voices_dir is not None and os.path.exists(args.voices_dir) and not os.path.isdir(args.voices_dir):
+        raise ConfigError(f"--voices-dir {args.voices_dir} is not a folder")
+    sock = bind_socket(args.host, args.port)
+    try:
+        folders, speakers = _tts_folders(args)
+        limits = {k: v for k, v in dict(max_text_chars=args.max_text_chars,
+                                        max_reference_seconds=args.max_reference_seconds).items() if v is not None}
+        device = None if args.device == "auto" else args.device
+        t0 = time.perf_counter()
+        tts = TTS.from_pretrained(folders["model"], folders["tokenizer"], speakers, device=device,
+                                  voices_dir=args.voices_dir, **limits, **options)
+    except BaseException:
+        sock.close()
+        raise
+    if args.default_voice is not None and args.default_voice not in tts.voices():
+        tts.shutdown()
+        sock.close()
+        raise UnknownVoiceError(f"--default-voice {args.default_voice!r} is not a voice; known voices: {tts.voices()}")
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    kept = f"kept in {args.voices_dir}" if args.voices_dir else "kept in memory only (--voices-dir keeps them)"
+    print(f"loaded in {time.perf_counter() - t0:.1f} s on {tts.engine.engine.device}: voices {tts.voices()}; "
+          f"registered voices {kept}; API key {'required' if api_key else 'not required'}", flush=True)
+    print(f"serving {name} on http://{shown_host}:{port} (POST /v1/audio/speech; GET /health, /metrics)", flush=True)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                            format="%(levelname)s:     %(name)s: %(message)s")
+    serve(tts, config, sock, shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
+          access_log=not args.no_access_log)
+    return 0
 
 
 def _format_of(path: str) -> str:
@@ -298,6 +367,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kernels", choices=BACKENDS, default="auto",
                    help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
     t.set_defaults(func=cmd_tts)
+    v = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech)")
+    v.add_argument("--model", help="Step-Audio-TTS-3B folder (default: tiny random-weight folders)")
+    v.add_argument("--tokenizer", help="Step-Audio-Tokenizer folder")
+    v.add_argument("--speakers", help="speakers folder (speakers_info.json + {id}_prompt.wav)")
+    v.add_argument("--voices-dir", help="folder where voices registered through the API are kept across restarts")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=_port, default=8000, help="TCP port (0: a free one, printed at start)")
+    v.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/ routes (default: $STEPVOX_API_KEY)")
+    v.add_argument("--served-model-name", help="the model id of /v1/models (default: the --model folder's name)")
+    v.add_argument("--default-voice", help="voice of requests that name none (default: Tingting, or the first)")
+    v.add_argument("--max-concurrent", type=_positive_int, default=64, help="speech requests synthesising at once")
+    v.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; beyond them: 429")
+    v.add_argument("--max-body-mib", type=_positive_int, default=16, help="largest request body (413 beyond)")
+    v.add_argument("--max-text-chars", type=_positive_int, default=None, help="longest input text (default 5000)")
+    v.add_argument("--max-reference-seconds", type=_positive_float, default=None,
+                   help="longest voice reference (default 30)")
+    v.add_argument("--shutdown-timeout", type=_positive_float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM before they are cancelled")
+    v.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    v.add_argument("--no-access-log", action="store_true", help="no line per request")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--max-model-len", type=_positive_int, default=None)
+    v.add_argument("--max-num-seqs", type=_positive_int, default=None, help="LM sequences batched at once")
+    v.add_argument("--num-kv-pages", type=_positive_int, default=None, help="KV-cache size in pages")
+    v.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
+    v.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    v.add_argument("--kernels", choices=BACKENDS, default="auto",
+                   help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
+    v.set_defaults(func=cmd_serve)
     g = sub.add_parser("generate", help="generate from a Step1 model folder")
     g.add_argument("--model", help="Step1 folder (config.json, safetensors, tokenizer.model)")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")

@@ -1,0 +1,31 @@
+"""What a server is told at start: limits, key, names (every value checked, ConfigError naming it)."""
+from __future__ import annotations
+
+import dataclasses
+
+from stepvox.engine import checks
+from stepvox.engine.errors import ConfigError
+
+# OpenAI's speech model names, accepted as aliases of the served model so that clients written for
+# OpenAI work unchanged
+OPENAI_TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-03-20",
+                     "gpt-4o-mini-tts-2025-12-15")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = "step-audio-tts-3b"        # the id /v1/models lists and `model` may name
+    api_key: str | None = None                   # None: no authentication
+    max_concurrent: int = 64                     # speech requests synthesising at once
+    max_queue: int = 256                         # speech requests waiting for a slot; beyond: 429
+    max_body_bytes: int = 16 << 20               # a 30 s 48 kHz stereo WAV in base64 is ~8 MiB
+    retry_after_s: int = 1                       # Retry-After of a 429
+    default_voice: str | None = None             # None: Tingting if the speakers folder has it, else the first
+
+    def __post_init__(self):
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise ConfigError(f"model_name must be a non-empty string, got {self.model_name!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ConfigError("api_key must be a non-empty string (or None for no authentication)")
+        for name, lo in (("max_concurrent", 1), ("max_queue", 0), ("max_body_bytes", 1024), ("retry_after_s", 1)):
+            object.__setattr__(self, name, checks.integer(getattr(self, name), name, ConfigError, lo))

@@ -1,0 +1,74 @@
+"""Prometheus metrics of one server, in a registry of its own (two apps in one process, as tests
+make, never share counters): request counts and outcomes, time to first audio, real-time factor,
+audio produced, the admission queue, and the LM engine read at scrape time (KV pages, scheduler
+queues). Names follow Prometheus conventions (`_seconds`, `_total`, base units)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+# first audio of a streamed request: ms on a GPU, seconds on a CPU or under load
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
+RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 50.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector:
+    """The LM engine's state when scraped (the engine thread owns it; these are plain reads)."""
+
+    def __init__(self, tts):
+        self.tts = tts
+
+    def collect(self):
+        engine = self.tts.engine.engine
+        manager, scheduler = engine.block_manager, engine.scheduler
+        free, total = manager.num_free_pages, manager.num_pages
+        values = (
+            ("stepvox_kv_free_pages", "KV-cache pages free (every page is free when no request runs)", free),
+            ("stepvox_kv_total_pages", "KV-cache pages in all", total),
+            ("stepvox_kv_cache_usage_ratio", "fraction of the KV-cache pages in use", 1.0 - free / total),
+            ("stepvox_lm_requests_running", "LM sequences scheduled (one per speaking request)",
+             len(scheduler.running)),
+            ("stepvox_lm_requests_waiting", "LM sequences queued in the engine", len(scheduler.waiting)),
+            ("stepvox_engine_alive", "1 while the LM engine loop runs", 0.0 if self.tts.engine.is_dead else 1.0),
+        )
+        for name, doc, value in values:
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, tts):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter("stepvox_http_requests", "HTTP requests answered, by route and status",
+                                     ["method", "route", "status"], registry=r)
+        self.speech_requests = Counter("stepvox_speech_requests", "speech requests by format and outcome "
+                                       "(ok, error, cancelled: the client left)",
+                                       ["response_format", "stream_format", "outcome"], registry=r)
+        self.errors = Counter("stepvox_errors", "error responses and failed streams, by error type and code",
+                              ["type", "code"], registry=r)
+        self.first_audio = Histogram("stepvox_time_to_first_audio_seconds", "request arrival to its first audio "
+                                     "bytes ready to send (queueing included)", buckets=LATENCY_BUCKETS, registry=r)
+        self.rtf = Histogram("stepvox_real_time_factor", "synthesis wall time / seconds of audio, per completed "
+                             "request", buckets=RTF_BUCKETS, registry=r)
+        self.audio_seconds = Counter("stepvox_audio_seconds", "seconds of audio produced", registry=r)
+        self.running = Gauge("stepvox_requests_running", "speech requests synthesising", registry=r)
+        self.waiting = Gauge("stepvox_requests_waiting", "speech requests waiting for a slot", registry=r)
+        self.lm_ttft = Histogram("stepvox_lm_time_to_first_token_seconds", "LM request arrival to its first "
+                                 "token, per sentence segment", buckets=LATENCY_BUCKETS, registry=r)
+        self.lm_tpot = Histogram("stepvox_lm_time_per_output_token_seconds", "LM decode time per token after the "
+                                 "first, per sentence segment", buckets=TOKEN_BUCKETS, registry=r)
+        r.register(_EngineCollector(tts))
+
+    def lm_output(self, out) -> None:
+        """An LM output seen by the TTS stream: its timings when its segment finishes."""
+        m = out.metrics
+        if not out.finished or m is None or m.first_token_time is None:
+            return
+        self.lm_ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
+        n = len(out.outputs[0].token_ids)
+        if n > 1 and m.finished_time is not None:
+            self.lm_tpot.observe(max(0.0, (m.finished_time - m.first_token_time) / (n - 1)))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
