@@ -31,6 +31,8 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir=_package_dir(),
+    # stepvox serve's browser page (GET /): plain files, no build step
+    package_data={"stepvox.server": ["static/*.html", "static/*.js", "static/*.css"]},
     install_requires=[
         "torch==2.11.0",
         "torchaudio==2.11.0",
@@ -53,7 +55,8 @@ setup(
     ],
     # transformers: the official tokenizer that tests/test_tokenizer.py compares with (the pin of
     # Step-Audio's requirements; 5.x builds a different tokenizer from the same files); openai: the
-    # official client that tests/test_server.py speaks to the server with
-    extras_require={"test": ["pytest", "hypothesis", "transformers==4.48.3", "openai>=1.60"]},
+    # official client that tests/test_server.py speaks to the server with; selenium: drives Debian's
+    # headless chromium (apt: chromium, chromium-driver) through the browser page in tests/test_server_page.py
+    extras_require={"test": ["pytest", "hypothesis", "transformers==4.48.3", "openai>=1.60", "selenium>=4.11"]},
     entry_points={"console_scripts": ["stepvox=stepvox.cli:main"]},
 )

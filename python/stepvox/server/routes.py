@@ -1,19 +1,20 @@
-"""The routes: speech, voices, models, health, metrics. Each checks what it can before any model
-work (fields, limits, the voice, the queue), so that a bad request costs nothing; model work and
-disk or decoding work never run on the event loop."""
+"""The routes: speech, voices, models, health, metrics, and the browser page (GET /). Each checks what
+it can before any model work (fields, limits, the voice, the queue), so that a bad request costs
+nothing; model work and disk or decoding work never run on the event loop."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
 import io
+import pathlib
 import time
 import urllib.parse
 
 import numpy as np
 import soundfile as sf
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from stepvox.engine.errors import AudioInputError, InvalidRequestError
 from stepvox.engine.frontend.audio_formats import output_rate
@@ -208,3 +209,24 @@ async def health(request: Request):
 async def metrics(request: Request):
     state = request.app.state.stepvox
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# ---------------------------------------------------------------- the browser page
+STATIC_DIR = pathlib.Path(__file__).parent / "static"
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                "style.css": "text/css; charset=utf-8"}
+# the page loads nothing from anywhere else (the favicon is an empty data: URL)
+PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"}
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    return FileResponse(STATIC_DIR / "index.html", media_type=STATIC_FILES["index.html"], headers=PAGE_HEADERS)
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def static_file(name: str):
+    if name not in STATIC_FILES:
+        raise ApiError(404, f"no static file {name!r}", code="not_found")
+    return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name], headers=PAGE_HEADERS)
