@@ -17,7 +17,8 @@ The tokenizer runs the front ends (engine/frontend/: Paraformer fbank + LFR + CM
 and hands their output to the two code models, each of which owns its batching, buckets and
 CUDA graphs (`use_cuda_graphs`): `LinguisticTokenizer` (models/paraformer.py: the whole Paraformer
 over the windows of all utterances + vq02 search) and `SemanticTokenizer` (models/s3tokenizer.py:
-the S3 encoder + vq06 search per batch of pieces, on a side stream beside the Paraformer). Graphs
+the S3 encoder + vq06 search per batch of pieces, replayed on a side stream, joined before the
+Paraformer runs: see `codes`). Graphs
 are captured on first use of their bucket (`warmup` captures ahead). Host work per call: the front
 ends, metadata copies without syncs, and one `.tolist()` at the end.
 
@@ -185,14 +186,15 @@ class AudioTokenizer:
 
     @torch.inference_mode()
     def codes(self, wavs16k: list[torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
-        """(vq02, vq06) codes of 16 kHz utterances: both front ends, then the S3 graphs on a side
-        stream beside the Paraformer graph on the current one, then one host sync."""
+        """(vq02, vq06) codes of 16 kHz utterances: both front ends, the S3 graphs, then the
+        Paraformer graph, then one host sync. The two run one after the other, not side by side:
+        graphs captured on torch's one default capture stream share a cuBLAS workspace, and on
+        released-size folders their overlapping replays hung the GPU (H100, 2026-12-06; confirm
+        with bench/check_tok_hang.py)."""
         feats, counts = self._features(wavs16k)
         pieces, owned = self._pieces(wavs16k)
-        vq06, side = self.semantic.launch(self._mels(pieces), wait=False) if pieces else ([], None)
+        vq06, _ = self.semantic.launch(self._mels(pieces), wait=True) if pieces else ([], None)
         vq02, spans = self.linguistic.launch(feats, counts)
-        if side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(side)
         parts = ([vq02[a:a + n] for a, n in spans] if vq02 is not None else []) + vq06
         flat = torch.cat(parts).tolist() if parts else []
         out02, at = [], 0

@@ -6,7 +6,9 @@ decoder's pre-solve, ODE solve and vocoder) lives in a GraphCache: a graph per k
 `body(key, *static_inputs)` on fixed buffers; a call copies its (padded) inputs in, replays, and
 reads the static outputs, which stay valid until the next replay of that key. Graphs of one cache
 share a memory pool, so they must not run at the same time: `lock` serialises callers from
-different threads (two caches may run side by side on two streams).
+different threads. Graphs are captured on torch's default capture stream, so every graph shares
+that stream's cuBLAS workspace: replaying graphs whose products use it side by side on two streams
+is unsafe (the audio tokenizer's overlapped replays hung on released sizes, bench/RESULTS.md).
 """
 from __future__ import annotations
 
