@@ -330,3 +330,15 @@ def test_limits_are_arguments_named_in_their_errors(tts, reference_wav):
     for bad in (0.5, 1e9, "30", float("nan")):     # below the 1 s minimum, above the decoder's prompt cap
         with pytest.raises(ConfigError, match="max_reference_seconds"):
             VoiceRegistry(tts.tokenizer, tts.decoder, max_reference_seconds=bad)
+
+
+def test_warm_up_speaks_with_a_builtin_voice_and_frees_its_pages(tts):
+    free = tts.engine.engine.block_manager.num_free_pages
+    assert tts.warm_up() is True
+    bm = tts.engine.engine.block_manager
+    deadline = time.monotonic() + 10
+    while bm.num_free_pages < free and time.monotonic() < deadline:     # the engine thread frees them
+        time.sleep(0.01)
+    assert bm.num_free_pages == free
+    with pytest.raises(UnknownVoiceError):
+        tts.warm_up("nobody")
