@@ -3,9 +3,11 @@ against an independent rendering of SPEC §7.4, voices (built-in, clone, registe
 restart), modes and the Music decoder, streaming against offline, long text, formats, errors."""
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -19,7 +21,7 @@ from stepvox.engine.pipelines.audio import Audio
 from stepvox.engine.pipelines.tts import TTS, tagged_text
 from stepvox.engine.pipelines.tts_text import (SYS_HUMMING, SYS_RAP, SYS_WITH_SPEAKER, SYS_WITHOUT_SPEAKER,
                                                token_budget)
-from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef, VoiceRegistry
+from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceExistsError, VoiceRef, VoiceRegistry, check_name
 from stepvox.testing.speech import espeak_wav
 from stepvox.testing.tts import SPEAKERS, write_tts_folders
 
@@ -270,6 +272,35 @@ def test_a_voice_of_other_model_files_is_remade_from_its_kept_audio(tts, referen
     (voices / "me.flac").write_bytes(b"not audio")
     with pytest.raises(ConfigError, match="'me' cannot be read"):
         VoiceRegistry(tts.tokenizer, tts.decoder, str(voices), "yet-other-model-files")
+
+
+def test_voice_names_are_whole_and_taken_once(tts, reference_wav):
+    """A name is checked whole ("bob\\n" is refused); of two registrations of one name, the second is
+    refused while the first is still being made (the name is reserved under the registry's lock)."""
+    assert check_name("bob - 2_x") == "bob - 2_x"
+    for bad in ("bob\n", "bob\r\n", "\nbob", "bad/name", "", "x" * 65):
+        with pytest.raises(InvalidRequestError, match="a voice name is"):
+            check_name(bad)
+    reg = VoiceRegistry(tts.tokenizer, tts.decoder)
+    samples, rate = _wav(reference_wav)
+    gate, real_make = threading.Event(), reg.make
+    reg.make = lambda *a, **k: gate.wait(30) and real_make(*a, **k)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(reg.register, "me", samples, "this is my voice", rate)
+        deadline = time.monotonic() + 30
+        while "me" not in reg._reserved:
+            assert time.monotonic() < deadline and not first.done()
+            time.sleep(0.01)
+        with pytest.raises(VoiceExistsError, match="'me' exists"):
+            reg.register("me", samples, "this is my voice", rate)
+        gate.set()
+        first.result(timeout=60)
+    with pytest.raises(VoiceExistsError):
+        reg.register("me", samples, "this is my voice", rate)
+    assert reg.names() == ["me"] and not reg._reserved
+    reg.remove("me")
+    reg.register("me", samples, "this is my voice", rate)          # free again once removed
+    assert reg.names() == ["me"]
 
 
 def test_errors_are_typed(tts, folders, reference_wav, tmp_path):

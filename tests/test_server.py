@@ -444,6 +444,47 @@ def test_request_errors(server, reference):
     assert_error(server.request("DELETE", "/v1/audio/voices/nobody"), 404, "voice_not_found", "name")
 
 
+def hostile_flac() -> bytes:
+    """170 KB of FLAC that would decode to 629 MB: 655350 Hz x 8 channels x 30 s of silence."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", 655350, 8, format="FLAC") as f:
+        block = np.zeros((655350, 8), np.int16)
+        for _ in range(30):
+            f.write(block)
+    return buf.getvalue()
+
+
+def test_reference_audio_is_refused_from_its_header_before_decoding(server):
+    bomb = hostile_flac()
+    assert len(bomb) < 512 * 1024
+    t0 = time.perf_counter()
+    assert_error(upload_voice(server, "bomb", bomb), 400, "invalid_audio", "audio", "sample rate 655350 Hz")
+    assert_error(server.speech(ref_audio=base64.b64encode(bomb).decode(), ref_text="t"), 400, "invalid_audio",
+                 "ref_audio", "sample rate 655350 Hz")
+    assert time.perf_counter() - t0 < 2.0
+    nine = io.BytesIO()
+    sf.write(nine, np.zeros((16000, 9), np.float32), 16000, format="WAV", subtype="PCM_16")
+    assert_error(upload_voice(server, "nine", nine.getvalue()), 400, "invalid_audio", "audio", "9 channels; at most 8")
+    low = io.BytesIO()
+    sf.write(low, np.zeros(16000, np.float32), 8000, format="WAV", subtype="PCM_16")
+    assert_error(upload_voice(server, "low", low.getvalue()), 400, "invalid_audio", "audio", "below 16000 Hz")
+    voices = json.loads(server.request("GET", "/v1/audio/voices")[2])["data"]
+    assert not {"bomb", "nine", "low"} & {v["id"] for v in voices}
+    assert server.health()["status_code"] == 200
+
+
+def test_voice_names_are_whole_and_one_of_two_concurrent_uploads_wins(server, reference):
+    assert_error(upload_voice(server, "bob\n", reference), 422, "invalid_value", "name", "a voice name is")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: upload_voice(server, "twin", reference), range(2)))
+    try:
+        assert sorted(status for status, _, _ in results) == [201, 409], results
+        conflict = next(r for r in results if r[0] == 409)
+        assert_error(conflict, 409, "voice_exists", "name", "'twin' exists")
+    finally:
+        assert server.request("DELETE", "/v1/audio/voices/twin")[0] == 200
+
+
 def test_body_size_limit_by_length_and_while_chunked(server):
     big = json.dumps({"input": "hi", "ref_audio": "A" * (1 << 20), "ref_text": "t"}).encode()
     assert_error(server.post_json("/v1/audio/speech", big), 413, "body_too_large", None, "larger than 1048576 bytes")
@@ -521,13 +562,73 @@ def test_queue_full_is_429_with_retry_after(restarted):
         assert waiting.result(timeout=60)[0] == 200
 
 
+def test_error_mapping_of_typed_errors():
+    from stepvox.engine.errors import KVCacheExhaustedError
+    from stepvox.engine.pipelines.voices import VoiceExistsError
+    from stepvox.server.errors import from_exception
+    too_big = from_exception(KVCacheExhaustedError("request r1 needs 300 KV pages"), "req_x")
+    assert (too_big.status, too_big.param, too_big.type) == (400, "max_tokens", "invalid_request_error")
+    exists = from_exception(VoiceExistsError("a voice named 'a' exists"), "req_x")
+    assert (exists.status, exists.param, exists.code) == (409, "name", "voice_exists")
+
+
+def test_an_unexpected_500_carries_the_request_id():
+    """Starlette answers an unhandled exception outside every middleware: the handler adds the id."""
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from stepvox.server.app import RequestIdMiddleware
+    from stepvox.server.errors import install
+
+    class Counter:
+        def labels(self, *a):
+            return self
+
+        def inc(self, *a):
+            pass
+
+    class Metrics:
+        errors = http_requests = Counter()
+
+    app = FastAPI()
+    install(app, Metrics())
+
+    @app.get("/boom")
+    async def boom():
+        raise ZeroDivisionError("a bug")
+
+    app.add_middleware(RequestIdMiddleware, metrics=Metrics())
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "path": "/boom",
+             "raw_path": b"/boom", "query_string": b"", "headers": [], "scheme": "http", "server": ("t", 80),
+             "client": ("c", 1), "root_path": "", "state": {}}
+    with pytest.raises(ZeroDivisionError):          # re-raised for the server's log, after the response
+        asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert start["status"] == 500 and headers["x-request-id"].startswith("req_")
+    assert body["error"]["code"] == "internal_error" and headers["x-request-id"] in body["error"]["message"]
+
+
 # ---------------------------------------------------------------- disconnects, metrics, load
-def test_a_disconnect_mid_stream_returns_every_kv_page(server):
+@pytest.mark.parametrize("stream_format", ["audio", "sse"])
+def test_a_disconnect_mid_stream_returns_every_kv_page(server, stream_format):
     before = server.health()
     assert before["kv_free_pages"] == before["kv_total_pages"]
-    cancelled = server.metrics().get(("stepvox_speech_requests_total", (
-        ("outcome", "cancelled"), ("response_format", "pcm"), ("stream_format", "audio"))), 0)
-    with server.stream({"input": "Hello there.", "max_tokens": 4000, "seed": 5, "response_format": "pcm"}) as resp:
+    key = ("stepvox_speech_requests_total", (("outcome", "cancelled"), ("response_format", "pcm"),
+                                             ("stream_format", stream_format)))
+    cancelled = server.metrics().get(key, 0)
+    with server.stream({"input": "Hello there.", "max_tokens": 4000, "seed": 5, "response_format": "pcm",
+                        "stream_format": stream_format}) as resp:
         assert resp.status == 200 and resp.read1(65536)                    # the first audio
         during = server.health()
         assert during["kv_free_pages"] < during["kv_total_pages"] and during["requests_running"] == 1
@@ -535,8 +636,7 @@ def test_a_disconnect_mid_stream_returns_every_kv_page(server):
     assert freed_s < 2.0, freed_s
     print(f"pages back {1e3 * freed_s:.0f} ms after the disconnect")
     after = server.metrics()
-    assert after[("stepvox_speech_requests_total", (("outcome", "cancelled"), ("response_format", "pcm"),
-                                                     ("stream_format", "audio")))] == cancelled + 1
+    assert after[key] == cancelled + 1
     assert after[("stepvox_kv_free_pages", ())] == after[("stepvox_kv_total_pages", ())]
 
 
@@ -608,7 +708,7 @@ def test_sigterm_finishes_in_flight_stops_accepting_and_exits_0(restarted):
     while True:               # the server stops accepting connections at once...
         try:
             still = restarted.health()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):   # reset: accepted into the backlog as it closed
             refused_at = time.monotonic()
             break
         assert time.monotonic() - t0 < 5, still

@@ -34,12 +34,16 @@ from ..special_tokens import AUDIO_TOKEN_OFFSET
 MIN_REFERENCE_SECONDS = 1.0
 MAX_REFERENCE_SECONDS = 30.0
 MAX_TRANSCRIPT_CHARS = 500
-_NAME = re.compile(r"^[\w\- ]{1,64}$")
+_NAME = re.compile(r"[\w\- ]{1,64}")          # whole names only: fullmatch ("$" passes "bob\n")
 FORMAT_VERSION = "1"
 
 
 class UnknownVoiceError(InvalidRequestError):
     """The request names a voice this TTS does not have (the message lists the known ones)."""
+
+
+class VoiceExistsError(InvalidRequestError):
+    """A voice of that name exists (or is being registered): delete it first; built-in voices stay."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,7 @@ class Voice:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidRequestError(f"a voice name is 1-64 letters, digits, '_', '-' or spaces, got {name!r}")
     return name
 
@@ -105,6 +109,7 @@ class VoiceRegistry:
         self.voices_dir = voices_dir
         self.fingerprint = fingerprint
         self._voices: dict[str, Voice] = {}
+        self._reserved: set[str] = set()    # names being registered (not yet in _voices)
         self._lock = threading.Lock()
         if voices_dir is not None:
             os.makedirs(voices_dir, exist_ok=True)
@@ -155,16 +160,25 @@ class VoiceRegistry:
 
     # ------------------------------------------------------------------ registered clones
     def register(self, name: str, wav, transcript: str, sample_rate: int | None = None) -> Voice:
+        """Process and keep a new voice; VoiceExistsError if `name` is taken (checked and reserved
+        under the lock, so of two concurrent registrations of one name exactly one succeeds)."""
         check_name(name)
         with self._lock:
-            if name in self._voices and self._voices[name].builtin:
-                raise InvalidRequestError(f"{name!r} is a built-in voice")
-        samples, rate = _load_audio(wav, sample_rate, self.max_reference_seconds)
-        voice = self.make(name, samples, transcript, rate)
-        if self.voices_dir is not None:
-            self._save(voice, samples.numpy(), rate)
-        with self._lock:
-            self._voices[name] = voice
+            if name in self._voices or name in self._reserved:
+                kind = "built-in" if name in self._voices and self._voices[name].builtin else "registered"
+                raise VoiceExistsError(f"a voice named {name!r} exists ({kind}); delete it first "
+                                       "(built-in voices stay)")
+            self._reserved.add(name)
+        try:
+            samples, rate = _load_audio(wav, sample_rate, self.max_reference_seconds)
+            voice = self.make(name, samples, transcript, rate)
+            if self.voices_dir is not None:
+                self._save(voice, samples.numpy(), rate)
+            with self._lock:
+                self._voices[name] = voice
+        finally:
+            with self._lock:
+                self._reserved.discard(name)
         return voice
 
     def remove(self, name: str) -> None:

@@ -12,7 +12,7 @@ from stepvox.engine.errors import (AudioInputError, AudioTooShortError, Checkpoi
 from stepvox.engine.outputs import CompletionOutput, RequestOutput
 from stepvox.engine.pipelines.audio import Audio
 from stepvox.engine.pipelines.tts import TTS
-from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef
+from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceExistsError, VoiceRef
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.kernels import KernelConfig
 
@@ -27,5 +27,5 @@ __all__ = [
     "StepvoxError", "ConfigError", "CheckpointError", "MissingTensorsError", "UnexpectedTensorsError",
     "TensorShapeError", "InvalidRequestError", "PromptTooLongError", "AudioInputError", "AudioTooShortError",
     "SpeechTokenError", "SpeakerPromptError", "StreamClosedError", "RequestAbortedError", "KVCacheExhaustedError",
-    "EngineDeadError", "WorkerFailedError", "UnknownVoiceError",
+    "EngineDeadError", "WorkerFailedError", "UnknownVoiceError", "VoiceExistsError",
 ]

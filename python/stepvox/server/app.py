@@ -39,6 +39,7 @@ class ServerState:
         self.admission = Admission(config.max_concurrent, config.max_queue, self.metrics, config.retry_after_s)
         self.started = int(time.time())
         self.accepting = True
+        self.voice_uploads = 0          # POST /v1/audio/voices being processed (routes: at most a few)
         builtin = tts.voice_registry.names(builtin=True)
         self.default_voice = config.default_voice or ("Tingting" if "Tingting" in builtin
                                                       else builtin[0] if builtin else None)

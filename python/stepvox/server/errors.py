@@ -10,9 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stepvox.engine.errors import (AudioInputError, EngineDeadError, InvalidRequestError, PromptTooLongError,
-                                   StepvoxError)
-from stepvox.engine.pipelines.voices import UnknownVoiceError
+from stepvox.engine.errors import (AudioInputError, EngineDeadError, InvalidRequestError, KVCacheExhaustedError,
+                                   PromptTooLongError, StepvoxError)
+from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceExistsError
 
 log = logging.getLogger("stepvox.server")
 
@@ -45,12 +45,19 @@ def from_exception(exc: BaseException, request_id: str, audio_param: str | None 
         return exc
     if isinstance(exc, UnknownVoiceError):
         return ApiError(404, str(exc), param="voice", code="voice_not_found")
+    if isinstance(exc, VoiceExistsError):
+        return ApiError(409, str(exc), param="name", code="voice_exists")
     if isinstance(exc, AudioInputError):
         return ApiError(400, str(exc), param=audio_param, code="invalid_audio")
     if isinstance(exc, PromptTooLongError):
         return ApiError(400, str(exc), param="input", code="prompt_too_long")
     if isinstance(exc, InvalidRequestError):
         return ApiError(400, str(exc), code="invalid_value")
+    if isinstance(exc, KVCacheExhaustedError):
+        # the engine raises it only for a request that needs more pages than the whole cache has
+        # (prompt + max_tokens), with nothing else running: the request is too big, not the server busy
+        return ApiError(400, f"{exc}: the request is too large for this server's KV cache; ask for fewer "
+                        "max_tokens or send shorter input", param="max_tokens", code="request_too_large")
     if isinstance(exc, EngineDeadError):
         log.error("request %s: %s", request_id, exc)
         return ApiError(500, f"request {request_id} failed: the engine has stopped ({exc})", type="server_error",
@@ -105,6 +112,13 @@ def install(app: FastAPI, metrics) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        # Starlette answers these outside every middleware (RequestIdMiddleware included): the id goes
+        # on here
+        request_id = request_id_of(request)
         if getattr(exc, "already_reported", False):     # a stream that failed after its status line
-            return ApiError(500, str(exc), type="server_error").response()
-        return respond(from_exception(exc, request_id_of(request)))
+            error = ApiError(500, str(exc), type="server_error")
+            error.headers["X-Request-Id"] = request_id
+            return error.response()
+        error = from_exception(exc, request_id)
+        error.headers = {**error.headers, "X-Request-Id": request_id}
+        return respond(error)

@@ -48,7 +48,8 @@ class ServerMetrics:
         self.errors = Counter("stepvox_errors", "error responses and failed streams, by error type and code",
                               ["type", "code"], registry=r)
         self.first_audio = Histogram("stepvox_time_to_first_audio_seconds", "request arrival to its first audio "
-                                     "bytes ready to send (queueing included)", buckets=LATENCY_BUCKETS, registry=r)
+                                     "bytes sent (queueing included; a whole-file format's at its end)",
+                                     buckets=LATENCY_BUCKETS, registry=r)
         self.rtf = Histogram("stepvox_real_time_factor", "synthesis wall time / seconds of audio, per completed "
                              "request", buckets=RTF_BUCKETS, registry=r)
         self.audio_seconds = Counter("stepvox_audio_seconds", "seconds of audio produced", registry=r)

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from stepvox.engine.errors import AudioInputError, InvalidRequestError
 from stepvox.engine.frontend.audio_formats import output_rate
+from stepvox.engine.frontend.audio_input import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, check_sample_rate
 from stepvox.engine.pipelines.tts import tagged_text
 from stepvox.engine.pipelines.tts_text import compose_tags
 from stepvox.engine.pipelines.voices import MAX_TRANSCRIPT_CHARS, UnknownVoiceError, VoiceRef, check_name
@@ -32,6 +33,8 @@ from .speech import SpeechJob, SpeechPlan, SpeechResponse
 router = APIRouter()
 PCM_DEFAULT_RATE = 24000      # OpenAI's pcm is 24 kHz; a headerless format cannot tell clients otherwise
 REFERENCE_SLACK_S = 0.5       # a container's stated length may round; the registry checks exactly
+READ_BLOCK_FRAMES = 65536     # reference audio is decoded and mixed to mono this many frames at a time
+MAX_VOICE_UPLOADS = 2         # voice uploads decoding or processing at once; more are refused (429)
 
 
 def _state(request: Request):
@@ -118,21 +121,38 @@ def _decode_base64_audio(text: str, param: str, max_seconds: float) -> tuple[np.
 
 
 def _read_audio(data: bytes, param: str, max_seconds: float) -> tuple[np.ndarray, int]:
-    """(samples [channels, N] float32, rate) of an audio file's bytes (WAV, FLAC, Ogg, MP3), refused
-    from its header when it is longer than `max_seconds`, before it is decoded."""
+    """(mono samples [N] float32, rate) of an audio file's bytes (WAV, FLAC, Ogg, MP3), refused from
+    its header, before anything is decoded, when its rate or channel count is outside what the
+    frontend accepts or it is longer than `max_seconds`; channels are averaged as they are read, so
+    a file never takes more memory than the mono samples plus one block."""
+    limit_s = max_seconds + REFERENCE_SLACK_S
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate, frames = f.samplerate, f.frames
-            if rate > 0 and 0 < frames < 2 ** 62 and frames / rate > max_seconds + REFERENCE_SLACK_S:
+            rate, frames, channels = f.samplerate, f.frames, f.channels
+            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:      # the frontend's range, its message
+                try:
+                    check_sample_rate(rate)
+                except AudioInputError as exc:
+                    raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_audio") from exc
+            if not 1 <= channels <= MAX_CHANNELS:
+                raise ApiError(400, f"{param}: {channels} channels; at most {MAX_CHANNELS}", param=param,
+                               code="invalid_audio")
+            if 0 < frames < 2 ** 62 and frames / rate > limit_s:
                 raise ApiError(400, f"{param}: reference of {frames / rate:.1f} s; at most {max_seconds:g} s",
                                param=param, code="audio_too_long")
-            samples = f.read(dtype="float32", always_2d=True, frames=int((max_seconds + REFERENCE_SLACK_S) * rate) + 1)
+            max_frames = int(limit_s * rate) + 1          # a header may not tell the length: read at most this
+            mono = np.empty(max_frames, dtype=np.float32)
+            n = 0
+            for block in f.blocks(blocksize=READ_BLOCK_FRAMES, dtype="float32", always_2d=True,
+                                  frames=max_frames):
+                mono[n:n + len(block)] = block.mean(axis=1)
+                n += len(block)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise ApiError(400, f"{param}: not an audio file soundfile can read (WAV, FLAC, Ogg, MP3): {exc}",
                        param=param, code="invalid_audio") from exc
-    if samples.shape[0] / rate > max_seconds + REFERENCE_SLACK_S:
+    if n / rate > limit_s:
         raise ApiError(400, f"{param}: reference longer than {max_seconds:g} s", param=param, code="audio_too_long")
-    return np.ascontiguousarray(samples.T), rate
+    return mono[:n].copy(), rate
 
 
 # ---------------------------------------------------------------- voices
@@ -161,12 +181,22 @@ async def create_voice(request: Request, name: str = Form(min_length=1, max_leng
     if name in tts.voices():
         raise ApiError(409, f"a voice named {name!r} exists; delete it first (built-in voices stay)", param="name",
                        code="voice_exists")
-    data = await audio.read()
-    samples, rate = await asyncio.to_thread(_read_audio, data, "audio", tts.voice_registry.max_reference_seconds)
+    # decoding and processing an upload takes memory and a thread: a few at once, the rest refused
+    if state.voice_uploads >= MAX_VOICE_UPLOADS:
+        raise ApiError(429, f"the server is busy: {state.voice_uploads} voice uploads are being processed "
+                       f"(at most {MAX_VOICE_UPLOADS} at once); retry later", type="rate_limit_error",
+                       code="queue_full", headers={"Retry-After": str(state.config.retry_after_s)})
+    state.voice_uploads += 1
     try:
-        await tts.aregister_voice(name, samples, transcript, rate)
-    except Exception as exc:    # noqa: BLE001 - mapped to its status (audio errors name the upload)
-        raise from_exception(exc, request_id_of(request), audio_param="audio") from exc
+        data = await audio.read()
+        samples, rate = await asyncio.to_thread(_read_audio, data, "audio", tts.voice_registry.max_reference_seconds)
+        del data
+        try:
+            await tts.aregister_voice(name, samples, transcript, rate)
+        except Exception as exc:    # noqa: BLE001 - mapped to its status (audio errors name the upload)
+            raise from_exception(exc, request_id_of(request), audio_param="audio") from exc
+    finally:
+        state.voice_uploads -= 1
     return VoiceInfo(id=name, name=name, type="registered")
 
 

@@ -134,12 +134,8 @@ class SpeechJob:
                                   mode=p.tags.get("mode", "normal"), speed_factor=p.speed_factor, volume=p.volume,
                                   seed=p.seed, temperature=p.temperature, top_k=p.top_k, max_tokens=p.max_tokens,
                                   on_output=self._on_output)
-        first = True
         async with contextlib.aclosing(stream):
             async for chunk in stream:
-                if first:
-                    self.metrics.first_audio.observe(time.monotonic() - self.arrival)
-                    first = False
                 self.audio_seconds += chunk.duration
                 self.metrics.audio_seconds.inc(chunk.duration)
                 data = await self._encode(self.encoder.push, chunk.samples)
@@ -153,8 +149,11 @@ class SpeechJob:
 
     async def events(self) -> AsyncIterator[bytes]:
         """The same audio as server-sent events, then the done event with the usage."""
-        async for data in self.audio():
-            yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+        # aclosing: when this generator is closed (a disconnect), the audio generator and its LM request
+        # close at once, not when the garbage collector gets to them
+        async with contextlib.aclosing(self.audio()) as audio:
+            async for data in audio:
+                yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
         yield sse_event({"type": "speech.audio.done", "usage": self.usage(),
                          "stepvox": {"request_id": self.request_id, "audio_seconds": round(self.audio_seconds, 6),
                                      "sample_rate": self.encoder.sample_rate,
@@ -199,15 +198,27 @@ class SpeechResponse(Response):
             if not producer.done() and not self._ending:
                 self.outcome = "cancelled"
                 log.info("request %s: the client went away; cancelled", self.job.request_id)
+        except asyncio.CancelledError:
+            # cancelled from outside (a shutdown's deadline) while the request ran: not an error
+            if not producer.done():
+                self.outcome = "cancelled"
+            raise
         finally:
             # on a disconnect, and on a cancellation from outside (a shutdown's deadline): stop the
             # request now, which aborts its LM request (its KV pages return at once)
             producer.cancel()
             listener.cancel()
-            results = await asyncio.gather(producer, listener, return_exceptions=True)
-            self.ticket.release()
-            p = self.job.plan
-            self.metrics.speech_requests.labels(p.response_format, p.stream_format, self.outcome).inc()
+            try:
+                results = await asyncio.gather(producer, listener, return_exceptions=True)
+            except asyncio.CancelledError:
+                # cancelled again while waiting for the producer to stop: release and count anyway
+                if self.outcome != "ok":
+                    self.outcome = "cancelled"
+                raise
+            finally:
+                self.ticket.release()
+                p = self.job.plan
+                self.metrics.speech_requests.labels(p.response_format, p.stream_format, self.outcome).inc()
         error = results[0]
         if isinstance(error, Exception) and not isinstance(error, _ClientGone):
             raise error               # raw audio failed after its status line: drop the connection
@@ -240,6 +251,8 @@ class SpeechResponse(Response):
             started = True
             if first is not None:
                 await emit({"type": "http.response.body", "body": first, "more_body": True})
+                # time to first audio: when its first bytes leave (a whole-file format's at its end)
+                self.metrics.first_audio.observe(time.monotonic() - job.arrival)
             async for piece in pieces:
                 await emit({"type": "http.response.body", "body": piece, "more_body": True})
             self._ending = True
