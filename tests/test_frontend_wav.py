@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import soundfile
 
 from stepvox.engine.errors import AudioInputError
 from stepvox.engine.frontend.wav import read_wav, write_wav
@@ -73,3 +74,15 @@ def test_missing_long_and_streamed_files(tmp_path):
     # a streaming writer's placeholder data size is not truncation
     (tmp_path / "piped.wav").write_bytes(_wav_bytes(data_size=0xFFFFFFFF))
     assert read_wav(str(tmp_path / "piped.wav"))[0].shape == (1, 100)
+
+
+def test_a_capped_read_refuses_rates_and_channels_that_would_decode_to_gigabytes(tmp_path):
+    wide = tmp_path / "wide.flac"           # 1 s of it decodes to 21 MB of float32; 30 s to 630 MB
+    soundfile.write(str(wide), np.zeros((655350, 8), np.float32), 655350, format="FLAC")
+    with pytest.raises(AudioInputError, match="655350 Hz x 8 channels"):
+        read_wav(str(wide), max_seconds=30.0)
+    many = tmp_path / "many.wav"
+    soundfile.write(str(many), np.zeros((16000, 9), np.float32), 16000)
+    with pytest.raises(AudioInputError, match="9 channels"):
+        read_wav(str(many), max_seconds=30.0)
+    assert read_wav(str(many))[0].shape == (9, 16000)     # uncapped reads stay as they were

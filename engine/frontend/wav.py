@@ -13,6 +13,7 @@ import soundfile
 import torch
 
 from ..errors import AudioInputError
+from .audio_input import MAX_CHANNELS, MAX_SAMPLE_RATE
 
 # libsndfile's log line for a WAV data chunk that claims more bytes than the file holds
 _TRUNCATED = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -48,8 +49,9 @@ def _open_error(path: str, exc: Exception) -> AudioInputError:
 def read_wav(path: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Read an audio file (WAV PCM 8/16/24/32-bit or float, FLAC, OGG, ...). Returns float32
     [channels, samples] in [-1, 1] and the sample rate. With `max_seconds`, a longer file is
-    refused from its header, before its samples are read. AudioInputError when the file cannot be
-    used."""
+    refused from its header, before its samples are read, and so is one whose rate or channel count
+    exceeds the input policy's (MAX_SAMPLE_RATE, MAX_CHANNELS): those would make a file of capped
+    length decode to gigabytes. AudioInputError when the file cannot be used."""
     if not os.path.isfile(path):
         raise AudioInputError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     try:
@@ -65,6 +67,9 @@ def read_wav(path: str, max_seconds: float | None = None) -> tuple[np.ndarray, i
     if max_seconds is not None and info.frames > max_seconds * info.samplerate:
         raise AudioInputError(f"{path}: {info.frames / info.samplerate:.1f} s of audio is longer than the "
                               f"limit of {max_seconds:g} s")
+    if max_seconds is not None and (info.samplerate > MAX_SAMPLE_RATE or info.channels > MAX_CHANNELS):
+        raise AudioInputError(f"{path}: {info.samplerate} Hz x {info.channels} channels; at most "
+                              f"{MAX_SAMPLE_RATE} Hz and {MAX_CHANNELS} channels")
     try:
         data, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, OSError, ValueError, TypeError) as exc:

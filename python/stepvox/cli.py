@@ -35,6 +35,7 @@ from stepvox.engine.sampling_params import SamplingParams
 from stepvox.kernels import BACKENDS
 from stepvox.llm import LLM
 from stepvox.plan import main as plan_main
+from stepvox.server import ServerConfig, bind_socket, serve
 from stepvox.testing.step1 import write_random_step1
 from stepvox.testing.tts import write_tts_folders
 
@@ -275,9 +276,6 @@ def _tts_folders(args) -> tuple[dict[str, str], str | None]:
 
 
 def cmd_serve(args) -> int:
-    # imported here: the other commands do not need the web stack
-    from stepvox.server import ServerConfig, bind_socket, serve
-
     # every option is checked, and the port taken, before anything is written or loaded
     api_key = args.api_key if args.api_key is not None else os.environ.get("STEPVOX_API_KEY") or None
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_TTS)

@@ -20,6 +20,7 @@ class ServerConfig:
     max_queue: int = 256                         # speech requests waiting for a slot; beyond: 429
     max_body_bytes: int = 16 << 20               # a 30 s 48 kHz stereo WAV in base64 is ~8 MiB
     retry_after_s: int = 1                       # Retry-After of a 429
+    max_voice_uploads: int = 2                   # voice uploads decoded or processed at once; beyond: 429
     default_voice: str | None = None             # None: Tingting if the speakers folder has it, else the first
 
     def __post_init__(self):
@@ -27,5 +28,6 @@ class ServerConfig:
             raise ConfigError(f"model_name must be a non-empty string, got {self.model_name!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ConfigError("api_key must be a non-empty string (or None for no authentication)")
-        for name, lo in (("max_concurrent", 1), ("max_queue", 0), ("max_body_bytes", 1024), ("retry_after_s", 1)):
+        for name, lo in (("max_concurrent", 1), ("max_queue", 0), ("max_body_bytes", 1024), ("retry_after_s", 1),
+                         ("max_voice_uploads", 1)):
             object.__setattr__(self, name, checks.integer(getattr(self, name), name, ConfigError, lo))

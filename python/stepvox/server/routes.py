@@ -34,7 +34,6 @@ router = APIRouter()
 PCM_DEFAULT_RATE = 24000      # OpenAI's pcm is 24 kHz; a headerless format cannot tell clients otherwise
 REFERENCE_SLACK_S = 0.5       # a container's stated length may round; the registry checks exactly
 READ_BLOCK_FRAMES = 65536     # reference audio is decoded and mixed to mono this many frames at a time
-MAX_VOICE_UPLOADS = 2         # voice uploads decoding or processing at once; more are refused (429)
 
 
 def _state(request: Request):
@@ -182,9 +181,9 @@ async def create_voice(request: Request, name: str = Form(min_length=1, max_leng
         raise ApiError(409, f"a voice named {name!r} exists; delete it first (built-in voices stay)", param="name",
                        code="voice_exists")
     # decoding and processing an upload takes memory and a thread: a few at once, the rest refused
-    if state.voice_uploads >= MAX_VOICE_UPLOADS:
+    if state.voice_uploads >= state.config.max_voice_uploads:
         raise ApiError(429, f"the server is busy: {state.voice_uploads} voice uploads are being processed "
-                       f"(at most {MAX_VOICE_UPLOADS} at once); retry later", type="rate_limit_error",
+                       f"(at most {state.config.max_voice_uploads} at once); retry later", type="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(state.config.retry_after_s)})
     state.voice_uploads += 1
     try:
