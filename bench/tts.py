@@ -258,6 +258,57 @@ def run_ours(tts, args, sentences: list[str], ref: tuple[np.ndarray, int], res: 
     log(f"synthesize(): {out['synthesize_ms']:.0f} ms (median of {args.reps})")
 
 
+def parse_first_windows(spec: str) -> list[tuple[int, int]]:
+    """"15+20,10+10,5+5" -> [(first_hop_tokens, overlap_tokens), ...]."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        hop, _, overlap = item.partition("+")
+        out.append((int(hop), int(overlap)))
+    return out
+
+
+def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    n = min(reference.size, other.size)
+    err = float(np.sum((reference[:n] - other[:n]) ** 2))
+    return float("inf") if err == 0 else 10 * np.log10(float(np.sum(reference[:n] ** 2)) / err)
+
+
+def run_first_windows(tts, args, res: dict) -> None:
+    """First-chunk sweep: for each (first hop, overlap) of the decoder stream, warm first audio (one
+    request to capture the new window sizes, then --reps) and how far the streamed audio is from the
+    offline decode of the same tokens (SNR over the first second and the whole; random weights, so
+    this measures the windowing, not speech quality)."""
+    from stepvox.engine.audio.decoder_stream import StreamConfig
+    from stepvox.engine.special_tokens import FLOW_VOCAB
+    keep = tts.stream_config
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, FLOW_VOCAB, size=min(args.tokens, 250)).tolist()
+    prompt = tts.voice_registry.get(VOICE).prompt
+    offline = tts.decoder.token2wav(tokens, prompt=prompt, seed=3).float().cpu().numpy()
+    second = tts.sample_rate
+    rows = []
+    try:
+        for n, (hop, overlap) in enumerate(parse_first_windows(args.first_windows)):
+            cfg = StreamConfig(first_hop_tokens=hop, overlap_tokens=overlap).validate()
+            tts.stream_config = cfg
+            short = hop + overlap + 60
+            sentences = texts(args.reps + 1, seed=1000 + n)
+            stream_request(tts, sentences[0], VOICE, short, seed=500 + n)       # captures this config's windows
+            firsts = [stream_request(tts, t, VOICE, short, seed=600 + i)["first_audio_ms"]
+                      for i, t in enumerate(sentences[1:])]
+            streamed = torch.cat([c.float() for c in tts.decoder.stream([[t] for t in tokens], prompt, seed=3,
+                                                                         config=cfg)]).cpu().numpy()
+            row = dict(first_hop_tokens=hop, overlap_tokens=overlap, first_audio_ms=median(firsts),
+                       first_audio_all_ms=firsts, snr_first_second_db=snr_db(offline[:second], streamed[:second]),
+                       snr_whole_db=snr_db(offline, streamed), samples_equal=int(offline.size == streamed.size))
+            rows.append(row)
+            log(f"first window {hop}+{overlap}: first audio {row['first_audio_ms']:.1f} ms (median of {len(firsts)}), "
+                f"SNR vs offline {row['snr_first_second_db']:.1f} dB first second, {row['snr_whole_db']:.1f} dB whole")
+    finally:
+        tts.stream_config = keep
+        res["first_windows"] = rows
+
+
 # ----------------------------------------------------------------------------- official
 def official_model_folder(model: str, dest: str) -> str:
     """A folder HF loads with trust_remote_code: the released config plus auto_map, the remote code
@@ -461,6 +512,9 @@ def main():
     ap.add_argument("--voice-seconds", type=float, default=None, help="reference length (default 6; smoke 3)")
     ap.add_argument("--folders", default=None, help="write the folders here, or reuse them if a run completed them")
     ap.add_argument("--keep", action="store_true", help="keep the folders written to a temporary directory")
+    ap.add_argument("--first-windows", default=None,
+                    help="first-chunk sweep over decoder stream configs 'hop+overlap,...' in tokens, multiples of 5 "
+                         "(e.g. 15+20,10+10,5+10,5+5); default: no sweep")
     ap.add_argument("--official-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.official_worker:
@@ -509,6 +563,8 @@ def main():
         sentences = texts(2 + 2 * args.reps)
         ref = reference_voice(args.voice_seconds or (3.0 if smoke else 6.0), workdir)
         section("ours", lambda: run_ours(tts, args, sentences, ref, res))
+        if args.first_windows and VOICE in tts.voices():
+            section("first windows", lambda: run_first_windows(tts, args, res))
         if not args.skip_official and VOICE in tts.voices():
             prompt = tts.prompt_token_ids(sentences[2], VOICE)      # the first warm request's prompt
             ran = section("official", lambda: run_official(args, folders, device, prompt, workdir, res) or True)
@@ -526,6 +582,11 @@ def main():
         if res.get("errors"):
             print("FAILED SECTIONS:", {k: v[:300] for k, v in res["errors"].items()})
         print_table(res["table"], ["metric", "value"])
+        if res.get("first_windows"):
+            print_table([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()
+                          if k != "first_audio_all_ms"} for r in res["first_windows"]],
+                        ["first_hop_tokens", "overlap_tokens", "first_audio_ms", "snr_first_second_db",
+                         "snr_whole_db", "samples_equal"])
         shutil.rmtree(workdir, ignore_errors=True)
         if not args.folders and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
