@@ -45,6 +45,10 @@ class AudioTooShortError(AudioInputError):
     """The audio is valid but too short for what it is used for (one 120 ms token group, a prompt)."""
 
 
+class AudioTooLongError(AudioInputError):
+    """The audio is longer than the limit of what it is used for (a voice reference, a chat turn)."""
+
+
 class SpeechTokenError(InvalidRequestError):
     """Speech tokens are empty, not integers, or outside the speech decoder's vocabulary."""
 

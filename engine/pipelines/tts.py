@@ -88,13 +88,15 @@ class TTS:
     def from_pretrained(cls, model: str, tokenizer: str, speakers: str | None = None, device: str | None = None,
                         voices_dir: str | None = None, stream_config: StreamConfig | None = None,
                         max_text_chars: int = MAX_TEXT_CHARS, max_reference_seconds: float = MAX_REFERENCE_SECONDS,
-                        warm_up: bool | None = None, **engine_args) -> "TTS":
+                        warm_up: bool | None = None, audio_tokenizer: AudioTokenizer | None = None,
+                        **engine_args) -> "TTS":
         """`model`: a Step-Audio-TTS-3B folder as released (Step1 LM files + CosyVoice-300M-25Hz/ +
         CosyVoice-300M-25Hz-Music/); `tokenizer`: a Step-Audio-Tokenizer folder; `speakers`: a folder
         in the official layout (speakers_info.json + {id}_prompt.wav); `voices_dir`: where registered
         voices are kept across restarts; `max_text_chars`: the longest text of one request;
         `max_reference_seconds`: the longest voice reference; `warm_up` (default: on GPUs): speak one
-        short text before returning (see `warm_up`); `engine_args`: LLM engine options (EngineConfig)."""
+        short text before returning (see `warm_up`); `audio_tokenizer`: the tokenizer loaded from
+        `tokenizer` already (a voice chat shares its own); `engine_args`: LLM engine options (EngineConfig)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         folders = [os.path.join(model, COMMON_DECODER), os.path.join(model, MUSIC_DECODER)]
         for folder in folders:
@@ -105,10 +107,8 @@ class TTS:
         kernels = config.kernels
         engine = AsyncLLMEngine(LLMEngine(model, config))
         try:
-            # eager: the tokenizer only runs when a voice is made (once per voice), and its CUDA-graph
-            # replays hang on released-size folders (H100, 2026-12-06; bench/RESULTS.md)
-            audio_tokenizer = AudioTokenizer.from_pretrained(tokenizer, device=device, kernels=kernels,
-                                                             use_cuda_graphs=False)
+            if audio_tokenizer is None:
+                audio_tokenizer = load_audio_tokenizer(tokenizer, device, kernels)
             decoder = SpeechDecoder.from_pretrained(folders[0], device=device, kernels=kernels)
             music = SpeechDecoder.from_pretrained(folders[1], device=device, kernels=kernels, load_campplus=False)
             registry = VoiceRegistry(audio_tokenizer, decoder, voices_dir, model_fingerprint(tokenizer, folders[0]),
@@ -140,6 +140,12 @@ class TTS:
         return True
 
     # ------------------------------------------------------------------ voices
+    @property
+    def audio_executor(self) -> concurrent.futures.Executor:
+        """The one thread that runs the audio tokenizer (voices here; audio input of a voice chat):
+        one call at a time, off the event loop and the decoder thread."""
+        return self._voice_thread
+
     def voices(self) -> list[str]:
         return self.voice_registry.names()
 
@@ -280,6 +286,11 @@ class TTS:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def load_audio_tokenizer(folder: str, device: str, kernels, **options) -> AudioTokenizer:
+    # eager: its CUDA-graph replays hung on released-size folders (H100, 2026-12-06; bench/RESULTS.md)
+    return AudioTokenizer.from_pretrained(folder, device=device, kernels=kernels, use_cuda_graphs=False, **options)
 
 
 def tagged_text(text: str, emotion: str | None = None, language: str | None = None, speed: str | None = None,

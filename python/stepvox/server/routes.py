@@ -6,19 +6,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import pathlib
 import time
 import urllib.parse
 
 import numpy as np
-import soundfile as sf
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from stepvox.engine.errors import AudioInputError, InvalidRequestError
+from stepvox.engine.errors import AudioInputError, AudioTooLongError, InvalidRequestError
+from stepvox.engine.frontend.audio_bytes import decode_audio_bytes
 from stepvox.engine.frontend.audio_formats import output_rate
-from stepvox.engine.frontend.audio_input import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, check_sample_rate
 from stepvox.engine.pipelines.tts import tagged_text
 from stepvox.engine.pipelines.tts_text import compose_tags
 from stepvox.engine.pipelines.voices import MAX_TRANSCRIPT_CHARS, UnknownVoiceError, VoiceRef, check_name
@@ -32,8 +30,6 @@ from .speech import SpeechJob, SpeechPlan, SpeechResponse
 
 router = APIRouter()
 PCM_DEFAULT_RATE = 24000      # OpenAI's pcm is 24 kHz; a headerless format cannot tell clients otherwise
-REFERENCE_SLACK_S = 0.5       # a container's stated length may round; the registry checks exactly
-READ_BLOCK_FRAMES = 65536     # reference audio is decoded and mixed to mono this many frames at a time
 
 
 def _state(request: Request):
@@ -121,37 +117,13 @@ def _decode_base64_audio(text: str, param: str, max_seconds: float) -> tuple[np.
 
 def _read_audio(data: bytes, param: str, max_seconds: float) -> tuple[np.ndarray, int]:
     """(mono samples [N] float32, rate) of an audio file's bytes (WAV, FLAC, Ogg, MP3), refused from
-    its header, before anything is decoded, when its rate or channel count is outside what the
-    frontend accepts or it is longer than `max_seconds`; channels are averaged as they are read, so
-    a file never takes more memory than the mono samples plus one block."""
-    limit_s = max_seconds + REFERENCE_SLACK_S
+    its header before anything is decoded (frontend/audio_bytes.py); errors name `param`."""
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            rate, frames, channels = f.samplerate, f.frames, f.channels
-            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:      # the frontend's range, its message
-                try:
-                    check_sample_rate(rate)
-                except AudioInputError as exc:
-                    raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_audio") from exc
-            if not 1 <= channels <= MAX_CHANNELS:
-                raise ApiError(400, f"{param}: {channels} channels; at most {MAX_CHANNELS}", param=param,
-                               code="invalid_audio")
-            if 0 < frames < 2 ** 62 and frames / rate > limit_s:
-                raise ApiError(400, f"{param}: reference of {frames / rate:.1f} s; at most {max_seconds:g} s",
-                               param=param, code="audio_too_long")
-            max_frames = int(limit_s * rate) + 1          # a header may not tell the length: read at most this
-            mono = np.empty(max_frames, dtype=np.float32)
-            n = 0
-            for block in f.blocks(blocksize=READ_BLOCK_FRAMES, dtype="float32", always_2d=True,
-                                  frames=max_frames):
-                mono[n:n + len(block)] = block.mean(axis=1)
-                n += len(block)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise ApiError(400, f"{param}: not an audio file soundfile can read (WAV, FLAC, Ogg, MP3): {exc}",
-                       param=param, code="invalid_audio") from exc
-    if n / rate > limit_s:
-        raise ApiError(400, f"{param}: reference longer than {max_seconds:g} s", param=param, code="audio_too_long")
-    return mono[:n].copy(), rate
+        return decode_audio_bytes(data, param, max_seconds)
+    except AudioTooLongError as exc:
+        raise ApiError(400, str(exc), param=param, code="audio_too_long") from exc
+    except AudioInputError as exc:
+        raise ApiError(400, str(exc), param=param, code="invalid_audio") from exc
 
 
 # ---------------------------------------------------------------- voices
