@@ -174,14 +174,16 @@ class VoiceChat:
                        temperature: float = CHAT_DEFAULTS["temperature"], top_p: float = CHAT_DEFAULTS["top_p"],
                        top_k: int = CHAT_DEFAULTS["top_k"], max_tokens: int = CHAT_DEFAULTS["max_tokens"],
                        seed: int | None = None, chat_params: SamplingParams | None = None,
-                       prompt: list[int] | None = None, **speech_options) -> AsyncIterator[Event]:
+                       prompt: list[int] | None = None, start_time: float | None = None,
+                       **speech_options) -> AsyncIterator[Event]:
         """Events of one answer: TextDelta as the chat LM writes, AudioDelta as the TTS speaks each
         completed sentence (audio=False: text only), ResponseDone last. `chat_params` replaces the
         sampling fields; `speech_options` go to TTS.astream (emotion, speed_factor, volume,
         temperature of the TTS as tts_temperature...). `prompt`: ids to use instead of rendering
-        `messages` (a conversation's). Stopping the iteration cancels both models' requests and
-        frees their KV pages at once."""
-        start = time.monotonic()
+        `messages` (a conversation's); `start_time`: the time.monotonic() the timings count from
+        (default: now). Stopping the iteration cancels both models' requests and frees their KV
+        pages at once."""
+        start = time.monotonic() if start_time is None else start_time
         timings: dict[str, float] = {}
 
         def mark(name: str) -> None:
@@ -317,6 +319,7 @@ class Conversation:
     async def asay(self, content, **options) -> AsyncIterator[Event]:
         """Add a user turn (a string, a content part, or a list of parts) and stream the answer;
         the answer joins the history when it completes (a cancelled answer leaves no user turn)."""
+        start = time.monotonic()
         parsed = parse_messages([{"role": "user", "content": content}])
         prepared = (await self.chat.aprepare(parsed))[0]
         transcript = None
@@ -326,7 +329,7 @@ class Conversation:
         user_ids = turn_ids(self.chat.tokenizer, prepared)
         header = self.chat.tokenizer.encode(ASSISTANT_HEADER, add_bos=False)
         prompt = [self.chat.tokenizer.bos_id] + [t for turn in self._turn_ids for t in turn] + user_ids + header
-        kwargs = {"voice": self.voice, **self.respond_options, **options}
+        kwargs = {"voice": self.voice, **self.respond_options, **options, "start_time": start}
         final = None
         async with contextlib.aclosing(self.chat.arespond(None, prompt=prompt, **kwargs)) as events:
             async for event in events:
