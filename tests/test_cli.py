@@ -303,3 +303,24 @@ def test_tts_user_errors_come_before_anything_is_written_or_loaded(argv, says, c
     assert code == 2, err
     assert re.fullmatch(rf"stepvox: error: .*{says}.*\n", err), err
     assert err.count("\n") == 1 and out == "" and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- stepvox chat (against a server: test_server_chat.py)
+@pytest.mark.parametrize("argv, says", [
+    (["hi", "--url", "ftp://host"], "--url ftp://host: give the server's address as http://HOST:PORT"),
+    (["hi", "--voice", "Tingting"], "--voice and --format go with --out"),
+    (["hi", "--out", "a.xyz"], "--out a.xyz: cannot tell the format from the extension"),
+    (["hi", "--out", "/nonexistent/a.wav"], "--out /nonexistent/a.wav: no such folder /nonexistent"),
+    (["--audio", "/nonexistent.wav"], "--audio /nonexistent.wav: No such file or directory"),
+    (["--audio", "question.txt"], "--audio question.txt: cannot tell the format from the extension"),
+    (["  "], "the text to send is empty"),
+    (["hi", "--max-tokens", "0"], "argument --max-tokens: expected a positive integer, got '0'"),
+    (["hi", "--out", "a.wav", "--format", "aac"], "argument --format: invalid choice: 'aac'"),
+])
+def test_chat_user_errors_come_before_anything_is_sent(argv, says, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "stream_chat", lambda *a, **k: pytest.fail("a request was sent"))
+    code, out, err = _main(["chat", *argv], capsys)
+    assert code == 2, err
+    assert re.fullmatch(rf"stepvox: error: .*{says}.*\n", err), err
+    assert err.count("\n") == 1 and out == "" and list(tmp_path.iterdir()) == []

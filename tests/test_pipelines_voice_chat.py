@@ -18,6 +18,7 @@ from stepvox.engine.pipelines.sentences import SentenceSplitter
 from stepvox.engine.pipelines.voice_chat import AudioDelta, ResponseDone, TextDelta, VoiceChat
 from stepvox.engine.pipelines.voices import UnknownVoiceError
 from stepvox.engine.sampling_params import SamplingParams
+from stepvox.testing.speech import espeak_wav
 from stepvox.testing.step1 import write_random_step1
 from stepvox.testing.tts import write_tts_folders
 
@@ -33,7 +34,7 @@ def chat(tmp_path_factory):
     folders = write_tts_folders(root)
     chat_folder = write_random_step1(f"{root}/chat", seed=7)
     c = VoiceChat.from_pretrained(chat_folder, folders["model"], folders["tokenizer"], folders["speakers"],
-                                  device="cpu", asr=False, chat_engine_args=ENGINE, tts_engine_args=ENGINE)
+                                  device="cpu", chat_engine_args=ENGINE, tts_engine_args=ENGINE)
     yield c
     c.shutdown()
 
@@ -118,6 +119,29 @@ def test_second_turn_prefills_only_its_new_tokens(chat):
     assert prompt2[:done1.usage.prompt_tokens] == talk.prompt_token_ids()[:done1.usage.prompt_tokens]
 
 
+def test_transcript_policy_swaps_user_audio_for_its_transcript(chat, tmp_path):
+    wav, rate = espeak_wav(str(tmp_path / "q.wav"), "what is the weather like today")
+    question = [{"type": "input_audio", "input_audio": {"data": wav, "sample_rate": rate}}]
+    kept = chat.conversation(system=SYSTEM, history="audio", audio=False)
+    swapped = chat.conversation(system=SYSTEM, history="transcript", audio=False)
+    for talk in (kept, swapped):
+        done = [e for e in talk.say(question, chat_params=Script(chat.tokenizer, "好的。").params())][-1]
+        assert done.text == "好的。"
+    audio_ids = chat.audio_tokenizer.encode(wav, rate)
+    assert list(kept.messages[1].parts[0].ids) == audio_ids           # history="audio": the <audio_N> ids stay
+    transcript = chat.transcriber.transcribe(wav, rate).text
+    assert swapped.messages[1].parts == [transcript]                  # history="transcript": the ASR text
+    assert swapped.compression == [dict(turn=1, audio_tokens=len(audio_ids),
+                                        transcript_tokens=swapped.compression[0]["transcript_tokens"],
+                                        ratio=swapped.compression[0]["ratio"], transcript=transcript)]
+    assert swapped.compression[0]["ratio"] == pytest.approx(
+        len(audio_ids) / max(swapped.compression[0]["transcript_tokens"], 1))
+    official = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": transcript},
+                {"role": "assistant", "content": "好的。"}]
+    assert swapped.prompt_token_ids() == prompt_ids(chat.tokenizer, parse_messages(official))
+    assert len(swapped.prompt_token_ids()) < len(kept.prompt_token_ids())
+
+
 def test_cancelled_answer_frees_both_engines_pages(chat):
     chat_bm = chat.chat_engine.engine.block_manager
     tts_bm = chat.tts.engine.engine.block_manager
@@ -144,7 +168,8 @@ def test_typed_errors(chat):
         next(chat.respond([{"role": "user", "content": "hi"}], pitch=3))
     with pytest.raises(InvalidRequestError, match="history"):
         chat.conversation(history="everything")
+    without_asr = VoiceChat(chat.chat_engine, chat.tts, transcriber=None)     # shares the engines
     with pytest.raises(ConfigError, match="ASR"):
-        chat.conversation(history="transcript")
+        without_asr.conversation(history="transcript")
     with pytest.raises(ConfigError, match="at most 0.9"):
         VoiceChat.from_pretrained("x", "y", "z", chat_memory_fraction=0.6, tts_memory_fraction=0.5)

@@ -8,6 +8,8 @@
     stream = tok.stream("call-17", 48000)           # live audio, any piece sizes
     update = stream.feed(piece)                     # .vq02 new every 240 ms; .vq06/.ids per 30 s
     update = stream.finish()                        # or tok.abort("call-17"): dropped, no output
+    tok = AudioTokenizer.from_pretrained(folder, asr=True)
+    text = tok.transcriber.transcribe(wav, 48000).text    # the Paraformer's own ASR (transcriber.py)
 
 Offline = Step-Audio's `wav2token`: resample to 16 kHz, peak-normalise (on by default), optional
 silence trim (off by default, as for chat input; the TTS prompt path turns it on), vq02 from the
@@ -55,9 +57,11 @@ from ..frontend.preprocess import TOKENIZER_SAMPLE_RATE, prepare_waveform
 from ..frontend.resample import StreamingResampler
 from ..frontend.whisper_mel import HOP as MEL_HOP, whisper_log_mel
 from ..models.paraformer import PARAFORMER_SUBDIR, LinguisticTokenizer, load_paraformer
+from ..models.paraformer_asr import ParaformerRecognizer, load_recognizer
 from ..models.s3tokenizer import (MIN_PIECE_SAMPLES, PIECE_SAMPLES, SemanticTokenizer, load_s3_tokenizer,
                                   split_pieces)
 from ..special_tokens import AUDIO_TOKEN_OFFSET, VQ02_CODES, VQ06_CODES, VQ06_OFFSET, audio_token_str
+from .transcriber import Transcriber
 
 VQ02_PER_GROUP = 2
 VQ06_PER_GROUP = 3
@@ -104,8 +108,10 @@ class StreamUpdate:
 
 class AudioTokenizer:
     def __init__(self, linguistic: LinguisticTokenizer, features: ParaformerFeatures, semantic: SemanticTokenizer,
-                 stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S):
-        """stream_idle_timeout_s: a live stream not fed for this long is dropped (math.inf: never)."""
+                 stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S,
+                 recognizer: ParaformerRecognizer | None = None):
+        """stream_idle_timeout_s: a live stream not fed for this long is dropped (math.inf: never);
+        recognizer: the Paraformer's predictor, decoder and vocabulary, for `transcriber`."""
         if isinstance(stream_idle_timeout_s, bool) or not isinstance(stream_idle_timeout_s, (int, float)) \
                 or not stream_idle_timeout_s > 0:
             raise ConfigError(f"stream_idle_timeout_s must be a number of seconds > 0, got {stream_idle_timeout_s!r}")
@@ -113,6 +119,8 @@ class AudioTokenizer:
         self.linguistic = linguistic
         self.features = features
         self.semantic = semantic
+        self.recognizer = recognizer
+        self._transcriber: Transcriber | None = None
         self.device = linguistic.device
         self._streams: dict[str, TokenizerStream] = {}
         self._lock = threading.Lock()
@@ -122,7 +130,7 @@ class AudioTokenizer:
                         s3_dtype: torch.dtype | None = None, cache_converted: bool = True,
                         use_cuda_graphs: bool = True, tf32: bool = False, bucket_eager: bool = False,
                         kernels: KernelConfig = KernelConfig(),
-                        stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S) -> "AudioTokenizer":
+                        stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S, asr: bool = False) -> "AudioTokenizer":
         """Load the released Step-Audio-Tokenizer folder: the FunASR Paraformer subfolder
         (config.yaml, am.mvn, model.pt encoder tensors), linguistic_tokenizer.npy and
         speech_tokenizer_v1.onnx (initializers converted to the native module; with
@@ -131,13 +139,16 @@ class AudioTokenizer:
         `tf32` (off by default) lets float32 encoders' matrix products use TF32 tensor cores;
         `bucket_eager` pads eager runs to the buckets the CUDA graphs use; `kernels` says how the
         kernels run (stepvox.kernels.KernelConfig); `stream_idle_timeout_s` when a forgotten live
-        stream is dropped."""
+        stream is dropped. `asr` also loads the Paraformer's CIF predictor, decoder and tokens.json
+        (same model.pt; the encoder is shared) for `transcriber`; CheckpointError if the folder
+        has none."""
         root = os.fspath(tokenizer_dir)
         device = torch.device(device)
         para_dir = os.path.join(root, PARAFORMER_SUBDIR)
         if not os.path.isdir(para_dir):
             raise CheckpointError(f"missing Paraformer folder {para_dir}")
         encoder, features = load_paraformer(para_dir, device=device, dtype=dtype, kernels=kernels)
+        recognizer = load_recognizer(para_dir, encoder.cfg, device=device, dtype=dtype) if asr else None
         npy = os.path.join(root, "linguistic_tokenizer.npy")
         try:
             codebook = np.load(npy, allow_pickle=False)
@@ -152,7 +163,8 @@ class AudioTokenizer:
             raise CheckpointError(f"S3 codebook has {s3.cfg.codebook_size} rows, the LLM has {VQ06_CODES} ids")
         graphs = dict(use_cuda_graphs=use_cuda_graphs, bucket_eager=bucket_eager, tf32=tf32)
         linguistic = LinguisticTokenizer(encoder, torch.from_numpy(codebook.astype(np.float32)), **graphs)
-        return cls(linguistic, features, SemanticTokenizer(s3, **graphs), stream_idle_timeout_s=stream_idle_timeout_s)
+        return cls(linguistic, features, SemanticTokenizer(s3, **graphs), stream_idle_timeout_s=stream_idle_timeout_s,
+                   recognizer=recognizer)
 
     def variant(self, use_cuda_graphs: bool | None = None, bucket_eager: bool | None = None) -> "AudioTokenizer":
         """A tokenizer sharing this one's models with other run settings (benchmarks compare them)."""
@@ -161,7 +173,15 @@ class AudioTokenizer:
                         tf32=self.linguistic.tf32)
         return AudioTokenizer(LinguisticTokenizer(self.linguistic.encoder, self.linguistic.codebook, **settings),
                               self.features, SemanticTokenizer(self.semantic.model, **settings),
-                              stream_idle_timeout_s=self.stream_idle_timeout_s)
+                              stream_idle_timeout_s=self.stream_idle_timeout_s, recognizer=self.recognizer)
+
+    @property
+    def transcriber(self) -> Transcriber:
+        """Speech recognition over this tokenizer's encoder and front end (ConfigError unless it
+        was loaded with `asr=True`)."""
+        if self._transcriber is None:
+            self._transcriber = Transcriber(self)
+        return self._transcriber
 
     @property
     def graph_count(self) -> int:

@@ -6,9 +6,12 @@ decoder's pre-solve, ODE solve and vocoder) lives in a GraphCache: a graph per k
 `body(key, *static_inputs)` on fixed buffers; a call copies its (padded) inputs in, replays, and
 reads the static outputs, which stay valid until the next replay of that key. Graphs of one cache
 share a memory pool, so they must not run at the same time: `lock` serialises callers from
-different threads. Graphs are captured on torch's default capture stream, so every graph shares
-that stream's cuBLAS workspace: replaying graphs whose products use it side by side on two streams
-is unsafe (the audio tokenizer's overlapped replays hung on released sizes, bench/RESULTS.md).
+different threads. Each cache captures on a stream of its own: cuBLAS keeps a workspace per
+stream and a graph keeps the workspace it was captured with, so graphs captured on one stream
+must not replay side by side (the audio tokenizer's S3 and Paraformer graphs, both captured on
+torch's default capture stream and replayed overlapped, hung on released sizes; bench/RESULTS.md,
+2026-12-06), while graphs of different caches (the LM engine's, the speech decoder's, the
+tokenizer's, replayed from their own threads) may.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ from typing import Callable
 import torch
 
 
-def capture_graph(run: Callable, device, pool=None, warmups: int = 1):
+def capture_graph(run: Callable, device, pool=None, warmups: int = 1, stream: torch.cuda.Stream | None = None):
     """Run `run` `warmups` times on a side stream (Triton compiles, cuBLAS/cuDNN pick their
     algorithms, the allocator settles), then capture one more call into a graph drawing on `pool`
-    (a new pool when None). Returns (graph, what `run` returned during the capture, pool)."""
+    (a new pool when None), on `stream` (default: torch's capture stream, shared by every caller
+    that passes none: see the module docstring). Returns (graph, what `run` returned during the
+    capture, pool)."""
     device = torch.device(device)
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
@@ -35,7 +40,7 @@ def capture_graph(run: Callable, device, pool=None, warmups: int = 1):
     graph = torch.cuda.CUDAGraph()
     # thread_local: other threads keep using the GPU during a capture (a pipeline's decoder thread
     # captures a new bucket while the LM engine's thread runs steps; "global" invalidates the capture)
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
         outputs = run()
     return graph, outputs, pool
 
@@ -52,6 +57,7 @@ class GraphCache:
         self.lock = threading.Lock()
         self.entries: dict = {}
         self.pool = None
+        self.capture_stream: torch.cuda.Stream | None = None     # its own cuBLAS workspace (module docstring)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -65,9 +71,15 @@ class GraphCache:
     def entry(self, key):
         """(graph, static inputs, static outputs) of `key`, captured now if new. Call with the lock held."""
         if key not in self.entries:
-            static = self.make_static(key)
-            graph, outputs, self.pool = capture_graph(lambda: self.body(key, *static), self.device, self.pool,
-                                                      self.warmups)
+            # normal tensors, whatever mode the first caller is in: buffers made under inference_mode
+            # could not be written by a later caller outside it (a pipeline captures under
+            # inference_mode, a user then calls SpeechDecoder.stream outside it)
+            if self.capture_stream is None:
+                self.capture_stream = torch.cuda.Stream(self.device)
+            with torch.inference_mode(False), torch.no_grad():
+                static = self.make_static(key)
+                graph, outputs, self.pool = capture_graph(lambda: self.body(key, *static), self.device, self.pool,
+                                                          self.warmups, self.capture_stream)
             self.entries[key] = (graph, static, outputs)
         return self.entries[key]
 

@@ -270,7 +270,10 @@ class ParaformerEncoder(torch.nn.Module):
         With `pad_windows_to`, neutral windows (zeros, all rows valid, no look-back) are appended
         up to that count; they are computed and ignored, and change no real window's result
         (no operation mixes windows except the look-back gather, which never points at them).
-        Metadata is built on the host and copied without a device sync."""
+        A last call of 0 rows (after at least one other) is a tail window: the 5 carried rows
+        alone, as FunASR's streaming ASR encodes them when the audio ends without a final call of
+        its own (the tokenizer never asks for one). Metadata is built on the host and copied
+        without a device sync."""
         cfg = self.cfg
         step, carry, r = cfg.chunk_frames, cfg.carried_frames, cfg.window_rows
         dev = self.device
@@ -280,7 +283,8 @@ class ParaformerEncoder(torch.nn.Module):
         for x, calls in zip(feats, counts):
             if sum(calls) != x.shape[0]:
                 raise ValueError(f"encode_offline: {x.shape[0]} rows but calls sum to {sum(calls)}")
-            if any(c != step for c in calls[:-1]) or (calls and not 0 < calls[-1] <= step):
+            tail_alone = calls == [0]
+            if any(c != step for c in calls[:-1]) or (calls and not 0 <= calls[-1] <= step) or tail_alone:
                 raise ValueError(f"encode_offline: calls must be {step} rows each but the last, got {calls}")
             c = len(calls)
             spans.append((first, c, x.shape[0]))
@@ -312,13 +316,15 @@ class ParaformerEncoder(torch.nn.Module):
                               to_device(torch.cat(lb_index), dev), spans, first)
 
     def encode_windows(self, h: torch.Tensor, n_rows: torch.Tensor, lb_len: torch.Tensor,
-                       index: torch.Tensor) -> torch.Tensor:
+                       index: torch.Tensor, all_rows: bool = False) -> torch.Tensor:
         """All 50 layers + after_norm over windows [W, R, in]; returns the new rows of each window
-        [W, step, D]. No host sync, fixed shapes: graph-capturable."""
+        [W, step, D], or with `all_rows` every row of each window [W, R, D] (the speech
+        recognition heads read the carried rows too; rows past n_rows are padding). No host sync,
+        fixed shapes: graph-capturable."""
         cfg = self.cfg
         for layer in self.layers:
             h = self._layer(layer, h, n_rows, lb_len, index)[0]
-        rows = h[:, cfg.carried_frames:cfg.carried_frames + cfg.chunk_frames]
+        rows = h if all_rows else h[:, cfg.carried_frames:cfg.carried_frames + cfg.chunk_frames]
         return F.layer_norm(rows, (cfg.output_size,), self.after_norm.weight, self.after_norm.bias, LAYER_NORM_EPS)
 
     def encode_offline(self, feats: list[torch.Tensor], counts: list[list[int]]) -> list[torch.Tensor]:
@@ -446,7 +452,7 @@ class LinguisticTokenizer:
         with matmul_precision(self.tf32, self.device):
             out, k, v = self.encoder.stream_step(window, cfg.chunk_frames, look_back, cache_k, cache_v)
         rows = out[0, cfg.carried_frames:cfg.carried_frames + cfg.chunk_frames]
-        return rows, self.codes_of_rows(rows), k, v
+        return out[0], self.codes_of_rows(rows), k, v
 
     def _step_static(self, key):
         cfg, enc = self.encoder.cfg, self.encoder
@@ -460,6 +466,12 @@ class LinguisticTokenizer:
         """One streaming call of `rows` new LFR rows: (new encoder rows, their codes), state advanced.
         A full call replays the step graph (one for every stream: the stream's look-back cache is
         copied in and the advanced one out); a short final call runs eagerly."""
+        window_rows, codes = self.step_window(state, rows)
+        return window_rows[self.encoder.cfg.carried_frames:], codes
+
+    def step_window(self, state: StreamState, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `step`, but returning every after_norm row of the call's window [carried + new, D],
+        carried rows first (the speech recognizer reads them all); 0 new rows is a tail window."""
         enc, cfg = self.encoder, self.encoder.cfg
         new = rows.shape[0]
         window = enc.window_for(state, rows)
@@ -476,10 +488,11 @@ class LinguisticTokenizer:
             with matmul_precision(self.tf32, self.device):
                 full, state.cache_k, state.cache_v = enc.stream_step(window, new, state.look_back, state.cache_k,
                                                                      state.cache_v)
-            out = full[0, cfg.carried_frames:cfg.carried_frames + new]
-            codes = self.codes_of_rows(out)
+            out = full[0]
+            fresh = out[cfg.carried_frames:cfg.carried_frames + new]
+            codes = self.codes_of_rows(fresh) if new else torch.zeros(0, dtype=torch.long, device=out.device)
         enc.advance(state, window, new)
-        return out, codes
+        return out[:cfg.carried_frames + new], codes
 
     def stream(self) -> "LinguisticStream":
         return LinguisticStream(self)

@@ -289,8 +289,9 @@ class TTS:
 
 
 def load_audio_tokenizer(folder: str, device: str, kernels, **options) -> AudioTokenizer:
-    # eager: its CUDA-graph replays hung on released-size folders (H100, 2026-12-06; bench/RESULTS.md)
-    return AudioTokenizer.from_pretrained(folder, device=device, kernels=kernels, use_cuda_graphs=False, **options)
+    """The tokenizer of a pipeline (voices; a voice chat's audio input), with CUDA graphs on GPUs (the
+    replay hang on released sizes is fixed: bench/check_tok_hang.py, H100, 2026-12-06)."""
+    return AudioTokenizer.from_pretrained(folder, device=device, kernels=kernels, **options)
 
 
 def tagged_text(text: str, emotion: str | None = None, language: str | None = None, speed: str | None = None,

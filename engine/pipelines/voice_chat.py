@@ -95,9 +95,9 @@ class VoiceChat:
         self.audio_tokenizer = tts.tokenizer
         self.transcriber = transcriber
         self.sample_rate = tts.sample_rate
-        self._loop = asyncio.new_event_loop()                     # the sync API drives the async one here
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="stepvox-chat-loop", daemon=True)
-        self._loop_thread.start()
+        self._loop: asyncio.AbstractEventLoop | None = None      # the sync API's loop, started on first use
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, chat: str, tts: str, tokenizer: str, speakers: str | None = None, *,
@@ -128,8 +128,8 @@ class VoiceChat:
         chat_config = EngineConfig(device=device, **chat_args)
         chat_engine = AsyncLLMEngine(LLMEngine(chat, chat_config))
         try:
-            audio_tokenizer = load_audio_tokenizer(tokenizer, device, chat_config.kernels, **({"asr": True} if asr else {}))
-            transcriber = Transcriber(audio_tokenizer) if asr else None
+            audio_tokenizer = load_audio_tokenizer(tokenizer, device, chat_config.kernels, asr=asr)
+            transcriber = audio_tokenizer.transcriber if asr else None
             speech = TTS.from_pretrained(tts, tokenizer, speakers, device=device, voices_dir=voices_dir,
                                          warm_up=warm_up, audio_tokenizer=audio_tokenizer, **tts_options, **tts_args)
         except BaseException:
@@ -266,8 +266,18 @@ class VoiceChat:
                            done["audio_samples"] / self.sample_rate, done["usage"], timings)
 
     def respond(self, messages, voice: str = "Tingting", **kwargs) -> Iterator[Event]:
-        """`arespond` for synchronous callers."""
-        return _sync_iter(self._loop, self.arespond(messages, voice, **kwargs))
+        """`arespond` for synchronous callers (not from inside a running event loop's thread)."""
+        return _sync_iter(self.sync_loop(), self.arespond(messages, voice, **kwargs))
+
+    def sync_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop (on a thread of its own) that the synchronous API drives the async one on."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=self._loop.run_forever, name="stepvox-chat-loop",
+                                                     daemon=True)
+                self._loop_thread.start()
+            return self._loop
 
     def conversation(self, system: str | None = None, history: str = "audio", voice: str = "Tingting",
                      **respond_options) -> "Conversation":
@@ -276,8 +286,11 @@ class VoiceChat:
     def shutdown(self) -> None:
         self.chat_engine.shutdown()
         self.tts.shutdown()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop_thread.join(timeout=10)
+        with self._loop_lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._loop_thread.join(timeout=10)
+                self._loop = None
 
     def __enter__(self):
         return self
@@ -348,7 +361,7 @@ class Conversation:
             self._swap_for_transcript(len(self.messages) - 2, text)
 
     def say(self, content, **options) -> Iterator[Event]:
-        return _sync_iter(self.chat._loop, self.asay(content, **options))
+        return _sync_iter(self.chat.sync_loop(), self.asay(content, **options))
 
     def _transcribe(self, message: Message) -> str:
         return "".join(self.chat.transcribe(p) if isinstance(p, AudioTokens) else p for p in message.parts)

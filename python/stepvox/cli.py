@@ -2,18 +2,22 @@
 
   stepvox tts TEXT --out FILE [--model DIR --tokenizer DIR --speakers DIR] [--voice NAME] ...
                                                       text to speech, with latency and RTF
-  stepvox serve [--model DIR --tokenizer DIR --speakers DIR] [--port 8000] ...
-                                                      an OpenAI-compatible speech server
+  stepvox serve [--model DIR --tokenizer DIR --speakers DIR] [--chat [DIR]] [--port 8000] ...
+                                                      an OpenAI-compatible speech (and voice-chat) server
+  stepvox chat [TEXT] [--audio FILE] [--out FILE] [--url URL] ...
+                                                      talk to a running server (text in, text and speech out)
   stepvox generate [--model DIR] [--prompt TEXT ...]   generate and report throughput
   stepvox plan --model DIR [--tp 1 2 4 8]              tensor-parallel memory/speed plan
   stepvox --version
 Given no model folder, `tts` and `serve` write tiny random-weight folders of the three releases (and
-a generated voice prompt), `generate` a tiny random-weight Step1 checkpoint, and each says so.
+a generated voice prompt), `serve --chat` with no folder a tiny random-weight Step1 chat model,
+`generate` a tiny random-weight Step1 checkpoint, and each says so.
 A mistake of the user's (a bad option, a bad model folder) is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import math
 import os
@@ -30,19 +34,25 @@ from stepvox.engine.frontend.tempo import check_speed, check_volume
 from stepvox.engine.pipelines.audio import Audio
 from stepvox.engine.pipelines.tts import TTS, tagged_text
 from stepvox.engine.pipelines.tts_text import MODES
+from stepvox.engine.pipelines.voice_chat import VoiceChat
 from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.kernels import BACKENDS
 from stepvox.llm import LLM
 from stepvox.plan import main as plan_main
 from stepvox.server import ServerConfig, bind_socket, serve
+from stepvox.server.client import stream_chat
 from stepvox.testing.step1 import write_random_step1
 from stepvox.testing.tts import write_tts_folders
 
-COMMANDS = ("tts", "serve", "generate", "plan")
+COMMANDS = ("tts", "serve", "chat", "generate", "plan")
 USER_ERRORS = (ConfigError, CheckpointError, InvalidRequestError)   # exit 2; other StepvoxErrors exit 1
 DEFAULT_MODEL = "stepvox-tiny-step1"
 DEFAULT_TTS = "stepvox-tiny-tts"
+DEFAULT_CHAT = "stepvox-tiny-chat"
+TINY_CHAT = "tiny"                        # `serve --chat` with no folder: the tiny random-weight chat model
+CHAT_MEMORY_FRACTION, TTS_MEMORY_FRACTION = 0.45, 0.35     # VoiceChat.from_pretrained's defaults
+MAX_MEMORY_FRACTION = 0.9                 # of both together: VoiceChat.from_pretrained's rule, checked before loading
 COMPLETE_MARKER = ".stepvox-complete"     # written last: a folder without it is not a finished checkpoint
 STALE_PARTIAL_S = 3600                    # a partial folder this old belongs to a writer that was killed
 
@@ -144,6 +154,11 @@ def materialized(name: str, write, parent: str | None = None) -> str:
 def default_model(parent: str | None = None) -> str:
     """The tiny random-weight Step1 checkpoint (see `materialized`)."""
     return materialized(DEFAULT_MODEL, lambda path: write_random_step1(path, seed=0), parent)
+
+
+def default_chat_model(parent: str | None = None) -> str:
+    """A tiny random-weight Step1 folder for `serve --chat` (see `materialized`)."""
+    return materialized(DEFAULT_CHAT, lambda path: write_random_step1(path, seed=7), parent)
 
 
 def default_tts_folders(parent: str | None = None) -> dict[str, str]:
@@ -279,15 +294,18 @@ def cmd_serve(args) -> int:
     # every option is checked, and the port taken, before anything is written or loaded
     api_key = args.api_key if args.api_key is not None else os.environ.get("STEPVOX_API_KEY") or None
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_TTS)
-    config = ServerConfig(model_name=name, api_key=api_key, max_concurrent=args.max_concurrent,
-                          max_queue=args.max_queue, max_body_bytes=args.max_body_mib << 20,
-                          default_voice=args.default_voice)
+    chat_name = args.served_chat_model_name or (
+        DEFAULT_CHAT if args.chat in (None, TINY_CHAT) else os.path.basename(os.path.normpath(args.chat)))
+    config = ServerConfig(model_name=name, chat_model_name=chat_name, api_key=api_key,
+                          max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                          max_body_bytes=args.max_body_mib << 20, default_voice=args.default_voice)
     options = {k: v for k, v in dict(kernel_backend=args.kernels, max_model_len=args.max_model_len,
                                      max_num_seqs=args.max_num_seqs, num_kv_pages=args.num_kv_pages,
                                      gpu_memory_utilization=args.gpu_memory_utilization,
                                      enforce_eager=args.eager or None).items() if v is not None}
     EngineConfig(device=args.device, **options).validate()
     _check_tts_folders(args)
+    chat_options = _check_chat_options(args)
     if args.voices_dir is not None and os.path.exists(args.voices_dir) and not os.path.isdir(args.voices_dir):
         raise ConfigError(f"--voices-dir {args.voices_dir} is not a folder")
     sock = bind_socket(args.host, args.port)
@@ -297,27 +315,170 @@ def cmd_serve(args) -> int:
                                         max_reference_seconds=args.max_reference_seconds).items() if v is not None}
         device = None if args.device == "auto" else args.device
         t0 = time.perf_counter()
-        tts = TTS.from_pretrained(folders["model"], folders["tokenizer"], speakers, device=device,
-                                  voices_dir=args.voices_dir, **limits, **options)
+        if args.chat is None:
+            model = TTS.from_pretrained(folders["model"], folders["tokenizer"], speakers, device=device,
+                                        voices_dir=args.voices_dir, **limits, **options)
+            tts = model
+        else:
+            model = VoiceChat.from_pretrained(_chat_folder(args), folders["model"], folders["tokenizer"], speakers,
+                                              device=device, voices_dir=args.voices_dir, chat_engine_args=options,
+                                              tts_engine_args=options, **chat_options, **limits)
+            tts = model.tts
     except BaseException:
         sock.close()
         raise
     if args.default_voice is not None and args.default_voice not in tts.voices():
-        tts.shutdown()
+        model.shutdown()
         sock.close()
         raise UnknownVoiceError(f"--default-voice {args.default_voice!r} is not a voice; known voices: {tts.voices()}")
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     kept = f"kept in {args.voices_dir}" if args.voices_dir else "kept in memory only (--voices-dir keeps them)"
+    chat_line = ""
+    routes = "POST /v1/audio/speech"
+    if args.chat is not None:
+        asr = "on" if model.transcriber is not None else "off (--no-asr)"
+        chat_line = f"; chat model {chat_name} on {model.chat_engine.engine.device}; speech recognition {asr}"
+        routes += f", /v1/chat/completions ({chat_name})" + (", /v1/audio/transcriptions" if model.transcriber else "")
     print(f"loaded in {time.perf_counter() - t0:.1f} s on {tts.engine.engine.device}: voices {tts.voices()}; "
-          f"registered voices {kept}; API key {'required' if api_key else 'not required'}", flush=True)
-    print(f"serving {name} on http://{shown_host}:{port} (POST /v1/audio/speech; GET /health, /metrics)", flush=True)
+          f"registered voices {kept}{chat_line}; API key {'required' if api_key else 'not required'}", flush=True)
+    print(f"serving {name} on http://{shown_host}:{port} ({routes}; GET /health, /metrics)", flush=True)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                             format="%(levelname)s:     %(name)s: %(message)s")
-    serve(tts, config, sock, shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
+    serve(model, config, sock, shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
           access_log=not args.no_access_log)
     return 0
+
+
+def _check_chat_options(args) -> dict:
+    """VoiceChat.from_pretrained's options from the --chat flags, checked before anything loads."""
+    chat_only = {"--chat-tensor-parallel-size": args.chat_tensor_parallel_size,
+                 "--chat-memory-fraction": args.chat_memory_fraction,
+                 "--tts-memory-fraction": args.tts_memory_fraction, "--no-asr": args.no_asr or None,
+                 "--served-chat-model-name": args.served_chat_model_name}
+    if args.chat is None:
+        given = [flag for flag, value in chat_only.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} goes with --chat")
+        return {}
+    if args.chat != TINY_CHAT and not os.path.isdir(args.chat):
+        raise CheckpointError(f"--chat {args.chat}: no such folder")
+    if args.gpu_memory_utilization is not None:
+        raise ConfigError("--gpu-memory-utilization is for a TTS alone; with --chat, split the GPU with "
+                          "--chat-memory-fraction and --tts-memory-fraction")
+    chat_fraction = args.chat_memory_fraction or CHAT_MEMORY_FRACTION
+    tts_fraction = args.tts_memory_fraction or TTS_MEMORY_FRACTION
+    if chat_fraction + tts_fraction > MAX_MEMORY_FRACTION:
+        raise ConfigError(f"--chat-memory-fraction + --tts-memory-fraction = {chat_fraction + tts_fraction:.2f}; at "
+                          f"most {MAX_MEMORY_FRACTION} (the speech decoders and the audio tokenizer need the rest)")
+    tp = args.chat_tensor_parallel_size or 1
+    EngineConfig(device=args.device, tensor_parallel_size=tp).validate()
+    return dict(chat_tensor_parallel_size=tp, chat_memory_fraction=chat_fraction, tts_memory_fraction=tts_fraction,
+                asr=not args.no_asr)
+
+
+def _chat_folder(args) -> str:
+    if args.chat != TINY_CHAT:
+        return args.chat
+    folder = default_chat_model()
+    print(f"--chat {TINY_CHAT}: using a tiny random-weight Step1 chat model written to {folder} (2 layers, hidden 64; "
+          "its answers are noise)", flush=True)
+    return folder
+
+
+# ---------------------------------------------------------------- stepvox chat
+CHAT_OUT_FORMATS = {"wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "opus", "opus": "opus", "pcm": "pcm16",
+                    "raw": "pcm16"}
+CHAT_IN_FORMATS = {"wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "ogg", "opus": "ogg", "pcm": "pcm16",
+                   "raw": "pcm16"}
+
+
+def cmd_chat(args) -> int:
+    # every option is checked before anything is sent
+    if not args.url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url {args.url}: give the server's address as http://HOST:PORT")
+    if args.out is None and (args.voice is not None or args.format is not None):
+        raise ConfigError("--voice and --format go with --out (the spoken answer's file)")
+    out_format = None
+    if args.out is not None:
+        out_format = args.format or CHAT_OUT_FORMATS.get(os.path.splitext(args.out)[1].lower().lstrip("."))
+        if out_format is None:
+            raise InvalidRequestError(f"--out {args.out}: cannot tell the format from the extension "
+                                      f"({', '.join('.' + e for e in CHAT_OUT_FORMATS)}); pass --format")
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise InvalidRequestError(f"--out {args.out}: no such folder {out_dir}")
+    audio_part = _audio_part(args.audio) if args.audio is not None else None
+    if args.text is not None and not args.text.strip() and audio_part is None:
+        raise InvalidRequestError("the text to send is empty")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("STEPVOX_API_KEY") or None
+    request = {k: v for k, v in dict(model=args.model, max_completion_tokens=args.max_tokens,
+                                     temperature=args.temperature, seed=args.seed,
+                                     speech_max_tokens=args.speech_max_tokens).items() if v is not None}
+    if out_format is not None:
+        request["modalities"] = ["text", "audio"]
+        request["audio"] = {"format": out_format, **({"voice": args.voice} if args.voice else {})}
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.text is not None or audio_part is not None:
+        parts = ([{"type": "text", "text": args.text}] if args.text else []) + ([audio_part] if audio_part else [])
+        _chat_turn(args, request, history, parts, api_key, 1)
+        return 0
+    interactive = sys.stdin.isatty()
+    turn = 0
+    while True:
+        if interactive:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if line.strip():
+            turn += 1
+            _chat_turn(args, request, history, line.strip(), api_key, turn)
+
+
+def _audio_part(path: str) -> dict:
+    fmt = CHAT_IN_FORMATS.get(os.path.splitext(path)[1].lower().lstrip("."))
+    if fmt is None:
+        raise AudioInputError(f"--audio {path}: cannot tell the format from the extension "
+                              f"({', '.join('.' + e for e in CHAT_IN_FORMATS)})")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise AudioInputError(f"--audio {path}: {exc.strerror or exc}") from exc
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode("ascii"), "format": fmt}}
+
+
+def _chat_turn(args, request: dict, history: list, content, api_key: str | None, turn: int) -> None:
+    """One turn: the answer's text printed as it streams, its audio written, the history kept."""
+    history.append({"role": "user", "content": content})
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    answer = stream_chat(args.url, {**request, "messages": history}, api_key, on_text=show, timeout_s=args.timeout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    history.append({"role": "assistant", "content": answer.text})
+    usage = answer.usage or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", "?")
+    report = [f"{usage.get('prompt_tokens', '?')} prompt tokens ({cached} cached), "
+              f"{usage.get('completion_tokens', '?')} completion tokens ({answer.finish_reason})"]
+    if answer.first_text_s is not None:
+        report.append(f"first text {1e3 * answer.first_text_s:.0f} ms")
+    if args.out is not None:
+        path = args.out if turn == 1 else "{0}-{2}{1}".format(*os.path.splitext(args.out), turn)
+        try:
+            with open(path, "wb") as f:
+                f.write(answer.audio)
+        except OSError as exc:
+            raise InvalidRequestError(f"--out {path}: cannot write: {exc.strerror or exc}") from exc
+        first = f"first audio {1e3 * answer.first_audio_s:.0f} ms, " if answer.first_audio_s is not None else ""
+        report.append(f"{first}{len(answer.audio)} bytes of audio written to {path}")
+    sys.stderr.write(f"stepvox chat: {'; '.join(report)}\n")
 
 
 def _format_of(path: str) -> str:
@@ -365,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kernels", choices=BACKENDS, default="auto",
                    help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
     t.set_defaults(func=cmd_tts)
-    v = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech)")
+    v = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech; with --chat, "
+                                     "voice chat too)")
     v.add_argument("--model", help="Step-Audio-TTS-3B folder (default: tiny random-weight folders)")
     v.add_argument("--tokenizer", help="Step-Audio-Tokenizer folder")
     v.add_argument("--speakers", help="speakers folder (speakers_info.json + {id}_prompt.wav)")
@@ -393,7 +555,41 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--eager", action="store_true", help="no CUDA graphs")
     v.add_argument("--kernels", choices=BACKENDS, default="auto",
                    help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
+    v.add_argument("--chat", nargs="?", const=TINY_CHAT, metavar="DIR",
+                   help="also serve voice chat (/v1/chat/completions, /v1/audio/transcriptions) with this Step1 chat "
+                        f"model folder (Step-Audio-Chat, or a smaller stand-in); `--chat` or `--chat {TINY_CHAT}`: a "
+                        "tiny random-weight one")
+    v.add_argument("--chat-tensor-parallel-size", type=_positive_int, default=None,
+                   help="GPUs the chat model is split over (default 1)")
+    v.add_argument("--chat-memory-fraction", type=_fraction, default=None,
+                   help=f"of each GPU for the chat engine (default {CHAT_MEMORY_FRACTION})")
+    v.add_argument("--tts-memory-fraction", type=_fraction, default=None,
+                   help=f"of the GPU for the TTS engine (default {TTS_MEMORY_FRACTION}); the two together at most "
+                        f"{MAX_MEMORY_FRACTION}")
+    v.add_argument("--no-asr", action="store_true", help="with --chat: no speech recognition (saves the ASR decoder's "
+                                                          "memory; /v1/audio/transcriptions answers 404)")
+    v.add_argument("--served-chat-model-name", help="the chat model's id in /v1/models (default: the --chat folder's "
+                                                    "name)")
     v.set_defaults(func=cmd_serve)
+    c = sub.add_parser("chat", help="talk to a running stepvox server (text or audio in, text and speech out)")
+    c.add_argument("text", nargs="?", help="what to say (default: each line of stdin is a turn, the history kept)")
+    c.add_argument("--audio", help="an audio file to send (.wav .mp3 .flac .ogg; .pcm: 24 kHz 16-bit mono)")
+    c.add_argument("--out", help="write the spoken answer to this file (.wav .mp3 .flac .ogg .pcm); later turns to "
+                                 "FILE-2.ext, ...")
+    c.add_argument("--format", choices=sorted(set(CHAT_OUT_FORMATS.values())), default=None,
+                   help="of --out (default: from its extension)")
+    c.add_argument("--voice", help="the voice that speaks the answer (default: the server's)")
+    c.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    c.add_argument("--api-key", help="sent as Authorization: Bearer KEY (default: $STEPVOX_API_KEY)")
+    c.add_argument("--model", help="the chat model to ask for (default: the server's)")
+    c.add_argument("--system", help="a system prompt")
+    c.add_argument("--max-tokens", type=_positive_int, default=None, help="answer tokens at most")
+    c.add_argument("--speech-max-tokens", type=_positive_int, default=None,
+                   help="speech tokens per spoken sentence at most (default: by its length)")
+    c.add_argument("--temperature", type=float, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds to wait for the server")
+    c.set_defaults(func=cmd_chat)
     g = sub.add_parser("generate", help="generate from a Step1 model folder")
     g.add_argument("--model", help="Step1 folder (config.json, safetensors, tokenizer.model)")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")

@@ -1,11 +1,14 @@
-"""The app factory: `create_app(tts, config)` -> a FastAPI app serving one loaded TTS.
+"""The app factory: `create_app(model, config)` -> a FastAPI app serving one loaded TTS, or one
+loaded VoiceChat (its TTS answers the speech routes; its chat model and ASR the chat completions
+and transcriptions).
 
-The TTS is loaded before the app exists (a bad folder is a start-up error, not a broken server), and
-every request shares it: one LM engine batching all requests, one decoder thread. The middlewares
-are plain ASGI (a BaseHTTPMiddleware would buffer and detach streamed responses), outermost first:
-request id + HTTP metrics, API key, body size limit. When the app stops (after uvicorn has let
-in-flight responses finish, or cancelled them at the deadline) it takes no more requests and shuts the
-TTS down, unless `shutdown_tts=False` (runner.serve shuts it down itself, started or not).
+The models are loaded before the app exists (a bad folder is a start-up error, not a broken
+server), and every request shares them: one LM engine per model batching all requests, one
+decoder thread, one audio-tokenizer thread. The middlewares are plain ASGI (a BaseHTTPMiddleware
+would buffer and detach streamed responses), outermost first: request id + HTTP metrics, API key,
+body size limit. When the app stops (after uvicorn has let in-flight responses finish, or
+cancelled them at the deadline) it takes no more requests and shuts the model down, unless
+`shutdown_model=False` (runner.serve shuts it down itself, started or not).
 """
 from __future__ import annotations
 
@@ -19,28 +22,36 @@ import time
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from stepvox.engine.pipelines.tts import TTS
+from stepvox.engine.pipelines.voice_chat import VoiceChat
+
+from .admission import Admission
+from .chat_routes import router as chat_router
 from .config import ServerConfig
 from .errors import ApiError, install as install_errors
 from .metrics import ServerMetrics
 from .routes import router
-from .speech import Admission
 
 log = logging.getLogger("stepvox.server")
 API_PREFIX = "/v1/"
 
 
 class ServerState:
-    """What the routes share: the TTS, the config, metrics, admission, and whether the server is
+    """What the routes share: the models, the config, metrics, admission, and whether the server is
     taking requests (False once it shuts down)."""
 
-    def __init__(self, tts, config: ServerConfig):
-        self.tts, self.config = tts, config
-        self.metrics = ServerMetrics(tts)
+    def __init__(self, model: TTS | VoiceChat, config: ServerConfig):
+        if not isinstance(model, (TTS, VoiceChat)):
+            raise TypeError(f"serve a loaded TTS or VoiceChat, not {type(model).__name__}")
+        self.chat = model if isinstance(model, VoiceChat) else None
+        self.tts = model.tts if self.chat is not None else model
+        self.config = config
+        self.metrics = ServerMetrics(self.tts, self.chat)
         self.admission = Admission(config.max_concurrent, config.max_queue, self.metrics, config.retry_after_s)
         self.started = int(time.time())
         self.accepting = True
         self.voice_uploads = 0          # POST /v1/audio/voices being processed (routes: at most a few)
-        builtin = tts.voice_registry.names(builtin=True)
+        builtin = self.tts.voice_registry.names(builtin=True)
         self.default_voice = config.default_voice or ("Tingting" if "Tingting" in builtin
                                                       else builtin[0] if builtin else None)
 
@@ -50,28 +61,31 @@ class ServerState:
             return "the server is shutting down"
         if self.tts.engine.is_dead:
             return "the engine has stopped; the server must be restarted"
+        if self.chat is not None and self.chat.chat_engine.is_dead:
+            return "the chat engine has stopped; the server must be restarted"
         return None
 
 
-def create_app(tts, config: ServerConfig | None = None, shutdown_tts: bool = True) -> FastAPI:
-    """`tts`: a loaded stepvox TTS; `shutdown_tts`: shut it down when the app stops."""
+def create_app(model: TTS | VoiceChat, config: ServerConfig | None = None, shutdown_model: bool = True) -> FastAPI:
+    """`model`: a loaded stepvox TTS or VoiceChat; `shutdown_model`: shut it down when the app stops."""
     config = config or ServerConfig()
-    state = ServerState(tts, config)
+    state = ServerState(model, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         state.accepting = False
-        if shutdown_tts:
-            log.info("shutting the TTS down")
-            await asyncio.to_thread(tts.shutdown)
+        if shutdown_model:
+            log.info("shutting the models down")
+            await asyncio.to_thread(model.shutdown)
 
     # /openapi.json describes the API; no /docs page: it loads its scripts from a CDN
-    app = FastAPI(title="stepvox", description="OpenAI-compatible speech server for Step-Audio-TTS-3B",
+    app = FastAPI(title="stepvox", description="OpenAI-compatible speech and voice-chat server for Step-Audio",
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.stepvox = state
     install_errors(app, state.metrics)
     app.include_router(router)
+    app.include_router(chat_router)
     # added last = outermost
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, metrics=state.metrics)
     if config.api_key is not None:

@@ -205,8 +205,9 @@ class WholeFileEncoder(StreamEncoder):
         return b""
 
     def finish(self) -> bytes:
-        samples = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
-        return encode_audio(samples, self.native_rate, self.format, self.sample_rate)
+        if not self._chunks:         # no audio: an empty file, not resampled (the filter needs samples)
+            return encode_audio(np.zeros(0, np.float32), self.sample_rate, self.format, self.sample_rate)
+        return encode_audio(np.concatenate(self._chunks), self.native_rate, self.format, self.sample_rate)
 
 
 _ENCODERS = {"pcm": PcmEncoder, "wav": WavEncoder, "mp3": SoundFileEncoder, "opus": SoundFileEncoder,

@@ -77,7 +77,7 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
     # a union's branch name ("str", "VoiceId") is pydantic's, not a field
     loc = [p for p in loc if not (p[:1].isupper() or p in ("str", "int", "float", "function-after"))]
-    param = ".".join(loc) or None
+    param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or None   # messages[0].role
     message = first.get("msg", "invalid value")
     if param:
         message = f"{param}: {message}"

@@ -1,7 +1,9 @@
 """Prometheus metrics of one server, in a registry of its own (two apps in one process, as tests
-make, never share counters): request counts and outcomes, time to first audio, real-time factor,
-audio produced, the admission queue, and the LM engine read at scrape time (KV pages, scheduler
-queues). Names follow Prometheus conventions (`_seconds`, `_total`, base units)."""
+make, never share counters): request counts and outcomes, time to first audio (speech) and to first
+text and audio (chat), real-time factor, audio produced, the admission queue, and the LM engines
+read at scrape time (KV pages, scheduler queues: the TTS's as `stepvox_kv_*` / `stepvox_lm_*`, a
+chat model's as `stepvox_chat_kv_*` / `stepvox_chat_lm_*`). Names follow Prometheus conventions
+(`_seconds`, `_total`, base units)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -14,30 +16,32 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.
 
 
 class _EngineCollector:
-    """The LM engine's state when scraped (the engine thread owns it; these are plain reads)."""
+    """An LM engine's state when scraped (the engine thread owns it; these are plain reads).
+    `prefix`: "stepvox_" for the TTS's engine, "stepvox_chat_" for a chat model's."""
 
-    def __init__(self, tts):
-        self.tts = tts
+    def __init__(self, engine, prefix: str, what: str):
+        self.engine, self.prefix, self.what = engine, prefix, what      # an AsyncLLMEngine
 
     def collect(self):
-        engine = self.tts.engine.engine
+        engine = self.engine.engine
         manager, scheduler = engine.block_manager, engine.scheduler
         free, total = manager.num_free_pages, manager.num_pages
+        p, what = self.prefix, self.what
         values = (
-            ("stepvox_kv_free_pages", "KV-cache pages free (every page is free when no request runs)", free),
-            ("stepvox_kv_total_pages", "KV-cache pages in all", total),
-            ("stepvox_kv_cache_usage_ratio", "fraction of the KV-cache pages in use", 1.0 - free / total),
-            ("stepvox_lm_requests_running", "LM sequences scheduled (one per speaking request)",
-             len(scheduler.running)),
-            ("stepvox_lm_requests_waiting", "LM sequences queued in the engine", len(scheduler.waiting)),
-            ("stepvox_engine_alive", "1 while the LM engine loop runs", 0.0 if self.tts.engine.is_dead else 1.0),
+            (f"{p}kv_free_pages", f"{what} KV-cache pages free (every page is free when no request runs)", free),
+            (f"{p}kv_total_pages", f"{what} KV-cache pages in all", total),
+            (f"{p}kv_cache_usage_ratio", f"fraction of the {what} KV-cache pages in use", 1.0 - free / total),
+            (f"{p}lm_requests_running", f"{what} LM sequences scheduled", len(scheduler.running)),
+            (f"{p}lm_requests_waiting", f"{what} LM sequences queued in the engine", len(scheduler.waiting)),
+            (f"{p}engine_alive", f"1 while the {what} LM engine loop runs", 0.0 if self.engine.is_dead else 1.0),
         )
         for name, doc, value in values:
             yield GaugeMetricFamily(name, doc, value=value)
 
 
 class ServerMetrics:
-    def __init__(self, tts):
+    def __init__(self, tts, chat=None):
+        """`tts`: the TTS served; `chat`: the VoiceChat served (None: speech only)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter("stepvox_http_requests", "HTTP requests answered, by route and status",
@@ -53,13 +57,26 @@ class ServerMetrics:
         self.rtf = Histogram("stepvox_real_time_factor", "synthesis wall time / seconds of audio, per completed "
                              "request", buckets=RTF_BUCKETS, registry=r)
         self.audio_seconds = Counter("stepvox_audio_seconds", "seconds of audio produced", registry=r)
-        self.running = Gauge("stepvox_requests_running", "speech requests synthesising", registry=r)
-        self.waiting = Gauge("stepvox_requests_waiting", "speech requests waiting for a slot", registry=r)
+        self.running = Gauge("stepvox_requests_running", "requests (speech, chat, transcription) running",
+                             registry=r)
+        self.waiting = Gauge("stepvox_requests_waiting", "requests waiting for a slot", registry=r)
         self.lm_ttft = Histogram("stepvox_lm_time_to_first_token_seconds", "LM request arrival to its first "
                                  "token, per sentence segment", buckets=LATENCY_BUCKETS, registry=r)
         self.lm_tpot = Histogram("stepvox_lm_time_per_output_token_seconds", "LM decode time per token after the "
                                  "first, per sentence segment", buckets=TOKEN_BUCKETS, registry=r)
-        r.register(_EngineCollector(tts))
+        self.chat_requests = Counter("stepvox_chat_requests", "chat completions by modalities, streaming and "
+                                     "outcome (ok, error, cancelled: the client left)",
+                                     ["modalities", "stream", "outcome"], registry=r)
+        self.chat_first_text = Histogram("stepvox_chat_time_to_first_text_seconds", "chat request arrival to its "
+                                         "first answer text (queueing and audio tokenization included)",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.chat_first_audio = Histogram("stepvox_chat_time_to_first_audio_seconds", "chat request arrival to "
+                                          "its first answer audio", buckets=LATENCY_BUCKETS, registry=r)
+        self.transcriptions = Counter("stepvox_transcription_requests", "transcriptions by response format and "
+                                      "outcome (ok, error)", ["response_format", "outcome"], registry=r)
+        r.register(_EngineCollector(tts.engine, "stepvox_", "TTS"))
+        if chat is not None:
+            r.register(_EngineCollector(chat.chat_engine, "stepvox_chat_", "chat"))
 
     def lm_output(self, out) -> None:
         """An LM output seen by the TTS stream: its timings when its segment finishes."""

@@ -1,6 +1,7 @@
-"""The routes: speech, voices, models, health, metrics, and the browser page (GET /). Each checks what
-it can before any model work (fields, limits, the voice, the queue), so that a bad request costs
-nothing; model work and disk or decoding work never run on the event loop."""
+"""The routes: speech, voices, models, health, metrics, and the browser page (GET /) (chat completions
+and transcriptions: chat_routes.py). Each checks what it can before any model work (fields, limits,
+the voice, the queue), so that a bad request costs nothing; model work and disk or decoding work
+never run on the event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -26,13 +27,15 @@ from .encoders import make_encoder
 from .errors import ApiError, from_exception, request_id_of
 from .instructions import tags_from_instructions
 from .schemas import ModelCard, ModelList, SpeechRequest, VoiceDeleted, VoiceId, VoiceInfo, VoiceList
-from .speech import SpeechJob, SpeechPlan, SpeechResponse
+from .speech import SpeechJob, SpeechPlan
+from .streaming import StreamedResponse
 
 router = APIRouter()
 PCM_DEFAULT_RATE = 24000      # OpenAI's pcm is 24 kHz; a headerless format cannot tell clients otherwise
 
 
-def _state(request: Request):
+def server_state(request: Request):
+    """The app's ServerState, or 503 when it takes no requests now."""
     state = request.app.state.stepvox
     problem = state.problem()
     if problem is not None:
@@ -45,7 +48,7 @@ def _state(request: Request):
              responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}, "text/event-stream": {}}}})
 async def create_speech(body: SpeechRequest, request: Request):
     arrival = time.monotonic()
-    state = _state(request)
+    state = server_state(request)
     tts, config = state.tts, state.config
     request_id = request_id_of(request)
     if body.model is not None and body.model not in (config.model_name, *OPENAI_TTS_MODELS):
@@ -104,7 +107,7 @@ async def create_speech(body: SpeechRequest, request: Request):
     headers = {"Cache-Control": "no-cache", "X-Sample-Rate": str(rate), "X-Accel-Buffering": "no"}
     if applied:
         headers["X-Stepvox-Tags"] = urllib.parse.quote(applied)       # UTF-8 tags, percent-encoded
-    return SpeechResponse(job, ticket, headers, state.metrics)
+    return StreamedResponse(job, ticket, headers, state.metrics)
 
 
 def _decode_base64_audio(text: str, param: str, max_seconds: float) -> tuple[np.ndarray, int]:
@@ -112,10 +115,10 @@ def _decode_base64_audio(text: str, param: str, max_seconds: float) -> tuple[np.
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ApiError(400, f"{param} is not base64: {exc}", param=param, code="invalid_audio") from exc
-    return _read_audio(data, param, max_seconds)
+    return read_audio(data, param, max_seconds)
 
 
-def _read_audio(data: bytes, param: str, max_seconds: float) -> tuple[np.ndarray, int]:
+def read_audio(data: bytes, param: str, max_seconds: float) -> tuple[np.ndarray, int]:
     """(mono samples [N] float32, rate) of an audio file's bytes (WAV, FLAC, Ogg, MP3), refused from
     its header before anything is decoded (frontend/audio_bytes.py); errors name `param`."""
     try:
@@ -136,14 +139,14 @@ def _voice_list(tts) -> VoiceList:
 
 @router.get("/v1/audio/voices", response_model=VoiceList)
 async def list_voices(request: Request):
-    return _voice_list(_state(request).tts)
+    return _voice_list(server_state(request).tts)
 
 
 @router.post("/v1/audio/voices", response_model=VoiceInfo, status_code=201)
 async def create_voice(request: Request, name: str = Form(min_length=1, max_length=64),
                        transcript: str = Form(min_length=1, max_length=MAX_TRANSCRIPT_CHARS),
                        audio: UploadFile = File(description="1-30 s of speech: WAV, FLAC, Ogg or MP3")):
-    state = _state(request)
+    state = server_state(request)
     tts = state.tts
     try:
         check_name(name)
@@ -160,7 +163,7 @@ async def create_voice(request: Request, name: str = Form(min_length=1, max_leng
     state.voice_uploads += 1
     try:
         data = await audio.read()
-        samples, rate = await asyncio.to_thread(_read_audio, data, "audio", tts.voice_registry.max_reference_seconds)
+        samples, rate = await asyncio.to_thread(read_audio, data, "audio", tts.voice_registry.max_reference_seconds)
         del data
         try:
             await tts.aregister_voice(name, samples, transcript, rate)
@@ -173,7 +176,7 @@ async def create_voice(request: Request, name: str = Form(min_length=1, max_leng
 
 @router.delete("/v1/audio/voices/{name}", response_model=VoiceDeleted)
 async def delete_voice(name: str, request: Request):
-    tts = _state(request).tts
+    tts = server_state(request).tts
     if name in tts.voice_registry.names(builtin=True):
         raise ApiError(400, f"{name!r} is a built-in voice (of the speakers folder); only registered voices can "
                        "be deleted", param="name", code="voice_builtin")
@@ -188,19 +191,30 @@ async def delete_voice(name: str, request: Request):
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request):
     state = request.app.state.stepvox
-    return ModelList(data=[ModelCard(id=state.config.model_name, created=state.started)])
+    config = state.config
+    names = [config.model_name]
+    if state.chat is not None:
+        names.append(config.chat_model_name)
+        if state.chat.transcriber is not None:
+            names.append(config.asr_model_name)
+    return ModelList(data=[ModelCard(id=name, created=state.started) for name in names])
 
 
 @router.get("/health")
 async def health(request: Request):
-    """200 while the server takes requests, 503 when it cannot (shutting down, engine stopped); the
-    KV-page counts are for checks that a cancelled request gave its pages back."""
+    """200 while the server takes requests, 503 when it cannot (shutting down, an engine stopped);
+    the KV-page counts (the TTS's, and the chat model's when one is served) are for checks that a
+    cancelled request gave its pages back."""
     state = request.app.state.stepvox
     manager = state.tts.engine.engine.block_manager
     problem = state.problem()
     body = {"status": "ok" if problem is None else "unavailable", "model": state.config.model_name,
             "requests_running": state.admission.running, "requests_waiting": state.admission.waiting,
             "kv_free_pages": manager.num_free_pages, "kv_total_pages": manager.num_pages}
+    if state.chat is not None:
+        chat_manager = state.chat.chat_engine.engine.block_manager
+        body.update(chat_model=state.config.chat_model_name, chat_kv_free_pages=chat_manager.num_free_pages,
+                    chat_kv_total_pages=chat_manager.num_pages)
     if problem is not None:
         body["reason"] = problem
     return JSONResponse(body, status_code=200 if problem is None else 503)

@@ -2,8 +2,8 @@
 error, and port 0 picks a free one that the start-up line names).
 
 SIGTERM (and Ctrl-C): uvicorn stops accepting connections, lets in-flight responses finish until
-`shutdown_timeout_s`, cancels what is left (which cancels those requests in the engine), and `serve`
-shuts the TTS down (whether the server started or not). uvicorn then raises the signal again so that the process dies
+`shutdown_timeout_s`, cancels what is left (which cancels those requests in the engines), and `serve`
+shuts the model (a TTS, or a VoiceChat with its TTS) down, whether the server started or not. uvicorn then raises the signal again so that the process dies
 of it (exit status 143); a server that has drained and shut down cleanly exits 0 instead: the
 re-raised SIGTERM lands on a handler that does nothing.
 """
@@ -39,19 +39,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(tts, config: ServerConfig, sock: socket.socket, shutdown_timeout_s: float = 30.0,
+def serve(model, config: ServerConfig, sock: socket.socket, shutdown_timeout_s: float = 30.0,
           log_level: str = "info", access_log: bool = True) -> None:
-    """Serve `tts` on `sock` (see bind_socket) until SIGTERM or SIGINT; the TTS is shut down on the way out."""
+    """Serve `model` (a loaded TTS or VoiceChat) on `sock` (see bind_socket) until SIGTERM or SIGINT;
+    the model is shut down on the way out."""
     previous = signal.signal(signal.SIGTERM, _drained)
     try:
-        app = create_app(tts, config, shutdown_tts=False)
+        app = create_app(model, config, shutdown_model=False)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
                                                timeout_graceful_shutdown=shutdown_timeout_s))
         server.run(sockets=[sock])
     finally:
         sock.close()
         try:
-            tts.shutdown()
+            model.shutdown()
         finally:
             signal.signal(signal.SIGTERM, previous)
     if not server.started:

@@ -1,18 +1,21 @@
 """Random Step-Audio-Tokenizer folders in the released formats (SPEC.md §1.1, §4, §5), tiny (tests,
 the CLI's default) or of the released sizes (benchmarks).
 
-  <root>/dengcunqin/speech_paraformer-.../{config.yaml, am.mvn, model.pt}
+  <root>/dengcunqin/speech_paraformer-.../{config.yaml, am.mvn, model.pt, tokens.json}
   <root>/linguistic_tokenizer.npy
   <root>/speech_tokenizer_v1.onnx
 
-model.pt is a plain dict of tensors saved with torch.save (encoder.* as SPEC §4.3 lists them,
-plus a few decoder/predictor tensors that the loader must ignore). The ONNX file is a runnable
-graph built with onnx.helper that computes the S3 v1 tokenizer from the SPEC §5 formulas, with
+model.pt is a plain dict of tensors saved with torch.save: encoder.* as SPEC §4.3 lists them, then
+the recognizer the tokenizer ignores and the transcriber loads, under FunASR's names:
+predictor.* (CifPredictorV2) and decoder.* (ParaformerSANMDecoder, embed.0 included). tokens.json
+is the decoder's vocabulary, specials where FunASR puts them (0 <blank>, 1 <s>, 2 </s>, last <unk>).
+The ONNX file is a runnable graph built with onnx.helper that computes the S3 v1 tokenizer from the SPEC §5 formulas, with
 initializer names and consuming-node names laid out as in the released file, so onnxruntime can
 serve as an independent implementation.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +37,10 @@ class TokenizerSizes:
     p_blocks: int = 3
     n_mels: int = 80          # the front end is fixed by the release: 80 mels x LFR 7 = 560
     vq02_codes: int = 64
+    # Paraformer recognizer (decoder attention dim and heads are the encoder's p_model, p_heads)
+    d_blocks: int = 2
+    d_ffn: int = 40
+    vocab: int = 48
     # S3 v1 (head dim 64, as the loader requires: s_state = 64 * s_heads)
     s_state: int = 128
     s_heads: int = 2
@@ -44,8 +51,19 @@ class TokenizerSizes:
 
 
 TINY = TokenizerSizes()
+# Released sizes. Recognizer [derived]: template.yaml's decoder_conf (16 blocks, 4 heads, linear_units
+# 2048, kernel 11, sanm_shfit 5) and predictor_conf (idim 512, l_order = r_order = 1); vocab 8501 from
+# the folder name; attention dim = encoder output_size 512. Cross-check: these tensors plus the
+# encoder's are 220,183,958 float32 values = 880.7 MB, the 881 MB SPEC §1.1 gives for model.pt (so
+# decoder.embed.0 is there and no ctc.* is).
 FULL = TokenizerSizes(p_model=512, p_heads=4, p_ffn=2048, p_blocks=50, vq02_codes=1024,
-                      s_state=1280, s_heads=20, s_layers=6, vq06_codes=4096)
+                      s_state=1280, s_heads=20, s_layers=6, vq06_codes=4096, d_blocks=16, d_ffn=2048, vocab=8501)
+
+SPECIAL_TOKENS = ("<blank>", "<s>", "</s>")     # ids 0, 1, 2; "<unk>" is the last id
+TINY_WORDS = ("你", "好", "我", "们", "是", "的", "中", "国", "人", "说", "广", "东", "话", "㗎",
+              "1", "2", "0",
+              "hello", "world", "the", "yes", "it's", "hel@@", "wor@@", "speak@@", "ing", "s", "ed",
+              "a", "b", "c", "i", "x", "'", "-", "ok@@", "ay", "good", "morning", "是@@")
 
 
 # ------------------------------------------------------------------------------------ Paraformer
@@ -71,11 +89,67 @@ def paraformer_tensors(sizes: TokenizerSizes, seed: int) -> dict[str, torch.Tens
         sd[f"{p}.feed_forward.w_2.weight"], sd[f"{p}.feed_forward.w_2.bias"] = lin(d, f)
     sd["encoder.after_norm.weight"] = 1 + 0.1 * torch.randn(d, generator=g)
     sd["encoder.after_norm.bias"] = 0.1 * torch.randn(d, generator=g)
-    # parts of the full Paraformer that the tokenizer must ignore
-    sd["decoder.decoders.0.self_attn.fsmn_block.weight"] = torch.randn(d, 1, k, generator=g)
-    sd["decoder.output_layer.weight"] = torch.randn(17, d, generator=g)
-    sd["predictor.cif_output.weight"] = torch.randn(1, d, generator=g)
+    sd.update(recognizer_tensors(sizes, seed))      # its own generator: the encoder's bytes stay as they were
     return sd
+
+
+def recognizer_shapes(sizes: TokenizerSizes) -> dict[str, tuple[int, ...]]:
+    """model.pt names and shapes of CifPredictorV2 and ParaformerSANMDecoder (FunASR's module tree)."""
+    d, f, v, k = sizes.p_model, sizes.d_ffn, sizes.vocab, 11
+    shapes = {"predictor.cif_conv1d.weight": (d, d, 3), "predictor.cif_conv1d.bias": (d,),
+              "predictor.cif_output.weight": (1, d), "predictor.cif_output.bias": (1,),
+              "decoder.embed.0.weight": (v, d)}
+
+    def ffn(p):
+        shapes.update({f"{p}.feed_forward.w_1.weight": (f, d), f"{p}.feed_forward.w_1.bias": (f,),
+                       f"{p}.feed_forward.w_2.weight": (d, f), f"{p}.feed_forward.norm.weight": (f,),
+                       f"{p}.feed_forward.norm.bias": (f,), f"{p}.norm1.weight": (d,), f"{p}.norm1.bias": (d,)})
+
+    for i in range(sizes.d_blocks):
+        p = f"decoder.decoders.{i}"
+        ffn(p)
+        shapes.update({f"{p}.norm2.weight": (d,), f"{p}.norm2.bias": (d,), f"{p}.norm3.weight": (d,),
+                       f"{p}.norm3.bias": (d,), f"{p}.self_attn.fsmn_block.weight": (d, 1, k),
+                       f"{p}.src_attn.linear_q.weight": (d, d), f"{p}.src_attn.linear_q.bias": (d,),
+                       f"{p}.src_attn.linear_k_v.weight": (2 * d, d), f"{p}.src_attn.linear_k_v.bias": (2 * d,),
+                       f"{p}.src_attn.linear_out.weight": (d, d), f"{p}.src_attn.linear_out.bias": (d,)})
+    ffn("decoder.decoders3.0")
+    shapes.update({"decoder.after_norm.weight": (d,), "decoder.after_norm.bias": (d,),
+                   "decoder.output_layer.weight": (v, d), "decoder.output_layer.bias": (v,)})
+    return shapes
+
+
+def recognizer_tensors(sizes: TokenizerSizes, seed: int) -> dict[str, torch.Tensor]:
+    """Random recognizer weights, scaled so that CIF fires a few tokens per second of speech and the
+    decoder's argmax wanders over the whole vocabulary."""
+    g = torch.Generator().manual_seed(seed + 11)
+    sd = {}
+    for name, shape in recognizer_shapes(sizes).items():
+        if name == "predictor.cif_output.bias":
+            sd[name] = torch.full(shape, -0.6)
+        elif name.endswith(".bias"):
+            norm = ".norm" in name or "after_norm" in name
+            sd[name] = (0.1 if norm else 0.02) * torch.randn(shape, generator=g)
+        elif "norm" in name.rsplit(".", 2)[-2]:
+            sd[name] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith("fsmn_block.weight"):
+            sd[name] = 0.15 * torch.randn(shape, generator=g)
+        elif name == "decoder.output_layer.weight":
+            sd[name] = 2.0 * torch.randn(shape, generator=g) / math.sqrt(shape[1])
+        else:
+            fan_in = math.prod(shape[1:])
+            sd[name] = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+    return sd
+
+
+def vocabulary(sizes: TokenizerSizes) -> list[str]:
+    """tokens.json: specials at FunASR's places, then words (the tiny list, or CJK characters up to the size)."""
+    body = list(TINY_WORDS)
+    fill = sizes.vocab - len(SPECIAL_TOKENS) - 1
+    if fill < len(body):
+        body = body[:fill]
+    body += [chr(0x4E00 + i) for i in range(fill - len(body))]
+    return list(SPECIAL_TOKENS) + body + ["<unk>"]
 
 
 CONFIG_YAML = """\
@@ -101,11 +175,6 @@ encoder_conf:
     pad_left: [0, 0]
     encoder_att_look_back_factor: [4, 4]
     decoder_att_look_back_factor: [1, 1]
-decoder: ParaformerSANMDecoder
-decoder_conf:
-    attention_heads: {h}
-    num_blocks: 1
-predictor: CifPredictorV2
 frontend: WavFrontendOnline
 frontend_conf:
     fs: 16000
@@ -117,6 +186,30 @@ frontend_conf:
     lfr_n: 6
 specaug: SpecAugLFR
 normalize: null
+"""
+
+
+# the recognizer's part of config.yaml (template.yaml's values; sizes filled in)
+RECOGNIZER_YAML = """\
+decoder: ParaformerSANMDecoder
+decoder_conf:
+    attention_heads: {h}
+    linear_units: {f}
+    num_blocks: {n}
+    dropout_rate: 0.1
+    positional_dropout_rate: 0.1
+    self_attention_dropout_rate: 0.1
+    src_attention_dropout_rate: 0.1
+    att_layer_num: {n}
+    kernel_size: 11
+    sanm_shfit: 5
+predictor: CifPredictorV2
+predictor_conf:
+    idim: {d}
+    threshold: 1.0
+    l_order: 1
+    r_order: 1
+    tail_threshold: 0.45
 """
 
 
@@ -141,10 +234,13 @@ def write_paraformer_dir(folder: str, sizes: TokenizerSizes, seed: int) -> dict[
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.yaml"), "w") as f:
         f.write(CONFIG_YAML.format(d=sizes.p_model, h=sizes.p_heads, f=sizes.p_ffn, n=sizes.p_blocks, m=sizes.n_mels))
+        f.write(RECOGNIZER_YAML.format(d=sizes.p_model, h=sizes.p_heads, f=sizes.d_ffn, n=sizes.d_blocks))
     shift, scale = cmvn_values(sizes, seed)
     write_am_mvn(os.path.join(folder, "am.mvn"), shift, scale)
     sd = paraformer_tensors(sizes, seed)
     torch.save(sd, os.path.join(folder, "model.pt"))
+    with open(os.path.join(folder, "tokens.json"), "w", encoding="utf-8") as f:
+        json.dump(vocabulary(sizes), f)            # ASCII with \u escapes, as FunASR writes it
     return sd
 
 
@@ -330,4 +426,5 @@ def write_tokenizer_dir(root: str, sizes: TokenizerSizes = TINY, seed: int = 0,
     build_s3_onnx(os.path.join(root, "speech_tokenizer_v1.onnx"), s3, sizes.s_heads,
                   fused_layer_norm=fused_layer_norm)
     shift, scale = cmvn_values(sizes, seed)
-    return {"paraformer": para, "s3": s3, "vq02_codebook": vq02_codebook, "cmvn": (shift, scale)}
+    return {"paraformer": para, "s3": s3, "vq02_codebook": vq02_codebook, "cmvn": (shift, scale),
+            "tokens": vocabulary(sizes)}
