@@ -41,7 +41,7 @@ from ..llm_engine import LLMEngine
 from ..sampling_params import SamplingParams
 from ..special_tokens import EOT_ID
 from .audio import Audio
-from .chat_messages import AudioClip, AudioTokens, Message, parse_messages
+from .chat_messages import MAX_AUDIO_SECONDS, AudioClip, AudioTokens, Message, parse_messages
 from .chat_template import ASSISTANT_HEADER, needs_assistant_header, prompt_ids, turn_ids
 from .sentences import SentenceSplitter
 from .tts import TTS, load_audio_tokenizer
@@ -88,8 +88,11 @@ Event = TextDelta | AudioDelta | ResponseDone
 
 
 class VoiceChat:
-    def __init__(self, chat_engine: AsyncLLMEngine, tts: TTS, transcriber=None):
+    def __init__(self, chat_engine: AsyncLLMEngine, tts: TTS, transcriber=None,
+                 max_audio_seconds: float = MAX_AUDIO_SECONDS):
+        """`max_audio_seconds`: the longest audio part of a message (its tokens cost prompt length)."""
         self.chat_engine = chat_engine
+        self.max_audio_seconds = checks.real(max_audio_seconds, "max_audio_seconds", ConfigError, 0.0, lo_open=True)
         self.tts = tts
         self.tokenizer = chat_engine.engine.tokenizer            # the chat model's text tokenizer
         self.audio_tokenizer = tts.tokenizer
@@ -105,14 +108,15 @@ class VoiceChat:
                         chat_memory_fraction: float = 0.45, tts_memory_fraction: float = 0.35,
                         chat_engine_args: dict | None = None, tts_engine_args: dict | None = None,
                         voices_dir: str | None = None, asr: bool = True, warm_up: bool | None = None,
-                        **tts_options) -> "VoiceChat":
+                        max_audio_seconds: float = MAX_AUDIO_SECONDS, **tts_options) -> "VoiceChat":
         """`chat`: a Step1 folder (Step-Audio-Chat, or a smaller stand-in); `tts`, `tokenizer`,
         `speakers`: as TTS.from_pretrained. GPU memory is split explicitly: the chat engine (loaded
         first) may fill `chat_memory_fraction` of each of its GPUs with weights, KV cache and
         activations, the TTS engine `tts_memory_fraction` more of its GPU; the rest is left to the
         speech decoders and the audio tokenizer (at least 0.1 of the GPU). Engine arguments of
         either side go in `chat_engine_args` / `tts_engine_args` (an explicit num_kv_pages there
-        overrides the fractions). `asr`: load the tokenizer's Paraformer ASR (transcripts)."""
+        overrides the fractions). `asr`: load the tokenizer's Paraformer ASR (transcripts);
+        `max_audio_seconds`: the longest audio part of a message."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         chat_fraction = checks.real(chat_memory_fraction, "chat_memory_fraction", ConfigError, 0.0, 0.9, lo_open=True)
         tts_fraction = checks.real(tts_memory_fraction, "tts_memory_fraction", ConfigError, 0.0, 0.9, lo_open=True)
@@ -135,14 +139,14 @@ class VoiceChat:
         except BaseException:
             chat_engine.shutdown()
             raise
-        return cls(chat_engine, speech, transcriber)
+        return cls(chat_engine, speech, transcriber, max_audio_seconds)
 
     # ------------------------------------------------------------------ prompts
     def prepare(self, messages) -> list[Message]:
         """Checked messages with their audio tokenized (runs the audio tokenizer: call it off the
         event loop, or use `aprepare`). Already prepared Message lists pass through (their clips
         are tokenized)."""
-        parsed = messages if _prepared(messages) else parse_messages(messages)
+        parsed = messages if _prepared(messages) else parse_messages(messages, max_audio_seconds=self.max_audio_seconds)
         clips = [(m, k, p) for m in parsed for k, p in enumerate(m.parts or ()) if isinstance(p, AudioClip)]
         if clips:
             ids = self.audio_tokenizer.encode_batch([p.samples for _, _, p in clips],
@@ -333,7 +337,7 @@ class Conversation:
         """Add a user turn (a string, a content part, or a list of parts) and stream the answer;
         the answer joins the history when it completes (a cancelled answer leaves no user turn)."""
         start = time.monotonic()
-        parsed = parse_messages([{"role": "user", "content": content}])
+        parsed = parse_messages([{"role": "user", "content": content}], max_audio_seconds=self.chat.max_audio_seconds)
         prepared = (await self.chat.aprepare(parsed))[0]
         transcript = None
         if self.history == "transcript" and prepared.has_audio:      # ASR beside the answer

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from stepvox.engine.errors import AudioInputError, AudioTooLongError, InvalidRequestError
-from stepvox.engine.pipelines.chat_messages import MAX_AUDIO_SECONDS, Message, parse_messages
+from stepvox.engine.pipelines.chat_messages import Message, parse_messages
 
 from .chat import ChatJob, ChatPlan
 from .config import OPENAI_CHAT_MODELS, OPENAI_TRANSCRIPTION_MODELS
@@ -73,7 +73,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, chat=Depen
 
     ticket = state.admission.reserve()          # 429 here, before any work
     try:
-        messages = await asyncio.to_thread(_parse_messages, body.messages)
+        messages = await asyncio.to_thread(_parse_messages, body.messages, chat.max_audio_seconds)
         plan = ChatPlan(messages, config.chat_model_name, audio, voice or "", spec.format, body.stream,
                         bool(body.stream_options and body.stream_options.include_usage), sampling, speech)
         job = ChatJob(chat, plan, request_id_of(request), state.metrics, arrival)
@@ -83,12 +83,12 @@ async def create_chat_completion(body: ChatRequest, request: Request, chat=Depen
     return StreamedResponse(job, ticket, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, state.metrics)
 
 
-def _parse_messages(messages: list[dict]) -> list[Message]:
+def _parse_messages(messages: list[dict], max_audio_seconds: float) -> list[Message]:
     """The voice chat's messages (audio decoded), or a 400 naming the place in the request."""
     # OpenAI's newer clients send the system prompt as "developer"
     messages = [dict(m, role="system") if m.get("role") == "developer" else m for m in messages]
     try:
-        return parse_messages(messages, allow_paths=False)
+        return parse_messages(messages, allow_paths=False, max_audio_seconds=max_audio_seconds)
     except (InvalidRequestError, AudioInputError) as exc:
         place = _PLACE.match(str(exc))
         code = ("audio_too_long" if isinstance(exc, AudioTooLongError)
@@ -100,7 +100,7 @@ def _parse_messages(messages: list[dict]) -> list[Message]:
 @router.post("/v1/audio/transcriptions", response_class=Response,
              responses={200: {"content": {"application/json": {}, "text/plain": {}}}})
 async def create_transcription(request: Request, chat=Depends(voice_chat_of),
-                               file: UploadFile = File(description="speech: WAV, FLAC, Ogg or MP3, up to 120 s"),
+                               file: UploadFile = File(description="speech: WAV, FLAC, Ogg or MP3, up to the voice chat's max_audio_seconds (120 s)"),
                                model: str = Form(max_length=256),
                                response_format: Literal[RESPONSE_FORMATS] = Form("json"),
                                language: Optional[str] = Form(None, max_length=64, description="echoed; the "
@@ -125,7 +125,7 @@ async def create_transcription(request: Request, chat=Depends(voice_chat_of),
     outcome = "error"
     try:
         data = await file.read()
-        samples, rate = await asyncio.to_thread(read_audio, data, "file", MAX_AUDIO_SECONDS)
+        samples, rate = await asyncio.to_thread(read_audio, data, "file", chat.max_audio_seconds)
         del data
         await ticket.acquire()
         try:
