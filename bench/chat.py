@@ -36,7 +36,6 @@ if "--smoke" in sys.argv:          # the CPU run: Triton must hear of its interp
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import glob  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402

@@ -17,6 +17,7 @@ import torch
 
 import stepvox
 from stepvox import cli
+from stepvox.testing import FIXTURES_VERSION
 from stepvox.cli import COMPLETE_MARKER, DEFAULT_MODEL, DEFAULT_TTS, STALE_PARTIAL_S, default_model, main
 from stepvox.engine.config import Step1Config
 from stepvox.engine.models.step1_checkpoint import CheckpointReader
@@ -189,6 +190,18 @@ def test_partial_folders_of_killed_or_older_writers_are_not_reused(tmp_path):
     assert default_model(str(tmp_path)) == str(final)
     assert _is_complete(final)
     assert _partials(tmp_path) == [killed.name]     # a recent one may be a live writer's: left alone, unused
+
+
+def test_folders_of_an_older_fixtures_version_are_written_again(tmp_path):
+    """A default folder from an older stepvox (its tokenizer without the ASR weights) once made
+    `serve --chat` fail; its marker names another version, so it is replaced."""
+    final = pathlib.Path(default_model(str(tmp_path)))
+    marker = final / COMPLETE_MARKER
+    assert marker.read_text() == FIXTURES_VERSION
+    marker.write_text("1")
+    (final / "stale-file").write_text("from an older writer")
+    assert default_model(str(tmp_path)) == str(final)
+    assert marker.read_text() == FIXTURES_VERSION and not (final / "stale-file").exists() and _is_complete(final)
 
 
 def test_generate_after_an_interrupted_default_write(tmp_path):

@@ -13,7 +13,7 @@ import soundfile as sf
 from stepvox.engine.audio.tokenizer import AudioTokenizer
 from stepvox.engine.errors import AudioInputError, AudioTooLongError, InvalidRequestError
 from stepvox.engine.frontend.audio_bytes import decode_audio_bytes
-from stepvox.engine.pipelines.chat_messages import AudioClip, AudioTokens, Message, parse_messages
+from stepvox.engine.pipelines.chat_messages import AudioClip, AudioTokens, parse_messages
 from stepvox.engine.pipelines.chat_template import prompt_ids, render
 from stepvox.engine.pipelines.sentences import SentenceSplitter
 from stepvox.engine.tokenizer import Step1Tokenizer

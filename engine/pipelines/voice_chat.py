@@ -47,6 +47,8 @@ from .sentences import SentenceSplitter
 from .tts import TTS, load_audio_tokenizer
 
 HISTORY_POLICIES = ("audio", "transcript")
+CHAT_MEMORY_FRACTION, TTS_MEMORY_FRACTION = 0.45, 0.35     # the default split of a GPU between the engines
+MAX_MEMORY_FRACTION = 0.9          # of both together: the speech decoders and the audio tokenizer need the rest
 # the official generate() call: temperature 0.7, top-p 0.9, do_sample, 2048 new tokens, and HF's
 # default top-k of 50 (the model has no generation_config)
 CHAT_DEFAULTS = dict(temperature=0.7, top_p=0.9, top_k=50, max_tokens=2048)
@@ -105,7 +107,8 @@ class VoiceChat:
     @classmethod
     def from_pretrained(cls, chat: str, tts: str, tokenizer: str, speakers: str | None = None, *,
                         chat_tensor_parallel_size: int = 1, device: str | None = None,
-                        chat_memory_fraction: float = 0.45, tts_memory_fraction: float = 0.35,
+                        chat_memory_fraction: float = CHAT_MEMORY_FRACTION,
+                        tts_memory_fraction: float = TTS_MEMORY_FRACTION,
                         chat_engine_args: dict | None = None, tts_engine_args: dict | None = None,
                         voices_dir: str | None = None, asr: bool = True, warm_up: bool | None = None,
                         max_audio_seconds: float = MAX_AUDIO_SECONDS, **tts_options) -> "VoiceChat":
@@ -118,11 +121,7 @@ class VoiceChat:
         overrides the fractions). `asr`: load the tokenizer's Paraformer ASR (transcripts);
         `max_audio_seconds`: the longest audio part of a message."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        chat_fraction = checks.real(chat_memory_fraction, "chat_memory_fraction", ConfigError, 0.0, 0.9, lo_open=True)
-        tts_fraction = checks.real(tts_memory_fraction, "tts_memory_fraction", ConfigError, 0.0, 0.9, lo_open=True)
-        if chat_fraction + tts_fraction > 0.9:
-            raise ConfigError(f"chat_memory_fraction + tts_memory_fraction = {chat_fraction + tts_fraction:.2f}; "
-                              "at most 0.9 (the speech decoders and the audio tokenizer need the rest)")
+        chat_fraction, tts_fraction = memory_split(chat_memory_fraction, tts_memory_fraction)
         chat_args = dict(chat_engine_args or {})
         chat_args.setdefault("gpu_memory_utilization", chat_fraction)
         chat_args.setdefault("tensor_parallel_size", chat_tensor_parallel_size)
@@ -381,6 +380,17 @@ class Conversation:
         self.messages[index], self._turn_ids[index] = new, new_ids
         self.compression.append(dict(turn=index, audio_tokens=audio_tokens, transcript_tokens=text_tokens,
                                      ratio=audio_tokens / max(text_tokens, 1), transcript=text))
+
+
+def memory_split(chat_memory_fraction, tts_memory_fraction,
+                 names: tuple[str, str] = ("chat_memory_fraction", "tts_memory_fraction")) -> tuple[float, float]:
+    """The two fractions, checked (ConfigError naming them by `names`)."""
+    chat = checks.real(chat_memory_fraction, names[0], ConfigError, 0.0, MAX_MEMORY_FRACTION, lo_open=True)
+    tts = checks.real(tts_memory_fraction, names[1], ConfigError, 0.0, MAX_MEMORY_FRACTION, lo_open=True)
+    if chat + tts > MAX_MEMORY_FRACTION:
+        raise ConfigError(f"{names[0]} + {names[1]} = {chat + tts:.2f}; at most {MAX_MEMORY_FRACTION} (the speech "
+                          "decoders and the audio tokenizer need the rest)")
+    return chat, tts
 
 
 def _prepared(messages) -> bool:

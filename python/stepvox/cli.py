@@ -34,7 +34,8 @@ from stepvox.engine.frontend.tempo import check_speed, check_volume
 from stepvox.engine.pipelines.audio import Audio
 from stepvox.engine.pipelines.tts import TTS, tagged_text
 from stepvox.engine.pipelines.tts_text import MODES
-from stepvox.engine.pipelines.voice_chat import VoiceChat
+from stepvox.engine.pipelines.voice_chat import (CHAT_MEMORY_FRACTION, MAX_MEMORY_FRACTION, TTS_MEMORY_FRACTION,
+                                                 VoiceChat, memory_split)
 from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.kernels import BACKENDS
@@ -42,6 +43,7 @@ from stepvox.llm import LLM
 from stepvox.plan import main as plan_main
 from stepvox.server import ServerConfig, bind_socket, serve
 from stepvox.server.client import stream_chat
+from stepvox.testing import FIXTURES_VERSION
 from stepvox.testing.step1 import write_random_step1
 from stepvox.testing.tts import write_tts_folders
 
@@ -51,8 +53,6 @@ DEFAULT_MODEL = "stepvox-tiny-step1"
 DEFAULT_TTS = "stepvox-tiny-tts"
 DEFAULT_CHAT = "stepvox-tiny-chat"
 TINY_CHAT = "tiny"                        # `serve --chat` with no folder: the tiny random-weight chat model
-CHAT_MEMORY_FRACTION, TTS_MEMORY_FRACTION = 0.45, 0.35     # VoiceChat.from_pretrained's defaults
-MAX_MEMORY_FRACTION = 0.9                 # of both together: VoiceChat.from_pretrained's rule, checked before loading
 COMPLETE_MARKER = ".stepvox-complete"     # written last: a folder without it is not a finished checkpoint
 STALE_PARTIAL_S = 3600                    # a partial folder this old belongs to a writer that was killed
 
@@ -119,21 +119,30 @@ def _clear_stale_partials(parent: str, name: str) -> None:
             pass                                   # another run removed it first
 
 
+def _complete(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, COMPLETE_MARKER)) as f:
+            return f.read() == FIXTURES_VERSION
+    except OSError:
+        return False
+
+
 def materialized(name: str, write, parent: str | None = None) -> str:
     """The folder `name` under `parent` (default: the temp folder), made by `write(path)` if it is
     not there yet. It is written into a temporary sibling and renamed into place once complete, so
     an interrupted writer never leaves a folder that a later run would take for a finished one; a
-    folder without the completion marker (an older writer's) is replaced."""
+    folder without the completion marker, or whose marker names another FIXTURES_VERSION (an older
+    writer's), is replaced."""
     parent = parent or tempfile.gettempdir()
     folder = os.path.join(parent, name)
-    if os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+    if _complete(folder):
         return folder
     _clear_stale_partials(parent, name)
     work = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:
         write(work)
-        with open(os.path.join(work, COMPLETE_MARKER), "w"):
-            pass
+        with open(os.path.join(work, COMPLETE_MARKER), "w") as f:
+            f.write(FIXTURES_VERSION)
         if os.path.lexists(folder):                # incomplete: move it out of the way, then drop it
             doomed = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
             try:
@@ -144,7 +153,7 @@ def materialized(name: str, write, parent: str | None = None) -> str:
         try:
             os.rename(work, folder)
         except OSError:                            # a concurrent run finished first: use its folder
-            if not os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+            if not _complete(folder):
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)   # still there when interrupted or beaten to it
@@ -367,11 +376,9 @@ def _check_chat_options(args) -> dict:
     if args.gpu_memory_utilization is not None:
         raise ConfigError("--gpu-memory-utilization is for a TTS alone; with --chat, split the GPU with "
                           "--chat-memory-fraction and --tts-memory-fraction")
-    chat_fraction = args.chat_memory_fraction or CHAT_MEMORY_FRACTION
-    tts_fraction = args.tts_memory_fraction or TTS_MEMORY_FRACTION
-    if chat_fraction + tts_fraction > MAX_MEMORY_FRACTION:
-        raise ConfigError(f"--chat-memory-fraction + --tts-memory-fraction = {chat_fraction + tts_fraction:.2f}; at "
-                          f"most {MAX_MEMORY_FRACTION} (the speech decoders and the audio tokenizer need the rest)")
+    chat_fraction, tts_fraction = memory_split(args.chat_memory_fraction or CHAT_MEMORY_FRACTION,
+                                               args.tts_memory_fraction or TTS_MEMORY_FRACTION,
+                                               ("--chat-memory-fraction", "--tts-memory-fraction"))
     tp = args.chat_tensor_parallel_size or 1
     EngineConfig(device=args.device, tensor_parallel_size=tp).validate()
     return dict(chat_tensor_parallel_size=tp, chat_memory_fraction=chat_fraction, tts_memory_fraction=tts_fraction,

@@ -10,7 +10,6 @@ so that the final predictor step still runs.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
