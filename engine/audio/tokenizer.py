@@ -53,7 +53,7 @@ from ..errors import (AudioInputError, AudioTooShortError, CheckpointError, Conf
                       StreamClosedError)
 from ..frontend.audio_input import check_sample_rate, to_mono_float
 from ..frontend.paraformer_features import ParaformerFeatures
-from ..frontend.preprocess import TOKENIZER_SAMPLE_RATE, prepare_waveform
+from ..frontend.preprocess import TOKENIZER_SAMPLE_RATE, prepare_batch
 from ..frontend.resample import StreamingResampler
 from ..frontend.whisper_mel import HOP as MEL_HOP, whisper_log_mel
 from ..models.paraformer import PARAFORMER_SUBDIR, LinguisticTokenizer, load_paraformer
@@ -262,16 +262,7 @@ class AudioTokenizer:
                        allow_empty: bool = False) -> list[TokenizerOutput]:
         """Codes and ids of many utterances of any lengths in one batched call; each result equals
         the result of tokenizing that utterance alone. `sample_rates` is one rate or one per wav."""
-        if isinstance(sample_rates, (int, float, np.integer)):
-            sample_rates = [sample_rates] * len(wavs)
-        if len(sample_rates) != len(wavs):
-            raise AudioInputError(f"{len(wavs)} waveforms but {len(sample_rates)} sample rates")
-        prepared = []
-        for i, (w, sr) in enumerate(zip(wavs, sample_rates)):
-            try:
-                prepared.append(prepare_waveform(w, sr, energy_norm=energy_norm, trim=trim, device=self.device))
-            except AudioInputError as exc:
-                raise type(exc)(f"audio #{i}: {exc}") from exc
+        prepared = prepare_batch(wavs, sample_rates, energy_norm=energy_norm, trim=trim, device=self.device)
         vq02, vq06 = self.codes(prepared)
         outputs = [TokenizerOutput(a, b, interleave(a, b)) for a, b in zip(vq02, vq06)]
         short = [i for i, o in enumerate(outputs) if not o.ids]

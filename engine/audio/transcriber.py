@@ -53,7 +53,7 @@ import torch
 from ..device.precision import matmul_precision
 from ..errors import AudioInputError, AudioTooShortError, ConfigError, StreamClosedError
 from ..frontend.audio_input import check_sample_rate, to_mono_float
-from ..frontend.preprocess import TOKENIZER_SAMPLE_RATE, prepare_waveform
+from ..frontend.preprocess import TOKENIZER_SAMPLE_RATE, prepare_batch
 from ..frontend.resample import StreamingResampler
 from ..models.asr_vocabulary import committed_text, tokens_to_text
 from ..models.paraformer_asr import integrate_and_fire
@@ -145,16 +145,7 @@ class Transcriber:
         the utterance transcribed alone, and a stream fed the same audio. `sample_rates` is one
         rate or one per wav. AudioTooShortError for audio shorter than one encoder call (~85 ms)
         unless `allow_empty` (then its text is "")."""
-        if isinstance(sample_rates, (int, float, np.integer)):
-            sample_rates = [sample_rates] * len(wavs)
-        if len(sample_rates) != len(wavs):
-            raise AudioInputError(f"{len(wavs)} waveforms but {len(sample_rates)} sample rates")
-        prepared = []
-        for i, (w, sr) in enumerate(zip(wavs, sample_rates)):
-            try:
-                prepared.append(prepare_waveform(w, sr, energy_norm=energy_norm, trim=False, device=self.device))
-            except AudioInputError as exc:
-                raise type(exc)(f"audio #{i}: {exc}") from exc
+        prepared = prepare_batch(wavs, sample_rates, energy_norm=energy_norm, trim=False, device=self.device)
         return self.recognize(prepared, allow_empty=allow_empty)
 
     def transcribe(self, wav, sample_rate, *, energy_norm: bool = False, allow_empty: bool = False) -> Transcription:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..device.staging import to_device
+from ..errors import AudioInputError
 from .audio_input import checked_audio
 from .resample import resample
 
@@ -65,3 +67,20 @@ def prepare_waveform(wav, sample_rate, *, energy_norm: bool = True, trim: bool =
     if trim:
         wav = trim_silence(wav)
     return wav
+
+
+def prepare_batch(wavs, sample_rates, *, energy_norm: bool = True, trim: bool = False,
+                  device=None) -> list[torch.Tensor]:
+    """prepare_waveform of each wav; `sample_rates` is one rate or one per wav. Errors name the
+    audio's index in the batch."""
+    if isinstance(sample_rates, (int, float, np.integer)):
+        sample_rates = [sample_rates] * len(wavs)
+    if len(sample_rates) != len(wavs):
+        raise AudioInputError(f"{len(wavs)} waveforms but {len(sample_rates)} sample rates")
+    prepared = []
+    for i, (wav, rate) in enumerate(zip(wavs, sample_rates)):
+        try:
+            prepared.append(prepare_waveform(wav, rate, energy_norm=energy_norm, trim=trim, device=device))
+        except AudioInputError as exc:
+            raise type(exc)(f"audio #{i}: {exc}") from exc
+    return prepared

@@ -38,7 +38,7 @@ from ..device.staging import to_device
 from ..errors import CheckpointError, ConfigError
 from ..frontend.paraformer_features import FbankConfig, ParaformerFeatures, load_am_mvn
 from .weights import load_strict, read_torch_state_dict
-from .yaml_reader import read_yaml
+from .yaml_reader import int_field, mapping_field, read_yaml
 
 PARAFORMER_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
 LAYER_NORM_EPS = 1e-12      # FunASR's LayerNorm
@@ -74,22 +74,6 @@ class ParaformerEncoderConfig:
 MAX_FRAME_MS = 1000.0     # a longer fbank window is no speech front end (and its FFT grows with it)
 
 
-def _section(data: dict, key: str, where: str) -> dict:
-    value = data.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: `{key}` must be a mapping, got {value!r}")
-    return value
-
-
-def _int_field(node: dict, section: str, key: str, default: int, where: str, minimum: int = 1) -> int:
-    value = node.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: `{section}.{key}` must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _ms_field(node: dict, section: str, key: str, default: float, where: str) -> float:
     value = node.get(key, default)
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= MAX_FRAME_MS
@@ -104,8 +88,8 @@ def _ms_field(node: dict, section: str, key: str, default: float, where: str) ->
 def parse_paraformer_config(data: dict, where: str = "config.yaml") -> tuple[ParaformerEncoderConfig, FbankConfig]:
     """The encoder and front-end settings of a FunASR config.yaml; ConfigError naming the field and
     the value for a variant this engine does not run or a value it cannot use."""
-    enc = _section(data, "encoder_conf", where)
-    fe = _section(data, "frontend_conf", where)
+    enc = mapping_field(data, "encoder_conf", where)
+    fe = mapping_field(data, "frontend_conf", where)
     encoder_name = str(data.get("encoder", "SANMEncoderChunkOpt"))
     problems = []
     if encoder_name != "SANMEncoderChunkOpt":
@@ -123,21 +107,21 @@ def parse_paraformer_config(data: dict, where: str = "config.yaml") -> tuple[Par
     if problems:
         raise ConfigError(f"{where}: unsupported Paraformer variant: " + "; ".join(problems))
     f, e = "frontend_conf", "encoder_conf"
-    fbank = FbankConfig(n_mels=_int_field(fe, f, "n_mels", 80, where, minimum=4),   # Kaldi's mel bank needs > 3
+    fbank = FbankConfig(n_mels=int_field(fe, f, "n_mels", 80, where, minimum=4),   # Kaldi's mel bank needs > 3
                         frame_length_ms=_ms_field(fe, f, "frame_length", 25, where),
                         frame_shift_ms=_ms_field(fe, f, "frame_shift", 10, where),
-                        lfr_m=_int_field(fe, f, "lfr_m", 7, where), lfr_n=_int_field(fe, f, "lfr_n", 6, where))
+                        lfr_m=int_field(fe, f, "lfr_m", 7, where), lfr_n=int_field(fe, f, "lfr_n", 6, where))
     if fbank.feature_dim % 2:
         raise ConfigError(f"{where}: n_mels * lfr_m = {fbank.feature_dim} must be even (the sinusoidal "
                           "positions fill it with sin and cos halves)")
-    kernel_size = _int_field(enc, e, "kernel_size", 11, where)
+    kernel_size = int_field(enc, e, "kernel_size", 11, where)
     shift_key = "sanm_shfit" if "sanm_shfit" in enc else "sanm_shift"    # FunASR's spelling first
     encoder = ParaformerEncoderConfig(
-        input_size=fbank.feature_dim, output_size=_int_field(enc, e, "output_size", 512, where),
-        attention_heads=_int_field(enc, e, "attention_heads", 4, where),
-        linear_units=_int_field(enc, e, "linear_units", 2048, where),
-        num_blocks=_int_field(enc, e, "num_blocks", 50, where), kernel_size=kernel_size,
-        sanm_shift=_int_field(enc, e, shift_key, 0, where, minimum=0))
+        input_size=fbank.feature_dim, output_size=int_field(enc, e, "output_size", 512, where),
+        attention_heads=int_field(enc, e, "attention_heads", 4, where),
+        linear_units=int_field(enc, e, "linear_units", 2048, where),
+        num_blocks=int_field(enc, e, "num_blocks", 50, where), kernel_size=kernel_size,
+        sanm_shift=int_field(enc, e, shift_key, 0, where, minimum=0))
     if encoder.output_size % encoder.attention_heads:
         raise ConfigError(f"{where}: `encoder_conf.output_size` {encoder.output_size} is not divisible by "
                           f"`encoder_conf.attention_heads` {encoder.attention_heads}")

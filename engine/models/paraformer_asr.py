@@ -34,7 +34,7 @@ from ..errors import CheckpointError, ConfigError
 from .asr_vocabulary import Vocabulary
 from .paraformer import LAYER_NORM_EPS, ParaformerEncoderConfig
 from .weights import load_strict, read_torch_state_dict
-from .yaml_reader import read_yaml
+from .yaml_reader import int_field, mapping_field, number_field, read_yaml
 
 
 @dataclass(frozen=True)
@@ -67,35 +67,12 @@ class ASRConfig:
         return self.decoder_look_back_chunks * self.chunk_frames
 
 
-def _mapping(data: dict, key: str, where: str) -> dict:
-    value = data.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: `{key}` must be a mapping, got {value!r}")
-    return value
-
-
-def _integer(node: dict, section: str, key: str, default: int, where: str, minimum: int = 1) -> int:
-    value = node.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: `{section}.{key}` must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(node: dict, section: str, key: str, default: float, where: str, low: float, high: float) -> float:
-    value = node.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(f"{where}: `{section}.{key}` must be a number in [{low:g}, {high:g}], got {value!r}")
-    return float(value)
-
-
 def parse_asr_config(data: dict, encoder: ParaformerEncoderConfig, where: str = "config.yaml") -> ASRConfig:
     """The predictor and decoder settings of a FunASR config.yaml; ConfigError naming the field for
     a variant this engine does not run or a value it cannot use."""
-    dec = _mapping(data, "decoder_conf", where)
-    pre = _mapping(data, "predictor_conf", where)
-    model = _mapping(data, "model_conf", where)
+    dec = mapping_field(data, "decoder_conf", where)
+    pre = mapping_field(data, "predictor_conf", where)
+    model = mapping_field(data, "model_conf", where)
     problems = []
     if str(data.get("decoder", "ParaformerSANMDecoder")) != "ParaformerSANMDecoder":
         problems.append(f"decoder {data.get('decoder')!r} (expected ParaformerSANMDecoder)")
@@ -108,32 +85,32 @@ def parse_asr_config(data: dict, encoder: ParaformerEncoderConfig, where: str = 
     if problems:
         raise ConfigError(f"{where}: unsupported Paraformer recognizer: " + "; ".join(problems))
     d, p, m = "decoder_conf", "predictor_conf", "model_conf"
-    blocks = _integer(dec, d, "num_blocks", 16, where)
-    att_layers = _integer(dec, d, "att_layer_num", blocks, where)
+    blocks = int_field(dec, d, "num_blocks", 16, where)
+    att_layers = int_field(dec, d, "att_layer_num", blocks, where)
     if att_layers != blocks:
         raise ConfigError(f"{where}: `decoder_conf.att_layer_num` {att_layers} != num_blocks {blocks}: decoder "
                           "blocks without cross-attention are not supported")
-    kernel = _integer(dec, d, "kernel_size", 11, where)
-    shift = _integer(dec, d, "sanm_shfit", dec.get("sanm_shift", 5), where, minimum=0)
+    kernel = int_field(dec, d, "kernel_size", 11, where)
+    shift = int_field(dec, d, "sanm_shfit", dec.get("sanm_shift", 5), where, minimum=0)
     if (kernel - 1) // 2 + shift != kernel - 1:
         raise ConfigError(f"{where}: `decoder_conf.sanm_shfit` {shift} with kernel_size {kernel} lets the decoder "
                           "FSMN look at later tokens; streaming decoding needs it causal "
                           f"(sanm_shfit = {(kernel - 1) - (kernel - 1) // 2})")
-    idim = _integer(pre, p, "idim", encoder.output_size, where)
+    idim = int_field(pre, p, "idim", encoder.output_size, where)
     if idim != encoder.output_size:
         raise ConfigError(f"{where}: `predictor_conf.idim` {idim} != encoder output_size {encoder.output_size}")
     cfg = ASRConfig(
-        size=encoder.output_size, decoder_heads=_integer(dec, d, "attention_heads", 4, where),
-        decoder_units=_integer(dec, d, "linear_units", 2048, where), decoder_blocks=blocks,
+        size=encoder.output_size, decoder_heads=int_field(dec, d, "attention_heads", 4, where),
+        decoder_units=int_field(dec, d, "linear_units", 2048, where), decoder_blocks=blocks,
         decoder_kernel=kernel, decoder_shift=shift,
-        l_order=_integer(pre, p, "l_order", 1, where, minimum=0),
-        r_order=_integer(pre, p, "r_order", 1, where, minimum=0),
-        threshold=_number(pre, p, "threshold", 1.0, where, 1e-3, 1e3),
-        tail_threshold=_number(pre, p, "tail_threshold", 0.45, where, 0.0, 1e3),
-        smooth_factor=_number(pre, p, "smooth_factor", 1.0, where, 0.0, 1e3),
-        noise_threshold=_number(pre, p, "noise_threshold", 0.0, where, -1e3, 1e3),
-        blank_id=_integer(model, m, "blank_id", 0, where, minimum=0),
-        sos_id=_integer(model, m, "sos", 1, where, minimum=0), eos_id=_integer(model, m, "eos", 2, where, minimum=0),
+        l_order=int_field(pre, p, "l_order", 1, where, minimum=0),
+        r_order=int_field(pre, p, "r_order", 1, where, minimum=0),
+        threshold=number_field(pre, p, "threshold", 1.0, where, 1e-3, 1e3),
+        tail_threshold=number_field(pre, p, "tail_threshold", 0.45, where, 0.0, 1e3),
+        smooth_factor=number_field(pre, p, "smooth_factor", 1.0, where, 0.0, 1e3),
+        noise_threshold=number_field(pre, p, "noise_threshold", 0.0, where, -1e3, 1e3),
+        blank_id=int_field(model, m, "blank_id", 0, where, minimum=0),
+        sos_id=int_field(model, m, "sos", 1, where, minimum=0), eos_id=int_field(model, m, "eos", 2, where, minimum=0),
         chunk_frames=encoder.chunk_frames)
     if cfg.size % cfg.decoder_heads:
         raise ConfigError(f"{where}: decoder size {cfg.size} is not divisible by `decoder_conf.attention_heads` "

@@ -249,3 +249,30 @@ def read_yaml(path: str | os.PathLike, *, max_bytes: int = MAX_YAML_BYTES, **lim
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     return parse_inert_yaml(text, path, max_bytes=max_bytes, **limits)
+
+
+# ---------------------------------------------------------------- typed fields of a parsed config
+def mapping_field(data: dict, key: str, where: str) -> dict:
+    """`data[key]` as a mapping ({} when absent); ConfigError naming the key otherwise."""
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: `{key}` must be a mapping, got {value!r}")
+    return value
+
+
+def int_field(node: dict, section: str, key: str, default: int, where: str, minimum: int = 1) -> int:
+    """`node[key]` (default when absent) as an integer >= minimum; ConfigError naming section.key."""
+    value = node.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: `{section}.{key}` must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def number_field(node: dict, section: str, key: str, default: float, where: str, low: float, high: float) -> float:
+    """`node[key]` (default when absent) as a float in [low, high]; ConfigError naming section.key."""
+    value = node.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"{where}: `{section}.{key}` must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
