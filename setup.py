@@ -47,6 +47,7 @@ setup(
         "soundfile",                # WAV/FLAC/Ogg reading and writing (libsndfile)
         "soxr",                     # resampling of input audio (a maintained polyphase resampler)
         "pedalboard",               # speed change without pitch change (TTS speed=)
+        "silero-vad",               # voice activity of the real-time controller (its ONNX model ships in the wheel)
         "fastapi>=0.110",           # stepvox serve: the HTTP API (routes, pydantic bodies)
         "pydantic>=2",              # stepvox serve: request bodies (v2 validators)
         "uvicorn>=0.30",            # stepvox serve: the ASGI server (graceful SIGTERM)

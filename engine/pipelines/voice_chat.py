@@ -64,6 +64,7 @@ class TextDelta:
 class AudioDelta:
     audio: Audio                    # the next chunk of speech
     sentence: int                   # index of the sentence it speaks
+    text: str = ""                  # that sentence (as sent to the TTS)
 
 
 @dataclasses.dataclass
@@ -239,7 +240,7 @@ class VoiceChat:
                     async for chunk in chunks:
                         mark("first_audio")
                         done["audio_samples"] += chunk.samples.size
-                        await events.put(AudioDelta(chunk, index))
+                        await events.put(AudioDelta(chunk, index, sentence))
                 index += 1
 
         tasks = [asyncio.create_task(write()), asyncio.create_task(speak())]
@@ -302,20 +303,38 @@ class VoiceChat:
         self.shutdown()
 
 
+@dataclasses.dataclass
+class Turn:
+    """A user turn ready to be answered: its message (audio tokenized), its ids, the prompt of its
+    answer, and the transcript being made beside it (history="transcript")."""
+    message: Message
+    ids: list[int]
+    prompt: list[int]
+    start_time: float
+    transcript: asyncio.Future | None = None
+
+
 class Conversation:
-    """A multi-turn voice chat that keeps its history as ids (see the module docstring)."""
+    """A multi-turn voice chat that keeps its history as ids (see the module docstring). The context
+    is bounded by `max_turns` (user + assistant pairs) and `max_history_tokens`: the oldest pairs
+    go first, the system prompt is pinned."""
 
     def __init__(self, chat: VoiceChat, system: str | None = None, history: str = "audio",
-                 voice: str = "Tingting", **respond_options):
+                 voice: str = "Tingting", max_turns: int | None = None, max_history_tokens: int | None = None,
+                 **respond_options):
         if history not in HISTORY_POLICIES:
             raise InvalidRequestError(f"history must be one of {HISTORY_POLICIES}, got {history!r}")
         if history == "transcript" and chat.transcriber is None:
             raise ConfigError("history='transcript' needs the ASR (VoiceChat.from_pretrained(asr=True))")
+        self.max_turns = None if max_turns is None else checks.integer(max_turns, "max_turns", ConfigError, 1)
+        self.max_history_tokens = (None if max_history_tokens is None else
+                                   checks.integer(max_history_tokens, "max_history_tokens", ConfigError, 1))
         self.chat, self.history, self.voice = chat, history, voice
         self.respond_options = respond_options
         self.messages: list[Message] = []
         self._turn_ids: list[list[int]] = []                      # per message, as the prompt holds it
         self.compression: list[dict] = []                         # per transcribed turn (history="transcript")
+        self._header = chat.tokenizer.encode(ASSISTANT_HEADER, add_bos=False)
         if system is not None:
             self._append(Message("system", [system]))
 
@@ -329,12 +348,13 @@ class Conversation:
         for turn in self._turn_ids:
             ids += turn
         if needs_assistant_header(self.messages):
-            ids += self.chat.tokenizer.encode(ASSISTANT_HEADER, add_bos=False)
+            ids += self._header
         return ids
 
-    async def asay(self, content, **options) -> AsyncIterator[Event]:
-        """Add a user turn (a string, a content part, or a list of parts) and stream the answer;
-        the answer joins the history when it completes (a cancelled answer leaves no user turn)."""
+    async def aprepare_turn(self, content) -> Turn:
+        """A user turn (a string, a content part, or a list of parts) made ready to answer: checked,
+        its audio tokenized (and transcribed beside, with history="transcript"), its prompt built.
+        Nothing joins the history until `arecord`."""
         start = time.monotonic()
         parsed = parse_messages([{"role": "user", "content": content}], max_audio_seconds=self.chat.max_audio_seconds)
         prepared = (await self.chat.aprepare(parsed))[0]
@@ -343,25 +363,57 @@ class Conversation:
             loop = asyncio.get_running_loop()
             transcript = loop.run_in_executor(self.chat.tts.audio_executor, self._transcribe, prepared)
         user_ids = turn_ids(self.chat.tokenizer, prepared)
-        header = self.chat.tokenizer.encode(ASSISTANT_HEADER, add_bos=False)
-        prompt = [self.chat.tokenizer.bos_id] + [t for turn in self._turn_ids for t in turn] + user_ids + header
-        kwargs = {"voice": self.voice, **self.respond_options, **options, "start_time": start}
+        prompt = [self.chat.tokenizer.bos_id] + [t for turn in self._turn_ids for t in turn] + user_ids + self._header
+        return Turn(prepared, user_ids, prompt, start, transcript)
+
+    async def arecord(self, turn: Turn, answer_text: str, answer_ids: list[int] | None = None) -> None:
+        """Add `turn` and its answer to the history: `answer_ids` as generated (kept exactly, so the
+        next prompt extends this one), or None for an answer known only as text (one cut short by
+        a barge-in: the part that was played), encoded as the template writes it."""
+        self._append(turn.message, turn.ids)
+        if answer_ids is None:
+            self._append(Message("assistant", [answer_text]))
+        else:
+            answer = list(answer_ids)
+            if not answer or answer[-1] != EOT_ID:
+                answer.append(EOT_ID)                            # a turn cut by max_tokens still closes
+            self._append(Message("assistant", [answer_text]), self._header + answer)
+        if turn.transcript is not None:
+            self._swap_for_transcript(len(self.messages) - 2, await turn.transcript)
+        self._bound()
+
+    def replace_last_answer(self, text: str) -> None:
+        """The last assistant turn becomes `text` (the part of it that was heard)."""
+        if not self.messages or self.messages[-1].role != "assistant":
+            raise InvalidRequestError("the conversation does not end with an answer")
+        self.messages[-1] = Message("assistant", [text])
+        self._turn_ids[-1] = turn_ids(self.chat.tokenizer, self.messages[-1])
+
+    def _bound(self) -> None:
+        """Drop the oldest user + assistant pairs (never the system prompt) past the limits."""
+        first = 1 if self.messages and self.messages[0].role == "system" else 0
+
+        def over() -> bool:
+            pairs = (len(self.messages) - first) // 2
+            tokens = sum(len(t) for t in self._turn_ids)
+            return pairs > 1 and ((self.max_turns is not None and pairs > self.max_turns)
+                                  or (self.max_history_tokens is not None and tokens > self.max_history_tokens))
+        while over():
+            del self.messages[first:first + 2], self._turn_ids[first:first + 2]
+
+    async def asay(self, content, **options) -> AsyncIterator[Event]:
+        """Add a user turn (a string, a content part, or a list of parts) and stream the answer;
+        the answer joins the history when it completes (a cancelled answer leaves no user turn)."""
+        turn = await self.aprepare_turn(content)
+        kwargs = {"voice": self.voice, **self.respond_options, **options, "start_time": turn.start_time}
         final = None
-        async with contextlib.aclosing(self.chat.arespond(None, prompt=prompt, **kwargs)) as events:
+        async with contextlib.aclosing(self.chat.arespond(None, prompt=turn.prompt, **kwargs)) as events:
             async for event in events:
                 if isinstance(event, ResponseDone):
                     final = event
                 yield event
-        if final is None:
-            return
-        self._append(prepared, user_ids)
-        answer = list(final.token_ids)
-        if not answer or answer[-1] != EOT_ID:
-            answer.append(EOT_ID)                                # a turn cut by max_tokens still closes
-        self._append(Message("assistant", [final.text]), header + answer)
-        if transcript is not None:
-            text = await transcript
-            self._swap_for_transcript(len(self.messages) - 2, text)
+        if final is not None:
+            await self.arecord(turn, final.text, final.token_ids)
 
     def say(self, content, **options) -> Iterator[Event]:
         return _sync_iter(self.chat.sync_loop(), self.asay(content, **options))

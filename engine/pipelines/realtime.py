@@ -1,0 +1,354 @@
+"""The real-time dialogue controller: one session of a live conversation over a VoiceChat.
+
+    session = RealtimeSession(chat, system="...", detection=TurnDetection(pause_ms=200, commit_ms=700))
+    await session.append(pcm16k)                  # as the microphone gives it (16 kHz mono)
+    event = await session.events.get()            # SpeechStarted, SpeechStopped, TurnCommitted,
+                                                  # ResponseText, ResponseAudio, ResponseFinished, ...
+
+Voice activity comes from Silero VAD (the `silero-vad` wheel's ONNX model, run by onnxruntime; one
+model state per session) on 32 ms frames. The session keeps its own clock: the audio it has been
+given, so what it decides depends on the audio alone, not on how fast it arrives.
+
+States: idle -> speaking (speech for `min_speech_ms`) -> paused (silence) -> committed (silence for
+`commit_ms`) -> responding -> idle. After `pause_ms` of silence a speculative answer starts: the
+utterance is tokenized and the chat model (and the TTS of its first sentences) run, their events
+held back. Speech again before `commit_ms` discards it (its requests are cancelled and their KV
+pages freed; pages of the shared history stay in the prefix cache); at `commit_ms` it is promoted
+as it is, without computing anything again, and its held events go out. Without speculation the
+answer starts at the commit. Speech while an answer plays is a barge-in: the answer is cancelled
+and the assistant turn keeps only the sentences that were played by then (the session's clock
+from the answer's first audio). The history is a Conversation (voice_chat.py): ids kept, context
+bounded, the system prompt pinned, the transcript policy applied.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from silero_vad import load_silero_vad
+
+from .. import checks
+from ..errors import AudioInputError, ConfigError
+from .audio import Audio
+from .voice_chat import AudioDelta, Conversation, ResponseDone, TextDelta, Turn, VoiceChat
+
+SAMPLE_RATE = 16000
+VAD_FRAME = 512                  # samples per Silero VAD call at 16 kHz (32 ms)
+FRAME_MS = VAD_FRAME * 1000 / SAMPLE_RATE
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnDetection:
+    threshold: float = 0.5       # speech probability that counts as speech
+    min_speech_ms: int = 96      # speech this long starts a turn (a click does not)
+    pause_ms: int = 200          # silence after speech that starts a speculative answer
+    commit_ms: int = 700         # silence that ends the user's turn
+    speculate: bool = True
+
+    def __post_init__(self):
+        checks.real(self.threshold, "threshold", ConfigError, 0.0, 1.0, lo_open=True)
+        for name in ("min_speech_ms", "pause_ms", "commit_ms"):
+            checks.integer(getattr(self, name), name, ConfigError, 1)
+        if self.pause_ms > self.commit_ms:
+            raise ConfigError(f"pause_ms ({self.pause_ms}) must not exceed commit_ms ({self.commit_ms})")
+
+
+class VoiceActivity:
+    """Speech probability per 32 ms frame of 16 kHz audio (Silero VAD, ONNX)."""
+
+    def __init__(self):
+        self.model = load_silero_vad(onnx=True)
+        self._pending = np.zeros(0, np.float32)
+
+    def push(self, samples: np.ndarray) -> list[float]:
+        self._pending = np.concatenate([self._pending, samples])
+        n = self._pending.size // VAD_FRAME
+        frames, self._pending = self._pending[:n * VAD_FRAME], self._pending[n * VAD_FRAME:]
+        return [float(self.model(torch.from_numpy(f.copy()), SAMPLE_RATE)) for f in frames.reshape(n, VAD_FRAME)]
+
+
+# ---------------------------------------------------------------- events
+@dataclasses.dataclass
+class SpeechStarted:
+    audio_ms: float
+
+
+@dataclasses.dataclass
+class SpeechStopped:
+    audio_ms: float              # where the speech ended
+
+
+@dataclasses.dataclass
+class TurnCommitted:
+    audio_ms: float
+    speculative: bool            # its answer was already running (promoted, nothing recomputed)
+    audio_samples: int           # the user's turn (16 kHz)
+
+
+@dataclasses.dataclass
+class ResponseText:
+    text: str
+
+
+@dataclasses.dataclass
+class ResponseAudio:
+    audio: Audio
+    sentence: int
+
+
+@dataclasses.dataclass
+class ResponseFinished:
+    text: str                    # what joined the history (the played part after a barge-in)
+    interrupted: bool
+    played_ms: float
+
+
+@dataclasses.dataclass
+class ResponseTruncated:
+    text: str                    # a finished answer the user spoke over while it played: the
+    played_ms: float             # history keeps the sentences played by then; stop playback now
+
+
+@dataclasses.dataclass
+class ResponseFailed:
+    error: BaseException         # a typed StepvoxError naming the cause; the session goes on
+
+
+@dataclasses.dataclass
+class _Answer:
+    turn_audio: np.ndarray
+    task: asyncio.Task | None = None
+    live: bool = False                                  # promoted: its events go out as they come
+    held: list = dataclasses.field(default_factory=list)
+    text_deltas: int = 0
+    turn: Turn | None = None
+    sentence_ms: list = dataclasses.field(default_factory=list)   # audio ms of each sentence so far
+    sentences: list = dataclasses.field(default_factory=list)     # their texts
+    first_audio_clock: float | None = None               # the session clock when its first audio went out
+    done: ResponseDone | None = None
+    finished: bool = False                               # joined the history
+
+
+class RealtimeSession:
+    def __init__(self, chat: VoiceChat, *, system: str | None = None, voice: str = "Tingting",
+                 history: str = "audio", detection: TurnDetection = TurnDetection(), max_turns: int | None = None,
+                 max_history_tokens: int | None = None, respond_options: dict | None = None):
+        self.chat, self.voice, self.detection = chat, voice, detection
+        self.conversation = Conversation(chat, system, history, voice, max_turns, max_history_tokens)
+        self.respond_options = dict(respond_options or {})
+        self.vad = VoiceActivity()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.state = "idle"
+        self.clock_ms = 0.0                              # audio received so far
+        self._speech_run = 0                             # consecutive speech frames
+        self._silence_ms = 0.0
+        self._speech_end_ms = 0.0
+        self._utterance: list[np.ndarray] = []
+        self._lookback: list[np.ndarray] = []           # audio just before the speech start
+        self._answer: _Answer | None = None
+        self._response: _Answer | None = None            # the committed answer being generated
+        self._playing: _Answer | None = None             # a generated answer whose audio is still playing
+        self._speech_end_wall = 0.0
+        self.stats = dict(speculations=0, promoted=0, discarded=0, wasted_text_deltas=0, commits=0,
+                          end_of_speech_to_first_audio_s=[], barge_in_stop_s=[])
+
+    # ------------------------------------------------------------------ input
+    async def append(self, pcm) -> None:
+        """16 kHz mono audio: int16 samples (or PCM16 bytes) or float samples in [-1, 1]."""
+        if isinstance(pcm, (bytes, bytearray, memoryview)):
+            if len(pcm) % 2:
+                raise AudioInputError("PCM16 audio must be a whole number of 2-byte samples")
+            samples = np.frombuffer(bytes(pcm), dtype="<i2").astype(np.float32) / 32768.0
+        else:
+            samples = np.asarray(pcm)
+            samples = samples.astype(np.float32) / 32768.0 if samples.dtype == np.int16 else samples.astype(np.float32)
+        if samples.ndim != 1:
+            raise AudioInputError("realtime audio must be mono (1-D)")
+        for start in range(0, samples.size, VAD_FRAME):
+            piece = samples[start:start + VAD_FRAME]
+            for prob in self.vad.push(piece):
+                await self._frame(prob)
+            self._keep(piece)
+
+    def _keep(self, piece: np.ndarray) -> None:
+        if self.state in ("speaking", "paused"):
+            self._utterance.append(piece)
+        else:
+            self._lookback = (self._lookback + [piece])[-10:]          # ~320 ms before the speech start
+
+    async def _frame(self, prob: float) -> None:
+        d = self.detection
+        self.clock_ms += FRAME_MS
+        if prob >= d.threshold:
+            self._speech_run += 1
+            self._silence_ms = 0.0
+            if self._speech_run * FRAME_MS >= d.min_speech_ms and self.state != "speaking":
+                await self._speech_started()
+            return
+        self._speech_run = 0
+        if self.state not in ("speaking", "paused"):
+            return
+        if self._silence_ms == 0.0:
+            self._speech_end_ms, self._speech_end_wall = self.clock_ms - FRAME_MS, time.monotonic()
+        self._silence_ms += FRAME_MS
+        if self.state == "speaking" and self._silence_ms >= d.pause_ms:
+            self.state = "paused"
+            if d.speculate:
+                self._start_answer()
+        if self.state == "paused" and self._silence_ms >= d.commit_ms:
+            await self.commit()
+
+    async def _speech_started(self) -> None:
+        if self._response is not None:                  # a barge-in while the answer is generated
+            await self._interrupt()
+        elif self._playing is not None and self._played_ms(self._playing) < sum(self._playing.sentence_ms):
+            await self._truncate(self._playing)         # a barge-in while its last audio plays
+        self._playing = None
+        if self.state == "paused":                      # the user goes on: the speculation was wrong
+            await self._discard()
+        else:
+            self._utterance = list(self._lookback)
+            await self.events.put(SpeechStarted(self.clock_ms - self._speech_run * FRAME_MS))
+        self.state = "speaking"
+
+    # ------------------------------------------------------------------ answers
+    def _start_answer(self) -> None:
+        audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
+        self._answer = _Answer(audio)
+        self._answer.task = asyncio.create_task(self._run(self._answer))
+        self.stats["speculations"] += 1
+
+    async def _run(self, answer: _Answer) -> None:
+        try:
+            await self._answer_turn(answer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the answer fails alone; the session takes the next turn
+            if answer.live:
+                await self.events.put(ResponseFailed(exc))
+                if self._response is answer:
+                    self._response, self.state = None, "idle"
+            else:
+                answer.held.append(ResponseFailed(exc))
+
+    async def _answer_turn(self, answer: _Answer) -> None:
+        turn: Turn = await self.conversation.aprepare_turn(
+            [{"type": "input_audio", "input_audio": {"data": answer.turn_audio, "sample_rate": SAMPLE_RATE}}])
+        answer.turn = turn
+        kwargs = {"voice": self.voice, **self.respond_options}
+        async with contextlib.aclosing(self.chat.arespond(None, prompt=turn.prompt, **kwargs)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    answer.text_deltas += 1
+                    await self._emit(answer, ResponseText(event.text))
+                elif isinstance(event, AudioDelta):
+                    if event.sentence == len(answer.sentence_ms):
+                        answer.sentence_ms.append(0.0)
+                        answer.sentences.append(event.text)
+                    answer.sentence_ms[event.sentence] += event.audio.duration * 1e3
+                    await self._emit(answer, ResponseAudio(event.audio, event.sentence))
+                elif isinstance(event, ResponseDone):
+                    answer.done = event
+        if answer.live:                                 # else the commit finishes it (or it is discarded)
+            await self._finish(answer)
+
+    async def _finish(self, answer: _Answer) -> None:
+        """A committed answer that ran to its end joins the history."""
+        if answer.finished:
+            return
+        answer.finished = True
+        await self.conversation.arecord(answer.turn, answer.done.text, answer.done.token_ids)
+        await self.events.put(ResponseFinished(answer.done.text, False, sum(answer.sentence_ms)))
+        self._playing = answer
+        if self._response is answer:
+            self._response, self.state = None, "idle"
+
+    async def _emit(self, answer: _Answer, event) -> None:
+        if not answer.live:
+            answer.held.append(event)
+            return
+        if isinstance(event, ResponseAudio) and answer.first_audio_clock is None:
+            answer.first_audio_clock = self.clock_ms
+            self.stats["end_of_speech_to_first_audio_s"].append(time.monotonic() - self._speech_end_wall)
+        await self.events.put(event)
+
+    async def _discard(self) -> None:
+        answer, self._answer = self._answer, None
+        if answer is not None and answer.task is not None:
+            answer.task.cancel()
+            with contextlib.suppress(BaseException):
+                await answer.task
+            self.stats["discarded"] += 1
+            self.stats["wasted_text_deltas"] += answer.text_deltas
+
+    async def commit(self) -> None:
+        """End the user's turn now (turn detection does it after `commit_ms` of silence)."""
+        if self.state not in ("speaking", "paused"):
+            return
+        speculative = self._answer is not None
+        if not speculative:
+            self._start_answer()
+            self.stats["speculations"] -= 1             # started at the commit: not a speculation
+        else:
+            self.stats["promoted"] += 1
+        self.stats["commits"] += 1
+        answer, self._answer = self._answer, None
+        await self.events.put(SpeechStopped(self._speech_end_ms))
+        await self.events.put(TurnCommitted(self.clock_ms, speculative, int(answer.turn_audio.size)))
+        answer.live = True
+        self._response, self.state = answer, "responding"
+        held, answer.held = answer.held, []
+        for event in held:
+            await self._emit(answer, event)
+        if answer.task.done() and answer.done is not None:      # it ran to its end while held back
+            await self._finish(answer)
+        elif answer.task.done() and self._response is answer:   # it failed while held back (reported)
+            self._response, self.state = None, "idle"
+
+    async def _interrupt(self) -> None:
+        """Barge-in: stop the answer now; the history keeps the sentences played by now."""
+        answer, self._response = self._response, None
+        started = time.monotonic()
+        answer.task.cancel()
+        with contextlib.suppress(BaseException):
+            await answer.task
+        self.stats["barge_in_stop_s"].append(time.monotonic() - started)
+        played = self._played_ms(answer)
+        text = self._played_text(answer, played)
+        await self.events.put(ResponseFinished(text, True, min(played, sum(answer.sentence_ms))))
+        if answer.turn is not None:
+            await self.conversation.arecord(answer.turn, text)
+        self.state = "idle"
+
+    def _played_ms(self, answer: _Answer) -> float:
+        """Audio of `answer` played by now: playback runs in real time from its first audio, which
+        the session's clock (the user's audio) measures."""
+        return 0.0 if answer.first_audio_clock is None else self.clock_ms - answer.first_audio_clock
+
+    @staticmethod
+    def _played_text(answer: _Answer, played_ms: float) -> str:
+        kept, total = [], 0.0
+        for text, ms in zip(answer.sentences, answer.sentence_ms):
+            total += ms
+            if total > played_ms:
+                break
+            kept.append(text)
+        return "".join(kept)
+
+    async def _truncate(self, answer: _Answer) -> None:
+        played = self._played_ms(answer)
+        text = self._played_text(answer, played)
+        self.conversation.replace_last_answer(text)
+        self.stats["barge_in_stop_s"].append(0.0)       # nothing left to cancel: the client stops playback
+        await self.events.put(ResponseTruncated(text, played))
+
+    async def close(self) -> None:
+        for answer in (self._answer, self._response):
+            if answer is not None and answer.task is not None:
+                answer.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await answer.task
