@@ -173,3 +173,22 @@ def test_typed_errors(chat):
         without_asr.conversation(history="transcript")
     with pytest.raises(ConfigError, match="at most 0.9"):
         VoiceChat.from_pretrained("x", "y", "z", chat_memory_fraction=0.6, tts_memory_fraction=0.5)
+
+
+def test_context_bounds_drop_the_oldest_turns_and_pin_the_system_prompt(chat):
+    talk = chat.conversation(system=SYSTEM, audio=False, max_turns=2)
+    said = []
+    for k, (question, answer) in enumerate([("一", "你好。"), ("二", "我叫小明。"), ("三", "今天天气很好。")]):
+        [e for e in talk.say(question, chat_params=Script(chat.tokenizer, answer).params())]
+        said.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    assert [m.role for m in talk.messages] == ["system", "user", "assistant", "user", "assistant"]
+    kept = [{"role": "system", "content": SYSTEM}] + said[1] + said[2]
+    assert talk.prompt_token_ids() == prompt_ids(chat.tokenizer, parse_messages(kept))
+    talk.replace_last_answer("今天")                        # a barge-in heard only this much
+    kept[-1]["content"] = "今天"
+    assert talk.prompt_token_ids() == prompt_ids(chat.tokenizer, parse_messages(kept))
+    tight = chat.conversation(system=SYSTEM, audio=False, max_history_tokens=1)
+    for question, answer in [("一", "你好。"), ("二", "我叫小明。")]:
+        [e for e in tight.say(question, chat_params=Script(chat.tokenizer, answer).params())]
+    assert [m.role for m in tight.messages] == ["system", "user", "assistant"]      # the last pair always stays
+    assert tight.messages[1].parts == ["二"]
