@@ -51,6 +51,7 @@ setup(
         "fastapi>=0.110",           # stepvox serve: the HTTP API (routes, pydantic bodies)
         "pydantic>=2",              # stepvox serve: request bodies (v2 validators)
         "uvicorn>=0.30",            # stepvox serve: the ASGI server (graceful SIGTERM)
+        "websockets>=12",           # stepvox serve: WebSocket support of uvicorn (/v1/realtime)
         "python-multipart",         # stepvox serve: multipart voice uploads
         "prometheus-client",        # stepvox serve: /metrics
     ],

@@ -565,3 +565,70 @@ def test_stepvox_chat_errors_are_one_line(server, capsys, tmp_path):
         code = cli.main(["chat", "hi", "--url", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("stepvox: error: cannot reach") and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- /v1/realtime
+def _realtime(server, headers=None):
+    from websockets.sync.client import connect
+    return connect(f"ws://127.0.0.1:{server.port}/v1/realtime", open_timeout=30,
+                   additional_headers={"Authorization": f"Bearer {API_KEY}"} if headers is None else headers)
+
+
+def _recv(ws, until, timeout=180):
+    events, deadline = [], time.monotonic() + timeout
+    while True:
+        event = json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.1)))
+        events.append(event)
+        if until(event):
+            return events
+
+
+def test_realtime_session_answers_a_spoken_turn(server, espeak_question):
+    samples, rate = sf.read(io.BytesIO(espeak_question), dtype="float32")
+    from stepvox.engine.frontend.resample import resample
+    import torch
+    speech = resample(torch.from_numpy(samples), rate, 16000).numpy()
+    audio = np.concatenate([np.zeros(4800, np.float32), speech, np.zeros(16000, np.float32)])
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    with _realtime(server) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        ws.send("not json")                                          # malformed: an error, the session goes on
+        assert json.loads(ws.recv(timeout=30))["error"]["code"] == "invalid_json"
+        ws.send(json.dumps({"type": "response.create.now"}))
+        assert json.loads(ws.recv(timeout=30))["error"]["code"] == "unknown_event"
+        ws.send(json.dumps({"type": "session.update", "session": {
+            "voice": "Tingting", "instructions": "简短回答", "max_response_output_tokens": 6, "speech_max_tokens": 20,
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 600, "pause_ms": 200}}}))
+        updated = json.loads(ws.recv(timeout=30))
+        assert updated["type"] == "session.updated" and updated["session"]["turn_detection"]["silence_duration_ms"] == 600
+        for i in range(0, len(pcm), 640):                           # 20 ms frames
+            ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                "audio": base64.b64encode(pcm[i:i + 640]).decode()}))
+        events = _recv(ws, lambda e: e["type"] in ("response.done", "error"))
+    kinds = [e["type"] for e in events]
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+             "conversation.item.created", "response.created"]
+    assert [k for k in kinds if k in order] == order, kinds
+    assert kinds[-1] == "response.done" and events[-1]["response"]["status"] == "completed"
+    transcript = "".join(e["delta"] for e in events if e["type"] == "response.audio_transcript.delta")
+    assert transcript == events[-1]["response"]["output"][0]["content"][0]["transcript"]
+    audio_out = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.audio.delta")
+    assert len(audio_out) > 0 and len(audio_out) % 2 == 0
+    started = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")
+    assert 0 < started["audio_start_ms"] < 1000
+    deadline = time.monotonic() + 20                # the session's statistics land when the server closes it
+    while True:
+        metrics = server.request("GET", "/metrics")[2].decode()
+        promoted = re.search(r'^stepvox_realtime_speculations_total\{outcome="promoted"\} (\S+)$', metrics,
+                             re.MULTILINE)
+        if (promoted and float(promoted.group(1)) >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert promoted and float(promoted.group(1)) >= 1
+    assert re.search(r"^stepvox_realtime_end_of_speech_to_first_audio_seconds_count [1-9]", metrics, re.MULTILINE)
+
+
+def test_realtime_needs_the_api_key(server):
+    from websockets.exceptions import InvalidStatus
+    with pytest.raises(InvalidStatus):
+        _realtime(server, headers={})

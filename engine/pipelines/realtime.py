@@ -346,6 +346,18 @@ class RealtimeSession:
         self.stats["barge_in_stop_s"].append(0.0)       # nothing left to cancel: the client stops playback
         await self.events.put(ResponseTruncated(text, played))
 
+    async def clear(self) -> None:
+        """Drop the user's turn in progress (and its speculative answer)."""
+        await self._discard()
+        self._utterance, self._speech_run, self._silence_ms = [], 0, 0.0
+        if self.state in ("speaking", "paused"):
+            self.state = "idle"
+
+    async def cancel_response(self) -> None:
+        """Stop the answer being generated (as a barge-in does); nothing when there is none."""
+        if self._response is not None:
+            await self._interrupt()
+
     async def close(self) -> None:
         for answer in (self._answer, self._response):
             if answer is not None and answer.task is not None:

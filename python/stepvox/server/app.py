@@ -27,6 +27,7 @@ from stepvox.engine.pipelines.voice_chat import VoiceChat
 
 from .admission import Admission
 from .chat_routes import router as chat_router
+from .realtime import router as realtime_router
 from .config import ServerConfig
 from .errors import ApiError, install as install_errors
 from .metrics import ServerMetrics
@@ -86,6 +87,7 @@ def create_app(model: TTS | VoiceChat, config: ServerConfig | None = None, shutd
     install_errors(app, state.metrics)
     app.include_router(router)
     app.include_router(chat_router)
+    app.include_router(realtime_router)
     # added last = outermost
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, metrics=state.metrics)
     if config.api_key is not None:
@@ -142,6 +144,12 @@ class ApiKeyMiddleware:
         self._key = api_key.encode()
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and scope["path"].startswith(API_PREFIX):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+                # refused before the handshake: the client sees HTTP 403
+                return await send({"type": "websocket.close", "code": 1008, "reason": "missing or incorrect API key"})
         if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
             headers = dict(scope["headers"])
             given = headers.get(b"authorization", b"")

@@ -26,6 +26,8 @@ class ServerConfig:
     retry_after_s: int = 1                       # Retry-After of a 429
     max_voice_uploads: int = 2                   # voice uploads decoded or processed at once; beyond: 429
     default_voice: str | None = None             # None: Tingting if the speakers folder has it, else the first
+    realtime_idle_timeout_s: float = 300.0       # a /v1/realtime session without a client event this long ends
+    realtime_max_session_s: float = 3600.0       # and any session after this long
 
     def __post_init__(self):
         for name in ("model_name", "chat_model_name", "asr_model_name"):
@@ -37,3 +39,5 @@ class ServerConfig:
         for name, lo in (("max_concurrent", 1), ("max_queue", 0), ("max_body_bytes", 1024), ("retry_after_s", 1),
                          ("max_voice_uploads", 1)):
             object.__setattr__(self, name, checks.integer(getattr(self, name), name, ConfigError, lo))
+        for name in ("realtime_idle_timeout_s", "realtime_max_session_s"):
+            object.__setattr__(self, name, checks.real(getattr(self, name), name, ConfigError, 0.0, lo_open=True))

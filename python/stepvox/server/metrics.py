@@ -1,6 +1,7 @@
 """Prometheus metrics of one server, in a registry of its own (two apps in one process, as tests
 make, never share counters): request counts and outcomes, time to first audio (speech) and to first
-text and audio (chat), real-time factor, audio produced, the admission queue, and the LM engines
+text and audio (chat), real-time sessions (end of speech to first audio, speculations, barge-in
+stops), real-time factor, audio produced, the admission queue, and the LM engines
 read at scrape time (KV pages, scheduler queues: the TTS's as `stepvox_kv_*` / `stepvox_lm_*`, a
 chat model's as `stepvox_chat_kv_*` / `stepvox_chat_lm_*`). Names follow Prometheus conventions
 (`_seconds`, `_total`, base units)."""
@@ -74,6 +75,17 @@ class ServerMetrics:
                                           "its first answer audio", buckets=LATENCY_BUCKETS, registry=r)
         self.transcriptions = Counter("stepvox_transcription_requests", "transcriptions by response format and "
                                       "outcome (ok, error)", ["response_format", "outcome"], registry=r)
+        self.realtime_sessions = Gauge("stepvox_realtime_sessions", "open /v1/realtime sessions", registry=r)
+        self.realtime_first_audio = Histogram("stepvox_realtime_end_of_speech_to_first_audio_seconds",
+                                              "a committed turn's last speech frame to its answer's first audio",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.realtime_speculations = Counter("stepvox_realtime_speculations", "speculative answers by outcome "
+                                             "(promoted at the commit, discarded when speech resumed)", ["outcome"],
+                                             registry=r)
+        self.realtime_wasted = Counter("stepvox_realtime_wasted_text_deltas", "text pieces discarded speculative "
+                                       "answers had written", registry=r)
+        self.realtime_barge_in = Histogram("stepvox_realtime_barge_in_stop_seconds", "speech over an answer to its "
+                                           "generation stopped", buckets=LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(tts.engine, "stepvox_", "TTS"))
         if chat is not None:
             r.register(_EngineCollector(chat.chat_engine, "stepvox_chat_", "chat"))
@@ -87,6 +99,16 @@ class ServerMetrics:
         n = len(out.outputs[0].token_ids)
         if n > 1 and m.finished_time is not None:
             self.lm_tpot.observe(max(0.0, (m.finished_time - m.first_token_time) / (n - 1)))
+
+    def realtime_session_done(self, stats: dict) -> None:
+        """A /v1/realtime session's statistics (RealtimeSession.stats), when it ends."""
+        for seconds in stats["end_of_speech_to_first_audio_s"]:
+            self.realtime_first_audio.observe(seconds)
+        for seconds in stats["barge_in_stop_s"]:
+            self.realtime_barge_in.observe(seconds)
+        self.realtime_speculations.labels("promoted").inc(stats["promoted"])
+        self.realtime_speculations.labels("discarded").inc(stats["discarded"])
+        self.realtime_wasted.inc(stats["wasted_text_deltas"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
