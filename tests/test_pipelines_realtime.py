@@ -163,7 +163,8 @@ def test_barge_in_keeps_only_the_played_sentences(chat, speech):
     assert finished.text == "你好。"
     assert first_ms <= finished.played_ms
     assert s.conversation.messages[-1].role == "assistant" and s.conversation.messages[-1].parts == ["你好。"]
-    assert len(s.stats["barge_in_stop_s"]) == 1
+    # a generation still running is stopped (and timed); an answer still playing is only truncated
+    assert len(s.stats["barge_in_stop_s"]) == (1 if isinstance(finished, ResponseFinished) else 0)
     assert all_pages_free(chat)
 
 

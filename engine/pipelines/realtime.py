@@ -342,8 +342,7 @@ class RealtimeSession:
     async def _truncate(self, answer: _Answer) -> None:
         played = self._played_ms(answer)
         text = self._played_text(answer, played)
-        self.conversation.replace_last_answer(text)
-        self.stats["barge_in_stop_s"].append(0.0)       # nothing left to cancel: the client stops playback
+        self.conversation.replace_last_answer(text)     # nothing left to cancel: the client stops playback
         await self.events.put(ResponseTruncated(text, played))
 
     async def clear(self) -> None:
