@@ -173,3 +173,24 @@ def test_turn_detection_checks_its_values():
         TurnDetection(pause_ms=800, commit_ms=700)
     with pytest.raises(ConfigError, match="threshold"):
         TurnDetection(threshold=0)
+
+
+def test_eight_sessions_at_once_all_complete(chat, speech):
+    async def one(k: int):
+        s = session(chat)
+        await feed(s, np.concatenate([silence(100 + 40 * k), speech, silence(900)]))
+        events = await drain(s, lambda e: isinstance(e, ResponseFinished))
+        await s.close()
+        return s, events
+
+    async def run():
+        results = await asyncio.gather(*(one(k) for k in range(8)))
+        await settle(chat)
+        return results
+
+    results = asyncio.run_coroutine_threadsafe(run(), chat.sync_loop()).result()
+    for s, events in results:
+        assert [type(e) for e in events][:3] == [SpeechStarted, SpeechStopped, TurnCommitted]
+        assert events[-1].text == ANSWER and not events[-1].interrupted
+        assert [m.role for m in s.conversation.messages] == ["system", "user", "assistant"]
+    assert all_pages_free(chat)

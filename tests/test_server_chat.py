@@ -605,7 +605,12 @@ def test_realtime_session_answers_a_spoken_turn(server, espeak_question):
             ws.send(json.dumps({"type": "input_audio_buffer.append",
                                 "audio": base64.b64encode(pcm[i:i + 640]).decode()}))
         events = _recv(ws, lambda e: e["type"] in ("response.done", "error"))
+        if "conversation.item.input_audio_transcription.completed" not in [e["type"] for e in events]:
+            events += _recv(ws, lambda e: e["type"] == "conversation.item.input_audio_transcription.completed")
     kinds = [e["type"] for e in events]
+    transcribed = next(e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed")
+    created = next(e for e in events if e["type"] == "conversation.item.created")
+    assert transcribed["item_id"] == created["item"]["id"] and isinstance(transcribed["transcript"], str)
     order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
              "conversation.item.created", "response.created"]
     assert [k for k in kinds if k in order] == order, kinds

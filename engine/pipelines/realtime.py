@@ -3,7 +3,8 @@
     session = RealtimeSession(chat, system="...", detection=TurnDetection(pause_ms=200, commit_ms=700))
     await session.append(pcm16k)                  # as the microphone gives it (16 kHz mono)
     event = await session.events.get()            # SpeechStarted, SpeechStopped, TurnCommitted,
-                                                  # ResponseText, ResponseAudio, ResponseFinished, ...
+                                                  # UserTranscript, ResponseText, ResponseAudio,
+                                                  # ResponseFinished, ...
 
 Voice activity comes from Silero VAD (the `silero-vad` wheel's ONNX model, run by onnxruntime; one
 model state per session) on 32 ms frames. The session keeps its own clock: the audio it has been
@@ -32,7 +33,7 @@ import torch
 from silero_vad import load_silero_vad
 
 from .. import checks
-from ..errors import AudioInputError, ConfigError
+from ..errors import AudioInputError, ConfigError, StepvoxError
 from .audio import Audio
 from .voice_chat import AudioDelta, Conversation, ResponseDone, TextDelta, Turn, VoiceChat
 
@@ -87,6 +88,11 @@ class TurnCommitted:
     audio_ms: float
     speculative: bool            # its answer was already running (promoted, nothing recomputed)
     audio_samples: int           # the user's turn (16 kHz)
+
+
+@dataclasses.dataclass
+class UserTranscript:
+    text: str                    # the committed turn's words (the tokenizer's Paraformer ASR)
 
 
 @dataclasses.dataclass
@@ -152,6 +158,7 @@ class RealtimeSession:
         self._answer: _Answer | None = None
         self._response: _Answer | None = None            # the committed answer being generated
         self._playing: _Answer | None = None             # a generated answer whose audio is still playing
+        self._transcripts: set[asyncio.Task] = set()
         self._speech_end_wall = 0.0
         self.stats = dict(speculations=0, promoted=0, discarded=0, wasted_text_deltas=0, commits=0,
                           end_of_speech_to_first_audio_s=[], barge_in_stop_s=[])
@@ -299,6 +306,8 @@ class RealtimeSession:
         answer, self._answer = self._answer, None
         await self.events.put(SpeechStopped(self._speech_end_ms))
         await self.events.put(TurnCommitted(self.clock_ms, speculative, int(answer.turn_audio.size)))
+        if self.chat.transcriber is not None:          # the user's words, beside the answer
+            self._transcripts.add(asyncio.create_task(self._transcribe(answer.turn_audio)))
         answer.live = True
         self._response, self.state = answer, "responding"
         held, answer.held = answer.held, []
@@ -323,6 +332,17 @@ class RealtimeSession:
         if answer.turn is not None:
             await self.conversation.arecord(answer.turn, text)
         self.state = "idle"
+
+    async def _transcribe(self, audio: np.ndarray) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self.chat.tts.audio_executor, self.chat.transcriber.transcribe,
+                                                audio, SAMPLE_RATE)
+            await self.events.put(UserTranscript(result.text))
+        except StepvoxError:                           # audio too short for a word: no words
+            await self.events.put(UserTranscript(""))
+        finally:
+            self._transcripts.discard(asyncio.current_task())
 
     def _played_ms(self, answer: _Answer) -> float:
         """Audio of `answer` played by now: playback runs in real time from its first audio, which
@@ -358,8 +378,8 @@ class RealtimeSession:
             await self._interrupt()
 
     async def close(self) -> None:
-        for answer in (self._answer, self._response):
-            if answer is not None and answer.task is not None:
-                answer.task.cancel()
-                with contextlib.suppress(BaseException):
-                    await answer.task
+        tasks = [a.task for a in (self._answer, self._response) if a is not None and a.task is not None]
+        for task in [*tasks, *self._transcripts]:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task

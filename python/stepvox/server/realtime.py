@@ -8,7 +8,8 @@ speculative answer starts)}, speech_max_tokens (stepvox: TTS tokens per sentence
 `response.cancel`. Server: `session.created` / `session.updated`, `input_audio_buffer.speech_started`
 / `speech_stopped` / `committed`, `conversation.item.created`, `response.created`,
 `response.audio_transcript.delta`, `response.audio.delta` (base64 PCM16 at 24 kHz, as OpenAI's),
-`response.done`, `conversation.item.truncated` (a barge-in over an answer still playing), `error`.
+`conversation.item.input_audio_transcription.completed` (the user's words, from the tokenizer's
+Paraformer ASR), `response.done`, `conversation.item.truncated` (a barge-in over an answer still playing), `error`.
 An unknown or malformed event gets an `error` event naming it and the session goes on. A session
 ends after `max_session_s`, or `idle_timeout_s` without a client event.
 """
@@ -26,7 +27,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from stepvox.engine.errors import StepvoxError
 from stepvox.engine.pipelines.realtime import (RealtimeSession, ResponseAudio, ResponseFailed, ResponseFinished,
                                                ResponseText, ResponseTruncated, SpeechStarted, SpeechStopped,
-                                               TurnCommitted, TurnDetection)
+                                               TurnCommitted, TurnDetection, UserTranscript)
 
 from .encoders import make_encoder
 from .routes import server_state
@@ -50,7 +51,7 @@ class _Connection:
         self.speech_max_tokens: int | None = None
         self.session: RealtimeSession | None = None
         self.session_id = _id("sess")
-        self.item_id = self.response_id = None
+        self.item_id = self.user_item_id = self.response_id = None
         self.encoder = None
         self.forwarder: asyncio.Task | None = None
 
@@ -155,7 +156,7 @@ class _Connection:
             await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": int(event.audio_ms),
                              "item_id": self.item_id})
         elif isinstance(event, TurnCommitted):
-            self.response_id = _id("resp")
+            self.response_id, self.user_item_id = _id("resp"), self.item_id
             self.encoder = make_encoder("pcm", self.chat.sample_rate, OUTPUT_RATE)
             await self.send({"type": "input_audio_buffer.committed", "item_id": self.item_id, "previous_item_id": None})
             await self.send({"type": "conversation.item.created", "previous_item_id": None, "item": {
@@ -164,6 +165,9 @@ class _Connection:
             await self.send({"type": "response.created", "response": {
                 "id": self.response_id, "object": "realtime.response", "status": "in_progress", "output": [],
                 "stepvox": {"speculative": event.speculative}}})
+        elif isinstance(event, UserTranscript):
+            await self.send({"type": "conversation.item.input_audio_transcription.completed",
+                             "item_id": self.user_item_id, "content_index": 0, "transcript": event.text})
         elif isinstance(event, ResponseText):
             await self.send({"type": "response.audio_transcript.delta", "response_id": self.response_id,
                              "item_id": self.response_id, "output_index": 0, "content_index": 0, "delta": event.text})
