@@ -211,3 +211,55 @@ def test_page_asks_for_the_key_lists_voices_clones_one_and_speaks_it_as_it_strea
     # nothing went wrong in the page: the only console errors are the 401s before the key was given
     errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert all("status of 401" in m for m in errors), errors
+
+
+# ---------------------------------------------------------------- the Talk tab (a --chat server)
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    s = start_server(tmp_path_factory.mktemp("serve-talk-home"), "talk", ["--chat", "--api-key", API_KEY],
+                     api_key=API_KEY)
+    yield s
+    stop_server(s)
+
+
+def test_talk_tab_holds_a_spoken_turn_through_the_fake_microphone(chromium_ready, chat_server, tmp_path):
+    """Chromium's fake microphone plays a wav (espeak-ng speech, then silence: a pause that commits
+    the turn) into the Talk tab; the answer's transcript and audio come back over /v1/realtime."""
+    import numpy as np
+    import soundfile as sf
+    webdriver = pytest.importorskip("selenium.webdriver")
+    speech, rate = espeak_wav(str(tmp_path / "q.wav"), "hello, what is the weather like today")
+    mic = str(tmp_path / "mic.wav")
+    sf.write(mic, np.concatenate([np.zeros(rate // 2, np.float32), speech.astype(np.float32),
+                                  np.zeros(rate * 3, np.float32)]), rate, subtype="PCM_16")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                                  f"--use-file-for-fake-audio-capture={mic}"]:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(chat_server.url + "/")
+        driver.execute_script(f"sessionStorage.setItem('stepvox.apiKey', {API_KEY!r})")
+        driver.get(chat_server.url + "/")
+        wait_for(driver, "window.stepvox.voices.length", what="the voice list")
+        driver.find_element("id", "talk-max-tokens").send_keys("6")
+        driver.find_element("id", "talk-start").click()
+        wait_for(driver, "window.stepvoxTalk.phase === 'listening' || window.stepvoxTalk.error", what="the session")
+        assert driver.execute_script("return window.stepvoxTalk.error") is None
+        talk = wait_for(driver, "window.stepvoxTalk.answers >= 1 && window.stepvoxTalk.userTranscripts.length >= 1 "
+                                "&& window.stepvoxTalk.audioSamples > 0 && window.stepvoxTalk", timeout=120,
+                        what="a spoken answer")
+        for kind in ("session.created", "input_audio_buffer.speech_started", "input_audio_buffer.committed",
+                     "response.audio.delta", "response.done"):
+            assert kind in talk["events"], talk["events"]
+        assert talk["assistantText"] and text_of(driver, "talk-assistant") == talk["assistantText"]
+        assert text_of(driver, "talk-user") != "–" and re.fullmatch(r"\d+ ms", text_of(driver, "talk-latency"))
+        screenshot = tmp_path / "talk.png"
+        assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+        print(f"screenshot: {screenshot}; latency {talk['latenciesMs']} ms, answer {talk['assistantText']!r}")
+        driver.find_element("id", "talk-stop").click()
+    finally:
+        driver.quit()

@@ -35,6 +35,7 @@ from .routes import router
 
 log = logging.getLogger("stepvox.server")
 API_PREFIX = "/v1/"
+WS_KEY_PROTOCOL = b"openai-insecure-api-key."
 
 
 class ServerState:
@@ -145,9 +146,15 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket" and scope["path"].startswith(API_PREFIX):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+            headers = dict(scope["headers"])
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            # browsers cannot set headers on a WebSocket: they offer the key as a subprotocol, as
+            # OpenAI's Realtime API takes it
+            offered = [p.strip() for p in headers.get(b"sec-websocket-protocol", b"").split(b",")]
+            keys = [p[len(WS_KEY_PROTOCOL):] for p in offered if p.startswith(WS_KEY_PROTOCOL)]
+            if scheme.lower() == b"bearer":
+                keys.append(token.strip())
+            if not any(hmac.compare_digest(k, self._key) for k in keys):
                 # refused before the handshake: the client sees HTTP 403
                 return await send({"type": "websocket.close", "code": 1008, "reason": "missing or incorrect API key"})
         if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):

@@ -200,7 +200,8 @@ async def realtime(ws: WebSocket):
     if chat is None:
         await ws.close(code=1008, reason="this server was started without --chat")
         return
-    await ws.accept()
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
+    await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
     config = state.config
     connection = _Connection(ws, chat, config, state.default_voice)
     state.metrics.realtime_sessions.inc()

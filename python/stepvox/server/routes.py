@@ -229,7 +229,8 @@ async def metrics(request: Request):
 # ---------------------------------------------------------------- the browser page
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}
+                "style.css": "text/css; charset=utf-8", "talk.js": "text/javascript; charset=utf-8",
+                "talk-worklet.js": "text/javascript; charset=utf-8"}
 # the page loads nothing from anywhere else (the favicon is an empty data: URL)
 PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"}
