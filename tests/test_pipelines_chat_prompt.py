@@ -151,7 +151,7 @@ def test_audio_parts_in_every_format_tokenize_like_the_audio_tokenizer(fmt, spee
                                                format=fmt, pcm_rate=rate)
     expected = audio_tokenizer.encode(decoded, decoded_rate)
     chat = VoiceChat.__new__(VoiceChat)            # prepare() needs only the audio tokenizer
-    chat.audio_tokenizer = audio_tokenizer
+    chat.audio_tokenizer, chat.max_audio_seconds = audio_tokenizer, 120.0
     prepared = chat.prepare([{"role": "user", "content": [part]}])
     got = prepared[0].parts[0]
     assert isinstance(got, AudioTokens) and list(got.ids) == expected and len(expected) > 0
@@ -165,7 +165,7 @@ def test_numpy_and_path_parts(speech, audio_tokenizer, tmp_path):
     path = str(tmp_path / "q.wav")
     sf.write(path, samples, rate, subtype="FLOAT")
     chat = VoiceChat.__new__(VoiceChat)
-    chat.audio_tokenizer = audio_tokenizer
+    chat.audio_tokenizer, chat.max_audio_seconds = audio_tokenizer, 120.0
     expected = audio_tokenizer.encode(samples, rate)
     by_array = chat.prepare([{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": samples, "sample_rate": rate}}]}])
