@@ -163,6 +163,29 @@ def run_requests(chat, args, qs, res: dict) -> None:
     res["requests"] = rows
 
 
+def run_first_windows(chat, args, qs, res: dict) -> None:
+    """The same requests with other first decoder windows (the TTS stream's first hop + overlap): the
+    TTS's first audio is most of the end-to-end figure, and its first window is its main lever."""
+    from stepvox.engine.audio.decoder_stream import StreamConfig
+    from tts import parse_first_windows
+    keep = chat.tts.stream_config
+    out = []
+    try:
+        for hop, overlap in parse_first_windows(args.first_windows):
+            chat.tts.stream_config = StreamConfig(first_hop_tokens=hop, overlap_tokens=overlap).validate()
+            sub: dict = {}
+            run_requests(chat, args, qs, sub)
+            rows = [{k: v for k, v in r.items() if k != "runs"} for r in sub["requests"]]
+            out.append(dict(first_hop_tokens=hop, overlap_tokens=overlap, requests=sub["requests"],
+                            end_to_end_ms=median([r["end to end"] for r in rows]),
+                            tts_first_audio_ms=median([r["TTS first audio"] for r in rows])))
+            log(f"first window {hop}+{overlap}: end to end {out[-1]['end_to_end_ms']:.1f} ms "
+                f"(TTS first audio {out[-1]['tts_first_audio_ms']:.1f} ms), median over the questions")
+    finally:
+        chat.tts.stream_config = keep
+        res["first_windows"] = out
+
+
 def run_free_decode(chat, args, res: dict) -> None:
     """The chat model's own decode speed (no script): text only, a fixed token count."""
     from stepvox.engine.pipelines.voice_chat import ResponseDone
@@ -205,6 +228,9 @@ def main():
     ap.add_argument("--reps", type=int, default=None, help="requests per question after the warm-up (default 5; smoke 1)")
     ap.add_argument("--question", action="append", default=None, help="a question wav (repeatable)")
     ap.add_argument("--out", default=None, help="folder for chat.json (default $OUT, else ./out)")
+    ap.add_argument("--first-windows", default=None,
+                    help="also time the requests with these first decoder windows of the TTS stream, 'hop+overlap,...' "
+                         "in tokens (multiples of 5, e.g. 10+10,5+10,5+5), after the default one")
     args = ap.parse_args()
     if args.out:
         os.environ["OUT"] = args.out
@@ -234,6 +260,8 @@ def main():
         log(f"loaded in {res['load_s']:.1f} s")
         qs = questions(args.question, args.smoke, workdir)
         guarded(res, "requests", lambda: run_requests(chat, args, qs, res))
+        if args.first_windows:
+            guarded(res, "first windows", lambda: run_first_windows(chat, args, qs, res))
         guarded(res, "free decode", lambda: run_free_decode(chat, args, res))
         guarded(res, "conversation", lambda: run_second_turn(chat, qs, res))
     finally:
@@ -250,6 +278,9 @@ def main():
             print_table(rows, ["question", "seconds", "prompt_tokens", *PHASES, "end to end", "total_ms", "audio_s"])
         if "free_decode_ms_per_token" in res:
             print(f"chat model free-running decode: {res['free_decode_ms_per_token']:.2f} ms/token")
+        for w in res.get("first_windows", []):
+            print(f"first window {w['first_hop_tokens']}+{w['overlap_tokens']}: end to end {w['end_to_end_ms']:.1f} ms, "
+                  f"TTS first audio {w['tts_first_audio_ms']:.1f} ms (median over the questions)")
         for turn in res.get("conversation", []):
             print(f"conversation: {turn}")
         shutil.rmtree(workdir, ignore_errors=True)
