@@ -133,7 +133,7 @@ def phases(timings: dict) -> dict:
             "TTS first audio": (t["first_audio"] - t["first_sentence"]) * 1e3, "end to end": t["first_audio"] * 1e3}
 
 
-def run_requests(chat, args, qs, res: dict) -> None:
+def run_requests(chat, args, qs, res: dict, tag: str = "") -> None:
     from stepvox.engine.pipelines.voice_chat import ResponseDone
     from stepvox.engine.sampling_params import SamplingParams
     script = ScriptedAnswer(chat.tokenizer, ANSWER)
@@ -145,7 +145,7 @@ def run_requests(chat, args, qs, res: dict) -> None:
         for rep in range(args.reps + 1):        # the first is a warm-up (new prompt lengths, decoder buckets)
             # a system prompt of its own per request: nothing comes from the prefix cache (a deployment
             # would have its system prompt cached; the question's audio is new every time anyway)
-            messages = [{"role": "system", "content": f"[{name} {rep}] {SYSTEM}"}, audio_message(wav, rate)]
+            messages = [{"role": "system", "content": f"[{name} {rep}{tag}] {SYSTEM}"}, audio_message(wav, rate)]
             done = [e for e in chat.respond(messages, chat_params=params) if isinstance(e, ResponseDone)][0]
             if rep:
                 per.append(dict(phases(done.timings), prompt_tokens=done.usage.prompt_tokens,
@@ -174,7 +174,7 @@ def run_first_windows(chat, args, qs, res: dict) -> None:
         for hop, overlap in parse_first_windows(args.first_windows):
             chat.tts.stream_config = StreamConfig(first_hop_tokens=hop, overlap_tokens=overlap).validate()
             sub: dict = {}
-            run_requests(chat, args, qs, sub)
+            run_requests(chat, args, qs, sub, tag=f" {hop}+{overlap}")    # new system prompts: no cache hits
             rows = [{k: v for k, v in r.items() if k != "runs"} for r in sub["requests"]]
             out.append(dict(first_hop_tokens=hop, overlap_tokens=overlap, requests=sub["requests"],
                             end_to_end_ms=median([r["end to end"] for r in rows]),

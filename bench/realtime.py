@@ -5,8 +5,9 @@ real-time pace in 20 ms frames, with speculation on and off in the same run.
 The user side: real speech from the official examples (.data/ copies or ../shared/data/step-audio/
 examples), each question once in one piece and once cut in two with a 300 ms pause inside (shorter
 than the commit: the speculation started there must be discarded), then silence until the answer
-has played (the TTS capped at 60 tokens, 1.4 s, a sentence, to keep the run short). One more turn is talked over (barge-in) 0.5 s after its first audio. The chat answer is
-scripted as in bench/chat.py.
+has played (the TTS capped at 60 tokens, 1.4 s, a sentence, to keep the run short). Then each
+question once more, its answer uncapped and talked over (barge-in) 300 ms after its first audio,
+while it is still being generated. The chat answer is scripted as in bench/chat.py.
 
 Reported, speculation on and off: end of speech (the last speech frame of a committed turn) to the
 answer's first audio leaving the session (p50 / p90; wall time, the feed running in real time),
@@ -87,16 +88,26 @@ async def run_mode(chat, qs, speculate: bool, args) -> dict:
         await feed_realtime(session, turn)
         done = await asyncio.wait_for(until_done(), 120)
         await feed_realtime(session, silence(done.played_ms + 200))       # the user listens to the answer
-    # barge-in: talk 0.5 s after the answer's first audio
-    speech = to16k(qs[0][1], qs[0][2])
-    await feed_realtime(session, np.concatenate([silence(300), speech, silence(args.commit_ms + 100)]))
-    while not isinstance(await session.events.get(), ResponseAudio):
-        pass
-    await feed_realtime(session, np.concatenate([silence(500), speech[:16000]]))
+    # barge-in, once per question: the answer uncapped (18 s of audio, still being generated when the
+    # user talks over it 300 ms after its first audio); the interrupting words are then dropped
+    # (clear), so the next question starts from silence
+    session.respond_options.pop("tts_max_tokens", None)
+    interrupted = 0
+    for name, wav, rate in qs:
+        speech = to16k(wav, rate)
+        await feed_realtime(session, np.concatenate([silence(300), speech, silence(args.commit_ms + 100)]))
+        while not isinstance(await session.events.get(), ResponseAudio):
+            pass
+        await feed_realtime(session, np.concatenate([silence(300), speech[:16000]]))
+        await session.clear()
+        while not session.events.empty():
+            event = session.events.get_nowait()
+            interrupted += isinstance(event, ResponseFinished) and event.interrupted
+        await feed_realtime(session, silence(300))
     await session.close()
     st = session.stats
     first = st["end_of_speech_to_first_audio_s"]
-    return dict(speculate=speculate, turns=len(turns) + 1, first_audio_p50_ms=percentile(first, 50) * 1e3,
+    return dict(speculate=speculate, turns=len(turns) + len(qs), interrupted=interrupted, first_audio_p50_ms=percentile(first, 50) * 1e3,
                 first_audio_p90_ms=percentile(first, 90) * 1e3, first_audio_ms=[round(x * 1e3, 1) for x in first],
                 promoted=st["promoted"], discarded=st["discarded"], wasted_text_deltas=st["wasted_text_deltas"],
                 barge_in_stop_ms=[round(x * 1e3, 1) for x in st["barge_in_stop_s"]])
@@ -144,7 +155,7 @@ def main():
                 for m in res.get("modes", [])]
         if rows:
             print_table(rows, ["speculate", "turns", "first_audio_p50_ms", "first_audio_p90_ms", "promoted",
-                               "discarded", "wasted_text_deltas", "barge_in_stop_ms"])
+                               "discarded", "wasted_text_deltas", "interrupted", "barge_in_stop_ms"])
 
 
 if __name__ == "__main__":
