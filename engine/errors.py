@@ -33,6 +33,15 @@ class InvalidRequestError(StepvoxError, ValueError):
     """A request cannot be served as given (bad token ids, bad sampling parameters, ...)."""
 
 
+class TurnStateError(InvalidRequestError):
+    """A real-time session was asked for what its state does not allow (an answer while one runs, a
+    commit of an empty buffer). `code` names the case in OpenAI's Realtime error codes."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
 class PromptTooLongError(InvalidRequestError):
     """The prompt does not fit the model's context (max_model_len) or the whole KV cache."""
 

@@ -251,3 +251,19 @@ def test_long_sentences_cut_at_commas():
     assert first == ["今天天气很好，我们一起去公园散步吧，", "然后再去吃饭，好吗？"]
     long = split("这是一个很长的句子，" * 30 + "结束。", first_comma_chars=None, max_chars=60)
     assert all(len(s) <= 60 for s in long) and "".join(long) == "这是一个很长的句子，" * 30 + "结束。"
+
+
+@pytest.mark.parametrize("step", [1, 7, 100000])
+def test_text_without_punctuation_is_still_cut(step):
+    """A model may write on without a sentence end (random weights always do): it is spoken in
+    pieces of at most max_chars, cut at spaces where there are some, never as one endless sentence."""
+    words = " ".join(f"word{i}" for i in range(400))
+    pieces = split(words, step, max_chars=50, first_comma_chars=None)
+    assert all(len(p) <= 50 for p in pieces) and " ".join(pieces) == words
+    assert all(p.startswith("word") and p[-1].isdigit() for p in pieces)     # no word is cut
+    han = "天" * 1234
+    pieces = split(han, step, max_chars=50, first_comma_chars=None)
+    assert [len(p) for p in pieces] == [50] * 24 + [34] and "".join(pieces) == han
+    unclosed = "(" + "x" * 500
+    pieces = split(unclosed, step, max_chars=50, first_comma_chars=None)
+    assert all(len(p) <= 100 for p in pieces) and "".join(pieces) == unclosed

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from stepvox.engine.errors import ConfigError
+from stepvox.engine.errors import ConfigError, TurnStateError
 from stepvox.engine.frontend.resample import resample
-from stepvox.engine.pipelines.realtime import (RealtimeSession, ResponseAudio, ResponseFinished, ResponseText,
-                                               ResponseTruncated,
-                                               SpeechStarted, SpeechStopped, TurnCommitted, TurnDetection)
+from stepvox.engine.pipelines.realtime import (RealtimeSession, ResponseAudio, ResponseFinished, ResponseStarted,
+                                               ResponseText, ResponseTruncated, SpeechStarted, SpeechStopped,
+                                               TurnCommitted, TurnDetection)
 from stepvox.engine.pipelines.voice_chat import VoiceChat
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.testing.speech import espeak_wav
@@ -69,9 +69,9 @@ def session(chat, **kw) -> RealtimeSession:
                            respond_options=dict(chat_params=params, tts_max_tokens=30, tts_seed=1), **kw)
 
 
-async def feed(s: RealtimeSession, audio: np.ndarray) -> None:
-    for i in range(0, audio.size, FRAME):
-        await s.append((audio[i:i + FRAME] * 32767).astype(np.int16).tobytes())
+async def feed(s: RealtimeSession, audio: np.ndarray, frame: int = FRAME) -> None:
+    for i in range(0, audio.size, frame):
+        await s.append((audio[i:i + frame] * 32767).astype(np.int16).tobytes())
 
 
 async def drain(s: RealtimeSession, until, timeout: float = 120.0) -> list:
@@ -108,9 +108,9 @@ def test_a_long_pause_commits_the_speculation_without_recomputing(chat, speech):
 
     s, events = asyncio.run_coroutine_threadsafe(run(), chat.sync_loop()).result()
     kinds = [type(e) for e in events]
-    assert kinds[:3] == [SpeechStarted, SpeechStopped, TurnCommitted]
+    assert kinds[:4] == [SpeechStarted, SpeechStopped, TurnCommitted, ResponseStarted]
     committed = events[2]
-    assert committed.speculative and committed.audio_samples > speech.size * 0.8
+    assert committed.responding and events[3].speculative and committed.audio_samples > speech.size * 0.8
     assert 200 <= events[0].audio_ms <= 600 and events[1].audio_ms < committed.audio_ms
     assert committed.audio_ms - events[1].audio_ms == pytest.approx(DETECT.commit_ms, abs=70)
     assert ResponseText in kinds and ResponseAudio in kinds and kinds[-1] is ResponseFinished
@@ -190,7 +190,75 @@ def test_eight_sessions_at_once_all_complete(chat, speech):
 
     results = asyncio.run_coroutine_threadsafe(run(), chat.sync_loop()).result()
     for s, events in results:
-        assert [type(e) for e in events][:3] == [SpeechStarted, SpeechStopped, TurnCommitted]
+        assert [type(e) for e in events][:4] == [SpeechStarted, SpeechStopped, TurnCommitted, ResponseStarted]
         assert events[-1].text == ANSWER and not events[-1].interrupted
         assert [m.role for m in s.conversation.messages] == ["system", "user", "assistant"]
+    assert all_pages_free(chat)
+
+
+def test_input_at_24khz_is_resampled_as_it_arrives(chat, speech):
+    speech24 = resample(torch.from_numpy(speech), 16000, 24000).numpy()
+
+    async def run():
+        s = session(chat, sample_rate=24000)
+        await feed(s, np.concatenate([np.zeros(7200, np.float32), speech24, np.zeros(24000, np.float32)]), frame=480)
+        events = await drain(s, lambda e: isinstance(e, ResponseFinished))
+        await s.close()
+        await settle(chat)
+        return s, events
+
+    s, events = asyncio.run_coroutine_threadsafe(run(), chat.sync_loop()).result()
+    committed = next(e for e in events if isinstance(e, TurnCommitted))
+    assert 200 <= events[0].audio_ms <= 600                        # the clock counts 16 kHz time, as at 16 kHz
+    assert speech.size * 0.8 < committed.audio_samples < speech.size * 1.5 + 16000
+    assert events[-1].text == ANSWER
+
+
+def test_without_turn_detection_the_caller_commits_and_asks_for_the_answer(chat, speech):
+    async def run():
+        s = session(chat, detection=None)
+        with pytest.raises(TurnStateError) as empty:
+            await s.commit()
+        with pytest.raises(TurnStateError) as nothing:
+            await s.create_response()
+        await feed(s, np.concatenate([speech, silence(1500)]))      # no voice activity detection: no events
+        assert s.events.empty()
+        await s.commit()
+        committed = await s.events.get()
+        assert s.events.empty()                                      # no answer until asked for
+        await s.create_response()
+        with pytest.raises(TurnStateError) as busy:
+            await s.create_response()
+        events = await drain(s, lambda e: isinstance(e, ResponseFinished))
+        await s.close()
+        await settle(chat)
+        return s, committed, events, (empty.value.code, nothing.value.code, busy.value.code)
+
+    s, committed, events, codes = asyncio.run_coroutine_threadsafe(run(), chat.sync_loop()).result()
+    assert codes == ("input_audio_buffer_commit_empty", "no_committed_audio", "conversation_already_has_active_response")
+    assert isinstance(committed, TurnCommitted) and not committed.responding
+    assert committed.audio_samples == speech.size + 1500 * 16
+    assert isinstance(events[0], ResponseStarted) and not events[0].speculative
+    assert events[-1].text == ANSWER and s.stats["speculations"] == 0
+    assert [m.role for m in s.conversation.messages] == ["system", "user", "assistant"]
+    assert all_pages_free(chat)
+
+
+def test_with_create_response_off_turns_are_committed_but_not_answered(chat, speech):
+    async def run():
+        s = session(chat, detection=TurnDetection(pause_ms=200, commit_ms=700, create_response=False))
+        await feed(s, np.concatenate([silence(200), speech, silence(1000)]))
+        first = await drain(s, lambda e: isinstance(e, TurnCommitted))
+        await asyncio.sleep(0.3)
+        idle = s.events.empty() and s._answer is None                # no speculation either
+        await s.create_response()
+        events = await drain(s, lambda e: isinstance(e, ResponseFinished))
+        await s.close()
+        await settle(chat)
+        return s, first, idle, events
+
+    s, first, idle, events = asyncio.run_coroutine_threadsafe(run(), chat.sync_loop()).result()
+    assert [type(e) for e in first] == [SpeechStarted, SpeechStopped, TurnCommitted] and not first[-1].responding
+    assert idle and s.stats["speculations"] == 0
+    assert isinstance(events[0], ResponseStarted) and events[-1].text == ANSWER
     assert all_pages_free(chat)

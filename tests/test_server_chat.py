@@ -637,3 +637,159 @@ def test_realtime_needs_the_api_key(server):
     from websockets.exceptions import InvalidStatus
     with pytest.raises(InvalidStatus):
         _realtime(server, headers={})
+
+
+def _pcm(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _send_audio(ws, audio: np.ndarray, rate: int = 16000) -> None:
+    """Real-time-sized frames (20 ms), sent as fast as the socket takes them."""
+    pcm, step = _pcm(audio), rate // 50 * 2
+    for i in range(0, len(pcm), step):
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + step]).decode()}))
+
+
+@contextlib.contextmanager
+def _open_session(server, **session):
+    """A /v1/realtime connection after session.created and its session.update."""
+    with _realtime(server) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        ws.send(json.dumps({"type": "session.update", "session": {
+            "instructions": "简短回答", "max_response_output_tokens": 6, "speech_max_tokens": 20,
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 600, "pause_ms": 200}, **session}}))
+        updated = json.loads(ws.recv(timeout=30))
+        assert updated["type"] == "session.updated", updated
+        yield ws
+
+
+def _speech16k(path_or_bytes, rate: int = 16000) -> np.ndarray:
+    from stepvox.engine.frontend.resample import resample
+    import torch
+    samples, sr = sf.read(path_or_bytes if isinstance(path_or_bytes, pathlib.Path) else io.BytesIO(path_or_bytes),
+                          dtype="float32")
+    return resample(torch.from_numpy(samples), sr, rate).numpy()
+
+
+def _metric(server, pattern: str) -> float:
+    found = re.search(pattern, server.request("GET", "/metrics")[2].decode(), re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def _session_stats_landed(server, pattern: str, at_least: float, limit_s: float = 20) -> float:
+    """The session's statistics reach /metrics when the server closes it."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = _metric(server, pattern)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+DISCARDED = r'^stepvox_realtime_speculations_total\{outcome="discarded"\} (\S+)$'
+PROMOTED = r'^stepvox_realtime_speculations_total\{outcome="promoted"\} (\S+)$'
+
+
+def test_realtime_real_speech_with_a_short_pause_is_one_turn_and_its_speculation_is_dropped(server, real_question):
+    speech = _speech16k(real_question)
+    half = speech.size // 2
+    silence = lambda ms: np.zeros(ms * 16, np.float32)      # noqa: E731
+    discarded, promoted = _metric(server, DISCARDED), _metric(server, PROMOTED)
+    with _open_session(server) as ws:
+        # 350 ms inside the question: past pause_ms (a speculation starts), short of the 600 ms commit
+        _send_audio(ws, np.concatenate([silence(300), speech[:half], silence(350), speech[half:], silence(900)]))
+        events = _recv(ws, lambda e: e["type"] in ("response.done", "error"))
+    kinds = [e["type"] for e in events]
+    assert kinds.count("input_audio_buffer.speech_started") == 1 and kinds.count("input_audio_buffer.committed") == 1
+    assert kinds[-1] == "response.done" and events[-1]["response"]["status"] == "completed", kinds
+    created = next(e for e in events if e["type"] == "response.created")
+    assert created["response"]["stepvox"]["speculative"]               # the second speculation, promoted
+    assert events[-1]["response"]["stepvox"]["end_of_speech_to_first_audio_ms"] > 0
+    assert _session_stats_landed(server, DISCARDED, discarded + 1) == discarded + 1
+    assert _metric(server, PROMOTED) == promoted + 1
+    assert both_engines_idle_s(server) < 10                              # the dropped answer's pages are free
+
+
+def test_realtime_barge_in_over_the_socket(server, espeak_question):
+    speech = _speech16k(espeak_question)
+    silence = lambda ms: np.zeros(ms * 16, np.float32)      # noqa: E731
+    with _open_session(server, max_response_output_tokens="inf", speech_max_tokens=60) as ws:
+        _send_audio(ws, np.concatenate([silence(300), speech, silence(800)]))
+        events = _recv(ws, lambda e: e["type"] in ("response.audio.delta", "error"))
+        assert events[-1]["type"] == "response.audio.delta", events[-1]
+        _send_audio(ws, np.concatenate([silence(200), speech]))          # the user talks over the answer
+        rest = _recv(ws, lambda e: e["type"] == "conversation.item.truncated"
+                     or (e["type"] == "response.done" and e["response"]["status"] == "cancelled"))
+        stopped = rest[-1]
+        # a barge-in detected: speech_started comes with (or right after) the stop
+        assert "input_audio_buffer.speech_started" in [e["type"] for e in rest] + [
+            json.loads(ws.recv(timeout=30))["type"]]
+    if stopped["type"] == "response.done":                              # cut while generated
+        assert stopped["response"]["stepvox"]["played_ms"] >= 0
+        said = stopped["response"]["output"][0]["content"][0]["transcript"]
+    else:                                                               # generated, still playing
+        said = stopped["stepvox"]["transcript"]
+    spoken = "".join(e["delta"] for e in events + rest if e["type"] == "response.audio_transcript.delta")
+    assert spoken.startswith(said)                                      # the history keeps what was played
+    assert both_engines_idle_s(server) < 10
+
+
+def test_realtime_eight_sessions_at_once_all_complete(server, espeak_question):
+    speech = _speech16k(espeak_question)
+
+    def one(k: int) -> list:
+        with _open_session(server) as ws:
+            _send_audio(ws, np.concatenate([np.zeros((100 + 40 * k) * 16, np.float32), speech,
+                                            np.zeros(900 * 16, np.float32)]))
+            return _recv(ws, lambda e: e["type"] in ("response.done", "error"))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    for events in results:
+        assert events[-1]["type"] == "response.done" and events[-1]["response"]["status"] == "completed", events[-1]
+        assert any(e["type"] == "response.audio.delta" for e in events)
+    assert both_engines_idle_s(server) < 10
+
+
+def test_realtime_without_turn_detection_the_client_commits_and_asks(server, espeak_question):
+    speech = _speech16k(espeak_question)
+    with _open_session(server, turn_detection=None) as ws:
+        ws.send(json.dumps({"type": "response.create"}))
+        assert json.loads(ws.recv(timeout=30))["error"]["code"] == "no_committed_audio"     # nothing yet; goes on
+        _send_audio(ws, speech)
+        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        committed = _recv(ws, lambda e: e["type"] == "conversation.item.created", timeout=30)
+        assert [e["type"] for e in committed] == ["input_audio_buffer.committed", "conversation.item.created"]
+        ws.send(json.dumps({"type": "response.create"}))
+        events = _recv(ws, lambda e: e["type"] in ("response.done", "error"))
+    assert events[0]["type"] == "response.created" and not events[0]["response"]["stepvox"]["speculative"]
+    assert events[-1]["type"] == "response.done" and events[-1]["response"]["status"] == "completed"
+    assert "input_audio_buffer.speech_started" not in [e["type"] for e in events]
+
+
+def test_realtime_input_at_24khz(server, espeak_question):
+    speech = _speech16k(espeak_question, rate=24000)
+    with _open_session(server, input_audio_sample_rate=24000) as ws:
+        _send_audio(ws, np.concatenate([np.zeros(7200, np.float32), speech, np.zeros(24000, np.float32)]), rate=24000)
+        events = _recv(ws, lambda e: e["type"] in ("response.done", "error"))
+    started = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")
+    assert 0 < started["audio_start_ms"] < 700                      # 300 ms of silence first, at any input rate
+    assert events[-1]["type"] == "response.done" and events[-1]["response"]["status"] == "completed"
+
+
+@pytest.mark.parametrize("session, says", [
+    ({"input_audio_sample_rate": 4000}, "sample rate"),
+    ({"input_audio_format": "g711_ulaw"}, "pcm16 only"),
+    ({"turn_detection": {"type": "semantic_vad"}}, "not supported"),
+    ({"turn_detection": {"silence_duration_ms": 100, "pause_ms": 200}}, "pause_ms"),
+    ({"max_response_output_tokens": 0}, "positive integer"),
+    ({"voice": "nobody"}, "unknown voice"),
+])
+def test_realtime_bad_session_update_is_an_error_and_the_session_goes_on(server, session, says):
+    with _realtime(server) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        ws.send(json.dumps({"type": "session.update", "session": session}))
+        error = json.loads(ws.recv(timeout=30))
+        assert error["type"] == "error" and says in error["error"]["message"], error
+        ws.send(json.dumps({"type": "session.update", "session": {"voice": "Tingting"}}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.updated"

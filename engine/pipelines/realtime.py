@@ -1,10 +1,10 @@
 """The real-time dialogue controller: one session of a live conversation over a VoiceChat.
 
     session = RealtimeSession(chat, system="...", detection=TurnDetection(pause_ms=200, commit_ms=700))
-    await session.append(pcm16k)                  # as the microphone gives it (16 kHz mono)
+    await session.append(pcm)                     # as the microphone gives it (mono, `sample_rate`)
     event = await session.events.get()            # SpeechStarted, SpeechStopped, TurnCommitted,
-                                                  # UserTranscript, ResponseText, ResponseAudio,
-                                                  # ResponseFinished, ...
+                                                  # ResponseStarted, UserTranscript, ResponseText,
+                                                  # ResponseAudio, ResponseFinished, ...
 
 Voice activity comes from Silero VAD (the `silero-vad` wheel's ONNX model, run by onnxruntime; one
 model state per session) on 32 ms frames. The session keeps its own clock: the audio it has been
@@ -20,6 +20,19 @@ answer starts at the commit. Speech while an answer plays is a barge-in: the ans
 and the assistant turn keeps only the sentences that were played by then (the session's clock
 from the answer's first audio). The history is a Conversation (voice_chat.py): ids kept, context
 bounded, the system prompt pinned, the transcript policy applied.
+
+`TurnDetection(create_response=False)`: turns are still detected and committed, but an answer
+starts only on `create_response()` (no speculation). `detection=None`: no voice activity at all;
+the caller commits (`commit()`) and asks for answers, as with OpenAI's `turn_detection: null`.
+
+Input at any accepted rate is resampled to 16 kHz as it arrives (a streaming resampler).
+
+The user's audio is tokenized when the speculation starts (or at the commit), whole, with the
+official peak normalisation, not streamed while the user speaks: the S3 tokenizer codes a whole
+(up to 30 s) piece at once, so a stream would only move the Paraformer half of the work earlier
+(about 5 of 12 ms for a 3 s turn on an H100), a stream cannot peak-normalise (its ids differ from
+those of the official tokenization), and with speculation the tokenization is hidden by the
+commit wait anyway (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -33,7 +46,9 @@ import torch
 from silero_vad import load_silero_vad
 
 from .. import checks
-from ..errors import AudioInputError, ConfigError, StepvoxError
+from ..errors import AudioInputError, ConfigError, StepvoxError, TurnStateError
+from ..frontend.audio_input import check_sample_rate
+from ..frontend.resample import StreamingResampler
 from .audio import Audio
 from .voice_chat import AudioDelta, Conversation, ResponseDone, TextDelta, Turn, VoiceChat
 
@@ -49,6 +64,7 @@ class TurnDetection:
     pause_ms: int = 200          # silence after speech that starts a speculative answer
     commit_ms: int = 700         # silence that ends the user's turn
     speculate: bool = True
+    create_response: bool = True     # answer each committed turn (False: only on create_response())
 
     def __post_init__(self):
         checks.real(self.threshold, "threshold", ConfigError, 0.0, 1.0, lo_open=True)
@@ -86,8 +102,13 @@ class SpeechStopped:
 @dataclasses.dataclass
 class TurnCommitted:
     audio_ms: float
-    speculative: bool            # its answer was already running (promoted, nothing recomputed)
     audio_samples: int           # the user's turn (16 kHz)
+    responding: bool             # its answer starts now (ResponseStarted follows)
+
+
+@dataclasses.dataclass
+class ResponseStarted:
+    speculative: bool            # promoted from a speculation (nothing recomputed)
 
 
 @dataclasses.dataclass
@@ -111,6 +132,7 @@ class ResponseFinished:
     text: str                    # what joined the history (the played part after a barge-in)
     interrupted: bool
     played_ms: float
+    first_audio_s: float | None = None   # end of the user's speech to this answer's first audio
 
 
 @dataclasses.dataclass
@@ -135,18 +157,24 @@ class _Answer:
     sentence_ms: list = dataclasses.field(default_factory=list)   # audio ms of each sentence so far
     sentences: list = dataclasses.field(default_factory=list)     # their texts
     first_audio_clock: float | None = None               # the session clock when its first audio went out
+    first_audio_s: float | None = None                   # end of the user's speech to that moment (wall)
     done: ResponseDone | None = None
     finished: bool = False                               # joined the history
 
 
 class RealtimeSession:
     def __init__(self, chat: VoiceChat, *, system: str | None = None, voice: str = "Tingting",
-                 history: str = "audio", detection: TurnDetection = TurnDetection(), max_turns: int | None = None,
-                 max_history_tokens: int | None = None, respond_options: dict | None = None):
+                 history: str = "audio", detection: TurnDetection | None = TurnDetection(),
+                 max_turns: int | None = None, max_history_tokens: int | None = None,
+                 respond_options: dict | None = None, sample_rate: int = SAMPLE_RATE):
+        """`detection`: turn detection, or None for turns the caller commits; `sample_rate`: of the
+        audio given to `append` (resampled to 16 kHz as it arrives)."""
         self.chat, self.voice, self.detection = chat, voice, detection
         self.conversation = Conversation(chat, system, history, voice, max_turns, max_history_tokens)
         self.respond_options = dict(respond_options or {})
-        self.vad = VoiceActivity()
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.resampler = StreamingResampler(self.sample_rate, SAMPLE_RATE)
+        self.vad = VoiceActivity() if detection is not None else None
         self.events: asyncio.Queue = asyncio.Queue()
         self.state = "idle"
         self.clock_ms = 0.0                              # audio received so far
@@ -155,6 +183,7 @@ class RealtimeSession:
         self._speech_end_ms = 0.0
         self._utterance: list[np.ndarray] = []
         self._lookback: list[np.ndarray] = []           # audio just before the speech start
+        self._committed: list[np.ndarray] = []          # committed turns no answer has taken yet
         self._answer: _Answer | None = None
         self._response: _Answer | None = None            # the committed answer being generated
         self._playing: _Answer | None = None             # a generated answer whose audio is still playing
@@ -165,7 +194,7 @@ class RealtimeSession:
 
     # ------------------------------------------------------------------ input
     async def append(self, pcm) -> None:
-        """16 kHz mono audio: int16 samples (or PCM16 bytes) or float samples in [-1, 1]."""
+        """Mono audio at `sample_rate`: int16 samples (or PCM16 bytes) or float samples in [-1, 1]."""
         if isinstance(pcm, (bytes, bytearray, memoryview)):
             if len(pcm) % 2:
                 raise AudioInputError("PCM16 audio must be a whole number of 2-byte samples")
@@ -175,6 +204,13 @@ class RealtimeSession:
             samples = samples.astype(np.float32) / 32768.0 if samples.dtype == np.int16 else samples.astype(np.float32)
         if samples.ndim != 1:
             raise AudioInputError("realtime audio must be mono (1-D)")
+        if not np.all(np.isfinite(samples)):
+            raise AudioInputError("realtime audio holds NaN or infinite samples")
+        samples = self.resampler.push(torch.from_numpy(samples)).numpy()
+        if self.vad is None:                            # the caller commits: everything is the turn
+            self.clock_ms += samples.size * 1000 / SAMPLE_RATE
+            self._utterance.append(samples)
+            return
         for start in range(0, samples.size, VAD_FRAME):
             piece = samples[start:start + VAD_FRAME]
             for prob in self.vad.push(piece):
@@ -204,7 +240,7 @@ class RealtimeSession:
         self._silence_ms += FRAME_MS
         if self.state == "speaking" and self._silence_ms >= d.pause_ms:
             self.state = "paused"
-            if d.speculate:
+            if d.speculate and d.create_response:
                 self._start_answer()
         if self.state == "paused" and self._silence_ms >= d.commit_ms:
             await self.commit()
@@ -223,8 +259,9 @@ class RealtimeSession:
         self.state = "speaking"
 
     # ------------------------------------------------------------------ answers
-    def _start_answer(self) -> None:
-        audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
+    def _start_answer(self, audio: np.ndarray | None = None) -> None:
+        if audio is None:
+            audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
         self._answer = _Answer(audio)
         self._answer.task = asyncio.create_task(self._run(self._answer))
         self.stats["speculations"] += 1
@@ -269,7 +306,7 @@ class RealtimeSession:
             return
         answer.finished = True
         await self.conversation.arecord(answer.turn, answer.done.text, answer.done.token_ids)
-        await self.events.put(ResponseFinished(answer.done.text, False, sum(answer.sentence_ms)))
+        await self.events.put(ResponseFinished(answer.done.text, False, sum(answer.sentence_ms), answer.first_audio_s))
         self._playing = answer
         if self._response is answer:
             self._response, self.state = None, "idle"
@@ -280,7 +317,8 @@ class RealtimeSession:
             return
         if isinstance(event, ResponseAudio) and answer.first_audio_clock is None:
             answer.first_audio_clock = self.clock_ms
-            self.stats["end_of_speech_to_first_audio_s"].append(time.monotonic() - self._speech_end_wall)
+            answer.first_audio_s = time.monotonic() - self._speech_end_wall
+            self.stats["end_of_speech_to_first_audio_s"].append(answer.first_audio_s)
         await self.events.put(event)
 
     async def _discard(self) -> None:
@@ -293,8 +331,30 @@ class RealtimeSession:
             self.stats["wasted_text_deltas"] += answer.text_deltas
 
     async def commit(self) -> None:
-        """End the user's turn now (turn detection does it after `commit_ms` of silence)."""
+        """End the user's turn now (turn detection does it after `commit_ms` of silence). Its answer
+        starts unless `create_response` is off or there is no turn detection: then the turn waits
+        for `create_response()`."""
+        if self.vad is None:
+            if not self._utterance:
+                raise TurnStateError("the input audio buffer is empty: nothing to commit",
+                                     "input_audio_buffer_commit_empty")
+            audio = np.concatenate(self._utterance)
+            self._utterance = []
+            self.stats["commits"] += 1
+            self._committed.append(audio)
+            await self.events.put(TurnCommitted(self.clock_ms, int(audio.size), False))
+            self._transcribe_soon(audio)
+            return
         if self.state not in ("speaking", "paused"):
+            return
+        self.stats["commits"] += 1
+        await self.events.put(SpeechStopped(self._speech_end_ms))
+        if not self.detection.create_response:
+            audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
+            self._utterance, self.state = [], "idle"
+            self._committed.append(audio)
+            await self.events.put(TurnCommitted(self.clock_ms, int(audio.size), False))
+            self._transcribe_soon(audio)
             return
         speculative = self._answer is not None
         if not speculative:
@@ -302,12 +362,31 @@ class RealtimeSession:
             self.stats["speculations"] -= 1             # started at the commit: not a speculation
         else:
             self.stats["promoted"] += 1
-        self.stats["commits"] += 1
         answer, self._answer = self._answer, None
-        await self.events.put(SpeechStopped(self._speech_end_ms))
-        await self.events.put(TurnCommitted(self.clock_ms, speculative, int(answer.turn_audio.size)))
+        await self.events.put(TurnCommitted(self.clock_ms, int(answer.turn_audio.size), True))
+        self._transcribe_soon(answer.turn_audio)
+        await self._go_live(answer, speculative)
+
+    async def create_response(self) -> None:
+        """Answer the turns committed since the last answer (with `create_response` off, or no turn
+        detection). TurnStateError when an answer is running or nothing was committed."""
+        if self._response is not None:
+            raise TurnStateError("an answer is in progress: cancel it first", "conversation_already_has_active_response")
+        if not self._committed:
+            raise TurnStateError("no committed user audio to answer", "no_committed_audio")
+        audio, self._committed = np.concatenate(self._committed), []
+        self._speech_end_wall = time.monotonic()        # the request is the end of the turn
+        self._start_answer(audio)
+        self.stats["speculations"] -= 1
+        answer, self._answer = self._answer, None
+        await self._go_live(answer, False)
+
+    def _transcribe_soon(self, audio: np.ndarray) -> None:
         if self.chat.transcriber is not None:          # the user's words, beside the answer
-            self._transcripts.add(asyncio.create_task(self._transcribe(answer.turn_audio)))
+            self._transcripts.add(asyncio.create_task(self._transcribe(audio)))
+
+    async def _go_live(self, answer: _Answer, speculative: bool) -> None:
+        await self.events.put(ResponseStarted(speculative))
         answer.live = True
         self._response, self.state = answer, "responding"
         held, answer.held = answer.held, []
@@ -328,7 +407,7 @@ class RealtimeSession:
         self.stats["barge_in_stop_s"].append(time.monotonic() - started)
         played = self._played_ms(answer)
         text = self._played_text(answer, played)
-        await self.events.put(ResponseFinished(text, True, min(played, sum(answer.sentence_ms))))
+        await self.events.put(ResponseFinished(text, True, min(played, sum(answer.sentence_ms)), answer.first_audio_s))
         if answer.turn is not None:
             await self.conversation.arecord(answer.turn, text)
         self.state = "idle"

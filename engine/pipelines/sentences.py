@@ -5,7 +5,8 @@ after '.' followed by white space (so 3.14 and file.txt stay whole; a '.' at the
 arrived waits for the next character), and at line breaks. Nothing is cut inside parentheses, so a
 tag such as (高兴1) stays whole, and a piece holding only tags or punctuation is not spoken alone:
 it goes in front of the next sentence. A sentence running past `max_chars` is cut at its last
-comma; the first sentence also ends at a comma once it has `first_comma_chars` characters, so
+comma, else at its last space, else right there (text without any punctuation, as a model may
+write, is still spoken in pieces), and anything at twice `max_chars` even inside parentheses; the first sentence also ends at a comma once it has `first_comma_chars` characters, so
 that the first audio does not wait for a long first sentence. The answer's leading tags go in front of every later sentence too, as the TTS does with the
 segments of one text (tts_text.segments), so the whole answer is spoken the same way.
 """
@@ -52,8 +53,10 @@ class SentenceSplitter:
 
     def _cut(self, text: str) -> int | None:
         """The end of the first complete sentence in `text`, or None."""
-        depth, last_comma = 0, None
+        depth, last_comma, last_space = 0, None, None
         for i, ch in enumerate(text):
+            if i + 1 >= 2 * self.max_chars:
+                return i + 1             # an unclosed parenthesis does not hold everything back
             if ch in _OPEN:
                 depth += 1
             elif ch in _CLOSE and depth:
@@ -76,8 +79,10 @@ class SentenceSplitter:
                 if (self.leading_tags is None and self.first_comma_chars is not None
                         and len(split_tags(text[:i])[1].strip()) >= self.first_comma_chars):
                     return last_comma
-            if i + 1 >= self.max_chars and last_comma is not None:
-                return last_comma
+            elif ch.isspace():
+                last_space = i + 1
+            if i + 1 >= self.max_chars:
+                return last_comma or last_space or i + 1
         return None
 
     def _emit(self, piece: str, last: bool = False) -> str:

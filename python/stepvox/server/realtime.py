@@ -2,11 +2,14 @@
 subset of OpenAI's Realtime events with their shapes.
 
 Client: `session.update` {session: {voice, instructions, max_response_output_tokens, turn_detection:
-{type: "server_vad", threshold, silence_duration_ms (the commit), pause_ms (stepvox: when the
-speculative answer starts)}, speech_max_tokens (stepvox: TTS tokens per sentence)}} (before the first audio; later updates are refused), `input_audio_buffer.append`
-{audio: base64 PCM16, 16 kHz mono}, `input_audio_buffer.commit`, `input_audio_buffer.clear`,
-`response.cancel`. Server: `session.created` / `session.updated`, `input_audio_buffer.speech_started`
-/ `speech_stopped` / `committed`, `conversation.item.created`, `response.created`,
+{type: "server_vad", threshold, silence_duration_ms (the commit), create_response, pause_ms
+(stepvox: when the speculative answer starts)} or null (the client commits and asks for answers),
+input_audio_format: "pcm16", input_audio_sample_rate (stepvox; default 16000), speech_max_tokens
+(stepvox: TTS tokens per sentence)}} (before the first audio; later updates are refused),
+`input_audio_buffer.append` {audio: base64 PCM16 mono}, `input_audio_buffer.commit`,
+`input_audio_buffer.clear`, `response.create`, `response.cancel`. Server: `session.created` /
+`session.updated`, `input_audio_buffer.speech_started` / `speech_stopped` / `committed`,
+`conversation.item.created`, `response.created`,
 `response.audio_transcript.delta`, `response.audio.delta` (base64 PCM16 at 24 kHz, as OpenAI's),
 `conversation.item.input_audio_transcription.completed` (the user's words, from the tokenizer's
 Paraformer ASR), `response.done`, `conversation.item.truncated` (a barge-in over an answer still playing), `error`.
@@ -18,16 +21,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import json
 import secrets
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from stepvox.engine.errors import StepvoxError
-from stepvox.engine.pipelines.realtime import (RealtimeSession, ResponseAudio, ResponseFailed, ResponseFinished,
-                                               ResponseText, ResponseTruncated, SpeechStarted, SpeechStopped,
-                                               TurnCommitted, TurnDetection, UserTranscript)
+from stepvox.engine.errors import ConfigError, InvalidRequestError, StepvoxError, TurnStateError
+from stepvox.engine.frontend.audio_input import check_sample_rate
+from stepvox.engine.pipelines.realtime import (SAMPLE_RATE, RealtimeSession, ResponseAudio, ResponseFailed,
+                                               ResponseFinished, ResponseStarted, ResponseText, ResponseTruncated,
+                                               SpeechStarted, SpeechStopped, TurnCommitted, TurnDetection,
+                                               UserTranscript)
 
 from .encoders import make_encoder
 from .routes import server_state
@@ -35,6 +41,15 @@ from .routes import server_state
 router = APIRouter()
 OUTPUT_RATE = 24000            # OpenAI's realtime pcm16
 MAX_EVENT_BYTES = 1 << 20      # one client event (an append of ~30 s of audio in base64)
+
+
+def _count(value, name: str) -> int | None:
+    """A positive token count, or None for no limit (None or "inf")."""
+    if value is None or value == "inf":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequestError(f"{name} must be a positive integer or \"inf\", got {value!r}")
+    return value
 
 
 def _id(prefix: str) -> str:
@@ -46,22 +61,26 @@ class _Connection:
         self.ws, self.chat, self.config = ws, chat, config
         self.voice = default_voice or "Tingting"
         self.instructions: str | None = None
-        self.detection = TurnDetection()
+        self.detection: TurnDetection | None = TurnDetection()
+        self.input_rate = SAMPLE_RATE
         self.max_tokens: int | None = None
         self.speech_max_tokens: int | None = None
         self.session: RealtimeSession | None = None
         self.session_id = _id("sess")
-        self.item_id = self.user_item_id = self.response_id = None
+        self.item_id = self.response_id = None
+        self.awaiting_transcript: collections.deque[str] = collections.deque()   # committed items, in order
         self.encoder = None
         self.forwarder: asyncio.Task | None = None
 
     def describe(self) -> dict:
         d = self.detection
+        detection = None if d is None else {
+            "type": "server_vad", "threshold": d.threshold, "silence_duration_ms": d.commit_ms, "pause_ms": d.pause_ms,
+            "prefix_padding_ms": 300, "create_response": d.create_response, "interrupt_response": True}
         return {"id": self.session_id, "object": "realtime.session", "model": self.config.chat_model_name,
                 "modalities": ["text", "audio"], "voice": self.voice, "instructions": self.instructions or "",
-                "input_audio_format": "pcm16", "output_audio_format": "pcm16",
-                "turn_detection": {"type": "server_vad", "threshold": d.threshold, "silence_duration_ms": d.commit_ms,
-                                   "pause_ms": d.pause_ms, "prefix_padding_ms": 300},
+                "input_audio_format": "pcm16", "input_audio_sample_rate": self.input_rate,
+                "output_audio_format": "pcm16", "turn_detection": detection,
                 "max_response_output_tokens": self.max_tokens if self.max_tokens is not None else "inf"}
 
     async def send(self, payload: dict) -> None:
@@ -77,7 +96,8 @@ class _Connection:
             if self.speech_max_tokens is not None:
                 options["tts_max_tokens"] = self.speech_max_tokens
             self.session = RealtimeSession(self.chat, system=self.instructions, voice=self.voice,
-                                           detection=self.detection, respond_options=options)
+                                           detection=self.detection, respond_options=options,
+                                           sample_rate=self.input_rate)
             self.forwarder = asyncio.create_task(self.forward(self.session))
         return self.session
 
@@ -103,10 +123,14 @@ class _Connection:
                 await self.started().commit()
             elif kind == "input_audio_buffer.clear":
                 await self.started().clear()
+            elif kind == "response.create":
+                await self.started().create_response()
             elif kind == "response.cancel":
                 await self.started().cancel_response()
             else:
                 await self.error(f"unknown or unsupported event type {kind!r}", "unknown_event", event_id)
+        except TurnStateError as exc:
+            await self.error(f"{kind}: {exc}", exc.code, event_id)
         except (binascii.Error, ValueError, StepvoxError) as exc:
             await self.error(f"{kind}: {exc}", "invalid_value", event_id)
 
@@ -120,19 +144,41 @@ class _Connection:
         if voice not in self.chat.tts.voices():
             return await self.error(f"unknown voice {voice!r}; known voices: {self.chat.tts.voices()}",
                                     "voice_not_found", event_id)
-        detection = spec.get("turn_detection") or {}
-        if not isinstance(detection, dict):
-            return await self.error("turn_detection must be an object", "invalid_value", event_id)
-        d = self.detection
-        self.detection = TurnDetection(threshold=detection.get("threshold", d.threshold),
-                                       min_speech_ms=d.min_speech_ms, pause_ms=detection.get("pause_ms", d.pause_ms),
-                                       commit_ms=detection.get("silence_duration_ms", d.commit_ms))
-        self.voice, self.instructions = voice, spec.get("instructions", self.instructions)
-        tokens = spec.get("max_response_output_tokens", self.max_tokens)
-        self.max_tokens = None if tokens in (None, "inf") else int(tokens)
-        speech = spec.get("speech_max_tokens", self.speech_max_tokens)      # stepvox: TTS tokens per sentence
-        self.speech_max_tokens = None if speech is None else int(speech)
+        fmt = spec.get("input_audio_format", "pcm16")
+        if fmt != "pcm16":
+            return await self.error(f"input_audio_format {fmt!r} is not supported (pcm16 only)", "invalid_value",
+                                    event_id)
+        try:
+            rate = check_sample_rate(spec.get("input_audio_sample_rate", self.input_rate))
+            detection = self._detection(spec.get("turn_detection", "unchanged"))
+            max_tokens = _count(spec.get("max_response_output_tokens", self.max_tokens), "max_response_output_tokens")
+            speech_max = _count(spec.get("speech_max_tokens", self.speech_max_tokens), "speech_max_tokens")
+            instructions = spec.get("instructions", self.instructions)
+            if instructions is not None and not isinstance(instructions, str):
+                raise InvalidRequestError("instructions must be a string")
+        except StepvoxError as exc:
+            return await self.error(f"session.update: {exc}", "invalid_value", event_id)
+        self.detection, self.input_rate, self.max_tokens, self.speech_max_tokens = detection, rate, max_tokens, speech_max
+        self.voice, self.instructions = voice, instructions
         await self.send({"type": "session.updated", "session": self.describe()})
+
+    def _detection(self, spec) -> TurnDetection | None:
+        if spec == "unchanged":
+            return self.detection
+        if spec is None:
+            return None
+        if not isinstance(spec, dict):
+            raise InvalidRequestError("turn_detection must be an object or null")
+        if spec.get("type", "server_vad") != "server_vad":
+            raise InvalidRequestError(f"turn_detection.type {spec.get('type')!r} is not supported (server_vad)")
+        d = self.detection or TurnDetection()
+        try:
+            return TurnDetection(threshold=spec.get("threshold", d.threshold), min_speech_ms=d.min_speech_ms,
+                                 pause_ms=spec.get("pause_ms", d.pause_ms),
+                                 commit_ms=spec.get("silence_duration_ms", d.commit_ms),
+                                 create_response=bool(spec.get("create_response", d.create_response)))
+        except ConfigError as exc:
+            raise InvalidRequestError(f"turn_detection: {exc}") from exc
 
     # ---------------------------------------------------------------- session events
     async def forward(self, session: RealtimeSession) -> None:
@@ -156,18 +202,22 @@ class _Connection:
             await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": int(event.audio_ms),
                              "item_id": self.item_id})
         elif isinstance(event, TurnCommitted):
-            self.response_id, self.user_item_id = _id("resp"), self.item_id
-            self.encoder = make_encoder("pcm", self.chat.sample_rate, OUTPUT_RATE)
-            await self.send({"type": "input_audio_buffer.committed", "item_id": self.item_id, "previous_item_id": None})
+            item_id, self.item_id = self.item_id or _id("item"), None
+            self.awaiting_transcript.append(item_id)
+            await self.send({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": None})
             await self.send({"type": "conversation.item.created", "previous_item_id": None, "item": {
-                "id": self.item_id, "object": "realtime.item", "type": "message", "role": "user",
+                "id": item_id, "object": "realtime.item", "type": "message", "role": "user",
                 "status": "completed", "content": [{"type": "input_audio", "transcript": None}]}})
+        elif isinstance(event, ResponseStarted):
+            self.response_id = _id("resp")
+            self.encoder = make_encoder("pcm", self.chat.sample_rate, OUTPUT_RATE)
             await self.send({"type": "response.created", "response": {
                 "id": self.response_id, "object": "realtime.response", "status": "in_progress", "output": [],
                 "stepvox": {"speculative": event.speculative}}})
         elif isinstance(event, UserTranscript):
+            item_id = self.awaiting_transcript.popleft() if self.awaiting_transcript else None
             await self.send({"type": "conversation.item.input_audio_transcription.completed",
-                             "item_id": self.user_item_id, "content_index": 0, "transcript": event.text})
+                             "item_id": item_id, "content_index": 0, "transcript": event.text})
         elif isinstance(event, ResponseText):
             await self.send({"type": "response.audio_transcript.delta", "response_id": self.response_id,
                              "item_id": self.response_id, "output_index": 0, "content_index": 0, "delta": event.text})
@@ -183,7 +233,9 @@ class _Connection:
                 "status": "cancelled" if event.interrupted else "completed",
                 "output": [{"id": self.response_id, "type": "message", "role": "assistant",
                             "content": [{"type": "audio", "transcript": event.text}]}],
-                "stepvox": {"played_ms": round(event.played_ms, 1)}}})
+                "stepvox": {"played_ms": round(event.played_ms, 1),
+                            "end_of_speech_to_first_audio_ms": None if event.first_audio_s is None
+                            else round(event.first_audio_s * 1e3, 1)}}})
         elif isinstance(event, ResponseTruncated):
             await self.send({"type": "conversation.item.truncated", "item_id": self.response_id, "content_index": 0,
                              "audio_end_ms": int(event.played_ms), "stepvox": {"transcript": event.text}})
