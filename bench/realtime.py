@@ -176,6 +176,10 @@ def main():
         qs = questions(None, args.smoke, tempfile.mkdtemp())
         loop = chat.sync_loop()
         res["modes"] = []
+        # one question through every path first (uncounted): the first requests after loading
+        # capture graphs for their lengths
+        guarded(res, "warm-up", lambda: asyncio.run_coroutine_threadsafe(run_mode(chat, qs[:1], True, args),
+                                                                          loop).result())
         for speculate in (True, False):
             out = guarded(res, f"speculate={speculate}",
                           lambda: asyncio.run_coroutine_threadsafe(run_mode(chat, qs, speculate, args), loop).result())
