@@ -274,6 +274,21 @@ def test_tts_streams_mp3_at_another_rate_reusing_the_default(tts_home):
     assert abs(samples.size / rate - report["seconds"]) < 0.1                # MP3 pads a little
 
 
+def test_tts_stream_window_reaches_the_decoder(tts_home):
+    """--stream-window 5+5 cuts the same speech into more, shorter windows than the default 15+20."""
+    home, first, _ = tts_home
+    assert first.returncode == 0, first.stderr
+    reports = {}
+    for window in ("15+20", "5+5"):
+        out = home / f"window-{window}.wav"
+        proc = _run(["tts", "Hello there.", "--out", str(out), "--stream", "--stream-window", window,
+                     "--device", "cpu", "--max-tokens", "60", "--seed", "1"], home)
+        assert proc.returncode == 0, proc.stderr
+        reports[window] = _tts_report(proc.stdout)
+    assert reports["5+5"]["chunks"] > reports["15+20"]["chunks"]
+    assert reports["5+5"]["seconds"] == pytest.approx(reports["15+20"]["seconds"], abs=0.01)
+
+
 def test_tts_unknown_voice_lists_the_known_ones(tts_home):
     home, first, _ = tts_home
     assert first.returncode == 0, first.stderr
@@ -307,6 +322,9 @@ def test_tts_unknown_voice_lists_the_known_ones(tts_home):
     (["hi", "--out", "a.wav", "--speakers", "/nonexistent"], "--speakers /nonexistent: no such folder"),
     (["hi", "--out", "a.wav", "--device", "banana"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (["hi"], "the following arguments are required: --out"),
+    (["hi", "--out", "a.wav", "--stream-window", "7+5"], "first_hop_tokens must be a positive multiple of 5, got 7"),
+    (["hi", "--out", "a.wav", "--stream-window", "5"], "expected HOP\\+OVERLAP, e.g. 5\\+5, got '5'"),
+    (["hi", "--out", "a.wav", "--stream-window", "a+b"], "expected HOP\\+OVERLAP"),
 ])
 def test_tts_user_errors_come_before_anything_is_written_or_loaded(argv, says, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)

@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from stepvox import __version__
+from stepvox.engine.audio.decoder_stream import StreamConfig
 from stepvox.engine.config import EngineConfig
 from stepvox.engine.errors import AudioInputError, CheckpointError, ConfigError, InvalidRequestError, StepvoxError
 from stepvox.engine.frontend.audio_formats import FORMATS, RATES, output_rate
@@ -98,6 +99,16 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port in [0, 65535], got {text!r}")
     return value
+
+
+def _stream_window(text: str) -> StreamConfig:
+    """HOP+OVERLAP in audio tokens: the speech decoder stream's first hop and its overlap."""
+    hop, plus, overlap = text.partition("+")
+    try:
+        return StreamConfig(first_hop_tokens=int(hop), overlap_tokens=int(overlap)).validate()
+    except (ValueError, StepvoxError) as exc:
+        detail = str(exc) if plus and isinstance(exc, StepvoxError) else "expected HOP+OVERLAP, e.g. 5+5"
+        raise argparse.ArgumentTypeError(f"{detail}, got {text!r}") from None
 
 
 def _fraction(text: str) -> float:
@@ -248,7 +259,7 @@ def cmd_tts(args) -> int:
     device = None if args.device == "auto" else args.device
     t0 = time.perf_counter()
     tts = TTS.from_pretrained(folders["model"], folders["tokenizer"], speakers, device=device,
-                              voices_dir=args.voices_dir, **options)
+                              voices_dir=args.voices_dir, stream_config=args.stream_window, **options)
     try:
         load_s = time.perf_counter() - t0
         clone = VoiceRef(args.clone_wav, args.clone_text) if args.clone_wav is not None else None
@@ -326,12 +337,14 @@ def cmd_serve(args) -> int:
         t0 = time.perf_counter()
         if args.chat is None:
             model = TTS.from_pretrained(folders["model"], folders["tokenizer"], speakers, device=device,
-                                        voices_dir=args.voices_dir, **limits, **options)
+                                        voices_dir=args.voices_dir, stream_config=args.stream_window, **limits,
+                                        **options)
             tts = model
         else:
             model = VoiceChat.from_pretrained(_chat_folder(args), folders["model"], folders["tokenizer"], speakers,
                                               device=device, voices_dir=args.voices_dir, chat_engine_args=options,
-                                              tts_engine_args=options, **chat_options, **limits)
+                                              tts_engine_args=options, stream_config=args.stream_window,
+                                              **chat_options, **limits)
             tts = model.tts
     except BaseException:
         sock.close()
@@ -525,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stream", action="store_true",
                    help="print a line per audio chunk as it arrives (synthesis always streams)")
     t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--stream-window", type=_stream_window, default=None, metavar="HOP+OVERLAP",
+                   help="the speech decoder stream's first hop and overlap in audio tokens (multiples "
+                   "of 5; default 15+20, upstream's overlap). 5+5 gives the earliest first audio (bench/RESULTS.md); "
+                   "the overlap is every window's look-ahead")
     t.add_argument("--temperature", type=float, default=0.7)
     t.add_argument("--max-tokens", type=_positive_int, default=None, help="audio tokens per sentence (default: "
                                                                           "proportional to its length)")
@@ -560,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--num-kv-pages", type=_positive_int, default=None, help="KV-cache size in pages")
     v.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
     v.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    v.add_argument("--stream-window", type=_stream_window, default=None, metavar="HOP+OVERLAP",
+                   help="the speech decoder stream's first hop and overlap in audio tokens (multiples "
+                   "of 5; default 15+20, upstream's overlap). 5+5 gives the earliest first audio (bench/RESULTS.md); "
+                   "the overlap is every window's look-ahead")
     v.add_argument("--kernels", choices=BACKENDS, default="auto",
                    help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
     v.add_argument("--chat", nargs="?", const=TINY_CHAT, metavar="DIR",
