@@ -17,7 +17,7 @@ from stepvox.engine.errors import ConfigError, TurnStateError
 from stepvox.engine.frontend.resample import resample
 from stepvox.engine.pipelines.realtime import (RealtimeSession, ResponseAudio, ResponseFinished, ResponseStarted,
                                                ResponseText, ResponseTruncated, SpeechStarted, SpeechStopped,
-                                               TurnCommitted, TurnDetection)
+                                               TurnCommitted, TurnDetection, UserTranscript)
 from stepvox.engine.pipelines.voice_chat import VoiceChat
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.testing.speech import espeak_wav
@@ -262,3 +262,41 @@ def test_with_create_response_off_turns_are_committed_but_not_answered(chat, spe
     assert idle and s.stats["speculations"] == 0
     assert isinstance(events[0], ResponseStarted) and events[-1].text == ANSWER
     assert all_pages_free(chat)
+
+
+@pytest.fixture(scope="module")
+def chat_asr(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("realtime-asr"))
+    folders = write_tts_folders(root)
+    c = VoiceChat.from_pretrained(write_random_step1(f"{root}/chat", seed=7), folders["model"], folders["tokenizer"],
+                                  folders["speakers"], device="cpu", asr=True, chat_engine_args=ENGINE,
+                                  tts_engine_args=ENGINE)
+    yield c
+    c.shutdown()
+
+
+def test_transcript_history_reuses_the_users_words_transcribed_once(chat_asr, speech, monkeypatch):
+    """history="transcript": the words sent as UserTranscript are the ones that replace the turn's
+    audio in the history, from one ASR run per committed turn (none for a discarded speculation)."""
+    calls = []
+    real = chat_asr.transcriber.transcribe
+    monkeypatch.setattr(chat_asr.transcriber, "transcribe", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    async def run():
+        s = session(chat_asr, history="transcript")
+        await feed(s, np.concatenate([silence(200), speech, silence(400)]))     # a speculation, then discarded
+        await asyncio.sleep(0.2)
+        await feed(s, np.concatenate([speech, silence(1000)]))
+        events = await drain(s, lambda e: isinstance(e, ResponseFinished))
+        while not any(isinstance(e, UserTranscript) for e in events):
+            events.append(await asyncio.wait_for(s.events.get(), 60))
+        await s.close()
+        await settle(chat_asr)
+        return s, events
+
+    s, events = asyncio.run_coroutine_threadsafe(run(), chat_asr.sync_loop()).result()
+    heard = next(e for e in events if isinstance(e, UserTranscript)).text
+    assert len(calls) == 1 and s.stats["discarded"] == 1
+    user = s.conversation.messages[1]
+    assert user.role == "user" and user.parts == [heard]
+    assert s.conversation.compression[0]["transcript"] == heard

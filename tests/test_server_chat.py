@@ -767,9 +767,9 @@ def test_realtime_without_turn_detection_the_client_commits_and_asks(server, esp
     assert "input_audio_buffer.speech_started" not in [e["type"] for e in events]
 
 
-def test_realtime_input_at_24khz(server, espeak_question):
+def test_realtime_input_at_24khz_with_a_transcript_history(server, espeak_question):
     speech = _speech16k(espeak_question, rate=24000)
-    with _open_session(server, input_audio_sample_rate=24000) as ws:
+    with _open_session(server, input_audio_sample_rate=24000, history="transcript") as ws:
         _send_audio(ws, np.concatenate([np.zeros(7200, np.float32), speech, np.zeros(24000, np.float32)]), rate=24000)
         events = _recv(ws, lambda e: e["type"] in ("response.done", "error"))
     started = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")
@@ -784,6 +784,7 @@ def test_realtime_input_at_24khz(server, espeak_question):
     ({"turn_detection": {"silence_duration_ms": 100, "pause_ms": 200}}, "pause_ms"),
     ({"max_response_output_tokens": 0}, "positive integer"),
     ({"voice": "nobody"}, "unknown voice"),
+    ({"history": "summary"}, "history must be"),
 ])
 def test_realtime_bad_session_update_is_an_error_and_the_session_goes_on(server, session, says):
     with _realtime(server) as ws:

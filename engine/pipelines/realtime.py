@@ -149,6 +149,7 @@ class ResponseFailed:
 @dataclasses.dataclass
 class _Answer:
     turn_audio: np.ndarray
+    words: asyncio.Future | None = None                 # the user's words, once the turn is committed
     task: asyncio.Task | None = None
     live: bool = False                                  # promoted: its events go out as they come
     held: list = dataclasses.field(default_factory=list)
@@ -160,6 +161,12 @@ class _Answer:
     first_audio_s: float | None = None                   # end of the user's speech to that moment (wall)
     done: ResponseDone | None = None
     finished: bool = False                               # joined the history
+
+
+async def _join_words(parts: list[asyncio.Future], into: asyncio.Future) -> None:
+    texts = [await part for part in parts]
+    if not into.done():
+        into.set_result("".join(texts))
 
 
 class RealtimeSession:
@@ -262,7 +269,8 @@ class RealtimeSession:
     def _start_answer(self, audio: np.ndarray | None = None) -> None:
         if audio is None:
             audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
-        self._answer = _Answer(audio)
+        words = asyncio.get_running_loop().create_future() if self.chat.transcriber is not None else None
+        self._answer = _Answer(audio, words)
         self._answer.task = asyncio.create_task(self._run(self._answer))
         self.stats["speculations"] += 1
 
@@ -280,8 +288,10 @@ class RealtimeSession:
                 answer.held.append(ResponseFailed(exc))
 
     async def _answer_turn(self, answer: _Answer) -> None:
+        # history="transcript" swaps the turn for the words the commit transcribes (one ASR run a turn)
         turn: Turn = await self.conversation.aprepare_turn(
-            [{"type": "input_audio", "input_audio": {"data": answer.turn_audio, "sample_rate": SAMPLE_RATE}}])
+            [{"type": "input_audio", "input_audio": {"data": answer.turn_audio, "sample_rate": SAMPLE_RATE}}],
+            words=answer.words)
         answer.turn = turn
         kwargs = {"voice": self.voice, **self.respond_options}
         async with contextlib.aclosing(self.chat.arespond(None, prompt=turn.prompt, **kwargs)) as events:
@@ -341,9 +351,8 @@ class RealtimeSession:
             audio = np.concatenate(self._utterance)
             self._utterance = []
             self.stats["commits"] += 1
-            self._committed.append(audio)
             await self.events.put(TurnCommitted(self.clock_ms, int(audio.size), False))
-            self._transcribe_soon(audio)
+            self._committed.append((audio, self._transcribe_soon(audio)))
             return
         if self.state not in ("speaking", "paused"):
             return
@@ -352,9 +361,8 @@ class RealtimeSession:
         if not self.detection.create_response:
             audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
             self._utterance, self.state = [], "idle"
-            self._committed.append(audio)
             await self.events.put(TurnCommitted(self.clock_ms, int(audio.size), False))
-            self._transcribe_soon(audio)
+            self._committed.append((audio, self._transcribe_soon(audio)))
             return
         speculative = self._answer is not None
         if not speculative:
@@ -364,7 +372,7 @@ class RealtimeSession:
             self.stats["promoted"] += 1
         answer, self._answer = self._answer, None
         await self.events.put(TurnCommitted(self.clock_ms, int(answer.turn_audio.size), True))
-        self._transcribe_soon(answer.turn_audio)
+        self._transcribe_soon(answer.turn_audio, answer.words)
         await self._go_live(answer, speculative)
 
     async def create_response(self) -> None:
@@ -374,16 +382,23 @@ class RealtimeSession:
             raise TurnStateError("an answer is in progress: cancel it first", "conversation_already_has_active_response")
         if not self._committed:
             raise TurnStateError("no committed user audio to answer", "no_committed_audio")
-        audio, self._committed = np.concatenate(self._committed), []
+        committed, self._committed = self._committed, []
         self._speech_end_wall = time.monotonic()        # the request is the end of the turn
-        self._start_answer(audio)
+        self._start_answer(np.concatenate([audio for audio, _ in committed]))
+        if self._answer.words is not None:              # the words of every turn it answers
+            self._transcripts.add(asyncio.create_task(_join_words([w for _, w in committed], self._answer.words)))
         self.stats["speculations"] -= 1
         answer, self._answer = self._answer, None
         await self._go_live(answer, False)
 
-    def _transcribe_soon(self, audio: np.ndarray) -> None:
-        if self.chat.transcriber is not None:          # the user's words, beside the answer
-            self._transcripts.add(asyncio.create_task(self._transcribe(audio)))
+    def _transcribe_soon(self, audio: np.ndarray, words: asyncio.Future | None = None) -> asyncio.Future | None:
+        """The user's words of a committed turn (UserTranscript), beside the answer, into `words`
+        (a new future when None); None without ASR."""
+        if self.chat.transcriber is None:
+            return None
+        words = words if words is not None else asyncio.get_running_loop().create_future()
+        self._transcripts.add(asyncio.create_task(self._transcribe(audio, words)))
+        return words
 
     async def _go_live(self, answer: _Answer, speculative: bool) -> None:
         await self.events.put(ResponseStarted(speculative))
@@ -412,16 +427,19 @@ class RealtimeSession:
             await self.conversation.arecord(answer.turn, text)
         self.state = "idle"
 
-    async def _transcribe(self, audio: np.ndarray) -> None:
+    async def _transcribe(self, audio: np.ndarray, words: asyncio.Future) -> None:
         loop = asyncio.get_running_loop()
+        text = ""
         try:
-            result = await loop.run_in_executor(self.chat.tts.audio_executor, self.chat.transcriber.transcribe,
-                                                audio, SAMPLE_RATE)
-            await self.events.put(UserTranscript(result.text))
+            text = (await loop.run_in_executor(self.chat.tts.audio_executor, self.chat.transcriber.transcribe,
+                                               audio, SAMPLE_RATE)).text
         except StepvoxError:                           # audio too short for a word: no words
-            await self.events.put(UserTranscript(""))
+            pass
         finally:
+            if not words.done():
+                words.set_result(text)
             self._transcripts.discard(asyncio.current_task())
+        await self.events.put(UserTranscript(text))
 
     def _played_ms(self, answer: _Answer) -> float:
         """Audio of `answer` played by now: playback runs in real time from its first audio, which

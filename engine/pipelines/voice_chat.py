@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Awaitable, Iterator
 
 import torch
 
@@ -311,7 +311,7 @@ class Turn:
     ids: list[int]
     prompt: list[int]
     start_time: float
-    transcript: asyncio.Future | None = None
+    transcript: Awaitable[str] | None = None
 
 
 class Conversation:
@@ -351,9 +351,10 @@ class Conversation:
             ids += self._header
         return ids
 
-    async def aprepare_turn(self, content) -> Turn:
+    async def aprepare_turn(self, content, words: Awaitable[str] | None = None) -> Turn:
         """A user turn (a string, a content part, or a list of parts) made ready to answer: checked,
-        its audio tokenized (and transcribed beside, with history="transcript"), its prompt built.
+        its audio tokenized (and transcribed beside, with history="transcript", unless `words`
+        brings them from elsewhere, as the real-time session's own ASR does), its prompt built.
         Nothing joins the history until `arecord`."""
         start = time.monotonic()
         parsed = parse_messages([{"role": "user", "content": content}], max_audio_seconds=self.chat.max_audio_seconds)
@@ -361,7 +362,8 @@ class Conversation:
         transcript = None
         if self.history == "transcript" and prepared.has_audio:      # ASR beside the answer
             loop = asyncio.get_running_loop()
-            transcript = loop.run_in_executor(self.chat.tts.audio_executor, self._transcribe, prepared)
+            transcript = words if words is not None else loop.run_in_executor(
+                self.chat.tts.audio_executor, self._transcribe, prepared)
         user_ids = turn_ids(self.chat.tokenizer, prepared)
         prompt = [self.chat.tokenizer.bos_id] + [t for turn in self._turn_ids for t in turn] + user_ids + self._header
         return Turn(prepared, user_ids, prompt, start, transcript)

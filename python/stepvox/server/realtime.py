@@ -4,8 +4,9 @@ subset of OpenAI's Realtime events with their shapes.
 Client: `session.update` {session: {voice, instructions, max_response_output_tokens, turn_detection:
 {type: "server_vad", threshold, silence_duration_ms (the commit), create_response, pause_ms
 (stepvox: when the speculative answer starts)} or null (the client commits and asks for answers),
-input_audio_format: "pcm16", input_audio_sample_rate (stepvox; default 16000), speech_max_tokens
-(stepvox: TTS tokens per sentence)}} (before the first audio; later updates are refused),
+input_audio_format: "pcm16", input_audio_sample_rate (stepvox; default 16000), history (stepvox:
+"audio", or "transcript": past user turns kept as their words, the official demo's rule),
+speech_max_tokens (stepvox: TTS tokens per sentence)}} (before the first audio; later updates are refused),
 `input_audio_buffer.append` {audio: base64 PCM16 mono}, `input_audio_buffer.commit`,
 `input_audio_buffer.clear`, `response.create`, `response.cancel`. Server: `session.created` /
 `session.updated`, `input_audio_buffer.speech_started` / `speech_stopped` / `committed`,
@@ -63,6 +64,7 @@ class _Connection:
         self.instructions: str | None = None
         self.detection: TurnDetection | None = TurnDetection()
         self.input_rate = SAMPLE_RATE
+        self.history = "audio"
         self.max_tokens: int | None = None
         self.speech_max_tokens: int | None = None
         self.session: RealtimeSession | None = None
@@ -80,7 +82,7 @@ class _Connection:
         return {"id": self.session_id, "object": "realtime.session", "model": self.config.chat_model_name,
                 "modalities": ["text", "audio"], "voice": self.voice, "instructions": self.instructions or "",
                 "input_audio_format": "pcm16", "input_audio_sample_rate": self.input_rate,
-                "output_audio_format": "pcm16", "turn_detection": detection,
+                "output_audio_format": "pcm16", "turn_detection": detection, "history": self.history,
                 "max_response_output_tokens": self.max_tokens if self.max_tokens is not None else "inf"}
 
     async def send(self, payload: dict) -> None:
@@ -97,7 +99,7 @@ class _Connection:
                 options["tts_max_tokens"] = self.speech_max_tokens
             self.session = RealtimeSession(self.chat, system=self.instructions, voice=self.voice,
                                            detection=self.detection, respond_options=options,
-                                           sample_rate=self.input_rate)
+                                           sample_rate=self.input_rate, history=self.history)
             self.forwarder = asyncio.create_task(self.forward(self.session))
         return self.session
 
@@ -153,13 +155,18 @@ class _Connection:
             detection = self._detection(spec.get("turn_detection", "unchanged"))
             max_tokens = _count(spec.get("max_response_output_tokens", self.max_tokens), "max_response_output_tokens")
             speech_max = _count(spec.get("speech_max_tokens", self.speech_max_tokens), "speech_max_tokens")
+            history = spec.get("history", self.history)
+            if history not in ("audio", "transcript"):
+                raise InvalidRequestError(f"history must be \"audio\" or \"transcript\", got {history!r}")
+            if history == "transcript" and self.chat.transcriber is None:
+                raise InvalidRequestError("history \"transcript\" needs speech recognition (the server runs --no-asr)")
             instructions = spec.get("instructions", self.instructions)
             if instructions is not None and not isinstance(instructions, str):
                 raise InvalidRequestError("instructions must be a string")
         except StepvoxError as exc:
             return await self.error(f"session.update: {exc}", "invalid_value", event_id)
         self.detection, self.input_rate, self.max_tokens, self.speech_max_tokens = detection, rate, max_tokens, speech_max
-        self.voice, self.instructions = voice, instructions
+        self.voice, self.instructions, self.history = voice, instructions, history
         await self.send({"type": "session.updated", "session": self.describe()})
 
     def _detection(self, spec) -> TurnDetection | None:
