@@ -32,6 +32,21 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_at
             num_hidden_layers=2, vocab_size=74752, max_seq_len=2048)
 
 
+def fp8_quantization_config(lm_head: bool) -> dict:
+    """The config.json `quantization_config` of a folder `stepvox quantize` writes."""
+    return {"quant_method": "fp8", "fmt": "e4m3", "weight_scale": "per_channel", "activation_scheme": "none",
+            "lm_head": bool(lm_head)}
+
+
+def _read_quantization(raw, source: str) -> tuple[str, bool]:
+    expected = fp8_quantization_config(False)
+    if not isinstance(raw, dict) or any(raw.get(k) != v for k, v in expected.items() if k != "lm_head") \
+            or not isinstance(raw.get("lm_head", False), bool):
+        raise CheckpointError(f"{source}: unsupported quantization_config {checks.shown(raw)}; stepvox reads FP8 "
+                              f"e4m3 weights with per-channel scales ({expected}, lm_head true or false)")
+    return "fp8", raw.get("lm_head", False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Step1Config:
     hidden_size: int
@@ -45,6 +60,8 @@ class Step1Config:
     bos_token_id: int = 1
     eos_token_id: int = 3
     pad_token_id: int = 0
+    quantization: str | None = None    # "fp8": the folder stores FP8 linear weights (QUANTIZATION_CONFIG)
+    quantized_lm_head: bool = False    # ... and an FP8 LM head
 
     @property
     def head_dim(self) -> int:
@@ -100,6 +117,8 @@ class Step1Config:
                                                  0.0, 0.1, lo_open=True)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             values[key] = token_id(key, vocab)
+        if raw.get("quantization_config") is not None:
+            values["quantization"], values["quantized_lm_head"] = _read_quantization(raw["quantization_config"], source)
         cfg = cls(**values)
         if cfg.hidden_size % cfg.num_attention_heads:
             raise CheckpointError(f"{source}: hidden_size {cfg.hidden_size} is not a multiple of "
@@ -142,7 +161,8 @@ MAX_TENSOR_PARALLEL = 64          # ranks of one host (the TP executor starts th
 MAX_PAGE_SIZE = 1024              # tokens per KV page
 PAGE_BOOKKEEPING_BYTES = 256      # host bytes per KV page in the block manager (lists, free map, prefix keys)
 _BOOLEAN_OPTIONS = ("enable_prefix_caching", "enforce_eager", "async_scheduling", "pdl", "fused_decode",
-                    "triton_sampling")
+                    "triton_sampling", "quantize_lm_head")
+QUANTIZATIONS = (None, "fp8")
 
 
 @dataclasses.dataclass
@@ -173,6 +193,9 @@ class EngineConfig:
                                               # instead of kernels.gemv.gemv_config's (tile sweeps)
     max_buffer_bytes: int = 1 << 30           # limit on what the options above make the engine allocate before
                                               # any request (step buffers, block tables, page lists): buffer_bytes
+    quantization: str | None = None           # "fp8": quantize a bf16 folder's linear weights while loading
+                                              # (an FP8 folder, `stepvox quantize`'s, loads as FP8 anyway)
+    quantize_lm_head: bool = False            # with quantization="fp8": the LM head too
 
     def validate(self, cfg: Step1Config | None = None) -> None:
         """Check every option's type and range (ConfigError naming the option and its value; numbers
@@ -199,6 +222,10 @@ class EngineConfig:
             checks.flag(getattr(self, name), name, ConfigError)
         checks.one_of(self.distributed_executor, "distributed_executor", ConfigError, ("auto", "mp"))
         checks.one_of(self.kernel_backend, "kernel_backend", ConfigError, BACKENDS)
+        if self.quantization is not None:
+            checks.one_of(self.quantization, "quantization", ConfigError, QUANTIZATIONS[1:])
+        if self.quantize_lm_head and self.quantization != "fp8":
+            raise ConfigError('quantize_lm_head goes with quantization="fp8"')
         if self.gemv_tiles is not None and not callable(self.gemv_tiles):
             raise ConfigError(f"gemv_tiles must be a function (N, K) -> tile config, "
                               f"got {checks.shown(self.gemv_tiles)}")
@@ -221,6 +248,12 @@ class EngineConfig:
         elif not isinstance(self.dtype, str) or (self.dtype != "auto" and self.dtype not in _DTYPES):
             raise ConfigError(f"dtype must be 'auto' or one of {', '.join(sorted(_DTYPES))}, "
                               f"got {checks.shown(self.dtype)}")
+
+    def fp8_weights(self, cfg: Step1Config) -> tuple[bool, bool]:
+        """(linear weights in FP8, LM head in FP8) for the model of `cfg`: what the folder stores, or
+        what these options quantize it to while loading."""
+        fp8 = self.quantization == "fp8" or cfg.quantization == "fp8"
+        return fp8, cfg.quantized_lm_head or (fp8 and self.quantize_lm_head)
 
     def check_model(self, cfg: Step1Config) -> None:
         """The options against the model (call after validate): the context fits its max_seq_len,

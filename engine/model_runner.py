@@ -79,10 +79,15 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         with CheckpointReader(model_path, cfg) as reader:    # checks every shape before any weight is allocated
+            fp8, fp8_head = ecfg.fp8_weights(cfg)
             self.model = Step1ForCausalLM(cfg, self.dtype, device, tp, self.kernels, fused_decode=ecfg.fused_decode,
-                                          gemv_max_rows=ecfg.gemv_max_rows, gemv_tiles=ecfg.gemv_tiles)
+                                          gemv_max_rows=ecfg.gemv_max_rows, gemv_tiles=ecfg.gemv_tiles, fp8=fp8,
+                                          fp8_lm_head=fp8_head)
             self.model.load_weights(reader, progress=_LoadProgress(tp.rank, tp.size))
         self.model.fold_norm_weights()
+        if fp8 and device.type == "cuda":
+            log.warning("FP8 weights run the reference product (each weight dequantized per call) until the FP8 "
+                        "kernels land: half the weight memory, slower decode than bf16")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.load_seconds = time.perf_counter() - t0

@@ -49,7 +49,10 @@ def test_generate_on_the_embedded_default(tmp_path):
 def test_plan_prints_the_chat_model_table(tmp_path):
     proc = _run(["plan", "--tp", "4", "8"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "| 4 | 61.4 GiB |" in proc.stdout and "| 8 | 30.7 GiB |" in proc.stdout
+    assert "| 4 | bf16 | 61.4 GiB |" in proc.stdout and "| 8 | bf16 | 30.7 GiB |" in proc.stdout
+    assert "| 4 | fp8 | 31.2 GiB |" in proc.stdout and "| 8 | fp8+kv8 | 15.6 GiB |" in proc.stdout
+    only = _run(["plan", "--tp", "1", "--formats", "fp8", "--gpu-mem-gib", "139"], tmp_path)
+    assert only.returncode == 0 and "| 1 | fp8 | 124.6 GiB |" in only.stdout and "| bf16 |" not in only.stdout
 
 
 # ---------------------------------------------------------------- user errors: one line, exit 2

@@ -21,6 +21,7 @@ from stepvox.engine.distributed.parallel_state import TPGroup
 from stepvox.engine.errors import ConfigError, WorkerFailedError
 from stepvox.engine.models.step1 import Step1ForCausalLM
 from stepvox.engine.models.step1_checkpoint import CheckpointReader
+from stepvox.engine.models.step1_quantize import quantize_folder
 from stepvox.testing.step1 import write_random_step1
 
 PROMPTS = ["Hello world", [1, 5, 300, 65600, 70000, 12, 13]]
@@ -74,6 +75,16 @@ def _running(pid: int) -> bool:
 def test_tp_greedy_equals_tp1(fixture, tp, request):
     folder = request.getfixturevalue(fixture)
     assert _tokens(folder, tp) == _tokens(folder, 1)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fp8_tp_greedy_equals_fp8_tp1(four_groups, tp, tmp_path):
+    """FP8 weights quantized while loading, and an FP8 folder: every rank slices weights and scales
+    like bf16 ones (whole-row scales on row-parallel ranks), so TP gives TP 1's tokens."""
+    fp8 = quantize_folder(four_groups, str(tmp_path / "fp8"), lm_head=True)
+    reference = _tokens(four_groups, 1, quantization="fp8", quantize_lm_head=True)
+    assert _tokens(four_groups, tp, quantization="fp8", quantize_lm_head=True) == reference
+    assert _tokens(fp8, tp) == reference
 
 
 def test_tp1_through_worker_path_equals_in_process(two_groups):

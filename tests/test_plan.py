@@ -39,3 +39,16 @@ def test_plan_notes_every_split_the_model_cannot_take():
     assert "weights_gib" in rows[4]
     assert rows[8]["note"] == "not possible: tensor_parallel_size 8 must divide the 31236 intermediate size"
     assert rows[16]["note"] == "not possible: tensor_parallel_size 16 must divide the 8 KV groups"
+
+
+def test_fp8_rows_for_one_h200():
+    """FP8 projections fit the 130B model on one H200 (139 GiB) with room for a KV cache; bf16 does
+    not; a one-byte KV cache doubles the tokens that fit."""
+    cfg = Step1Config.from_dict(config_dict(**CHAT_130B))
+    rows = {r["format"]: r for r in plan_rows(cfg, [1], 139, 4.8, 0.97, ("bf16", "fp8", "fp8+kv8"))}
+    assert "does not fit" in rows["bf16"]["note"]
+    assert 10_000 < rows["fp8"]["kv_tokens"] and rows["fp8+kv8"]["kv_tokens"] in (
+        2 * rows["fp8"]["kv_tokens"], 2 * rows["fp8"]["kv_tokens"] + 1)
+    assert rows["fp8"]["floor_ms"] < 0.55 * rows["bf16"]["floor_ms"]
+    with pytest.raises(ConfigError, match="format must be one of"):
+        plan_rows(cfg, [1], 139, 4.8, 0.97, ("int4",))

@@ -49,7 +49,7 @@ class PagedSqrtAlibiAttention(nn.Module):
 
 class Step1Attention(nn.Module):
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
-                 tp: TPGroup, kernels: KernelConfig, matmul: Matmul):
+                 tp: TPGroup, kernels: KernelConfig, matmul: Matmul, fp8: bool = False):
         super().__init__()
         if num_kv_heads % tp.size:
             raise ConfigError(f"tensor_parallel_size {tp.size} must divide the {num_kv_heads} KV groups "
@@ -59,8 +59,9 @@ class Step1Attention(nn.Module):
         self.head_dim = head_dim
         self.qkv_proj = ColumnParallelLinear(hidden, [num_heads * head_dim, num_kv_heads * head_dim,
                                                       num_kv_heads * head_dim], dtype, device, tp, matmul,
-                                             names=("q_proj", "k_proj", "v_proj"))
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, dtype, device, tp, matmul, name="o_proj")
+                                             names=("q_proj", "k_proj", "v_proj"), fp8=fp8)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, dtype, device, tp, matmul, name="o_proj",
+                                        fp8=fp8)
         slopes = alibi_slopes(num_heads, tp.rank, tp.size).to(device)
         self.attn = PagedSqrtAlibiAttention(self.local_heads, self.local_kv, head_dim, slopes, kernels)
 

@@ -25,17 +25,18 @@ from ..layers.attention import Step1Attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import ColumnParallelLinear, Matmul, RowParallelLinear
 from ..layers.norm import RMSNorm
-from .step1_checkpoint import CheckpointReader
+from .step1_checkpoint import SCALE_SUFFIX, CheckpointReader
 
 
 class Step1MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, dtype, device, tp: TPGroup, kernels: KernelConfig, matmul: Matmul):
+    def __init__(self, hidden: int, inter: int, dtype, device, tp: TPGroup, kernels: KernelConfig, matmul: Matmul,
+                 fp8: bool = False):
         super().__init__()
         self.kernels = kernels
         self.matmul = matmul
         self.gate_up_proj = ColumnParallelLinear(hidden, [inter, inter], dtype, device, tp, matmul,
-                                                 names=("gate_proj", "up_proj"))
-        self.down_proj = RowParallelLinear(inter, hidden, dtype, device, tp, matmul, name="down_proj")
+                                                 names=("gate_proj", "up_proj"), fp8=fp8)
+        self.down_proj = RowParallelLinear(inter, hidden, dtype, device, tp, matmul, name="down_proj", fp8=fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernels
@@ -50,15 +51,16 @@ class Step1MLP(nn.Module):
 
 
 class Step1DecoderLayer(nn.Module):
-    def __init__(self, cfg: Step1Config, dtype, device, tp: TPGroup, kernels: KernelConfig, matmul: Matmul):
+    def __init__(self, cfg: Step1Config, dtype, device, tp: TPGroup, kernels: KernelConfig, matmul: Matmul,
+                 fp8: bool = False):
         super().__init__()
         self.kernels = kernels
         self.matmul = matmul
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, kernels)
         self.self_attn = Step1Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_attention_groups,
-                                        dtype, device, tp, kernels, matmul)
+                                        dtype, device, tp, kernels, matmul, fp8)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, kernels)
-        self.mlp = Step1MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, kernels, matmul)
+        self.mlp = Step1MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, kernels, matmul, fp8)
 
     def forward(self, hidden, residual, meta: AttentionMetadata):
         if residual is None:
@@ -85,23 +87,27 @@ class Step1DecoderLayer(nn.Module):
 class Step1ForCausalLM(nn.Module):
     def __init__(self, cfg: Step1Config, dtype: torch.dtype, device: torch.device, tp: TPGroup = TPGroup(),
                  kernels: KernelConfig = KernelConfig(), fused_decode: bool = True, gemv_max_rows: int = 16,
-                 gemv_tiles=None):
+                 gemv_tiles=None, fp8: bool = False, fp8_lm_head: bool = False):
         """tp: this rank's tensor-parallel group; kernels: how its kernels run; fused_decode: steps of
         at most 16 tokens on one GPU run the fused layer (False: always the unfused one, for
         comparisons); gemv_max_rows: products of up to this many rows take the GEMV kernel on GPUs;
-        gemv_tiles: (N, K) -> a GEMV product's tile config, or None for the kernel's choice."""
+        gemv_tiles: (N, K) -> a GEMV product's tile config, or None for the kernel's choice;
+        fp8: the layers' linear weights in FP8 with per-output-channel scales (layers/fp8.py;
+        embedding and norms stay in `dtype`), fp8_lm_head: the LM head's too. FP8 layers run
+        unfused (the fused decode step has no FP8 kernels yet) and keep their norms unfolded."""
         super().__init__()
         self.cfg = cfg
         self.tp_size = tp.size
         self.kernels = kernels
-        self.fused_decode = fused_decode
+        self.fp8 = fp8
+        self.fused_decode = fused_decode and not fp8
         self.norm_weights_folded = False
         matmul = Matmul(kernels, gemv_max_rows, gemv_tiles)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
-        self.layers = nn.ModuleList(Step1DecoderLayer(cfg, dtype, device, tp, kernels, matmul)
+        self.layers = nn.ModuleList(Step1DecoderLayer(cfg, dtype, device, tp, kernels, matmul, fp8)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, kernels)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, device, tp, matmul)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, device, tp, matmul, fp8=fp8_lm_head)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -129,8 +135,9 @@ class Step1ForCausalLM(nn.Module):
     @torch.inference_mode()
     def fold_norm_weights(self) -> None:
         """Multiply each layer's RMSNorm weights into the columns of the product after it and set the
-        norms to 1 (same function; rounded once to the weight dtype). Idempotent."""
-        if self.norm_weights_folded:
+        norms to 1 (same function; rounded once to the weight dtype). Idempotent. FP8 weights are
+        left as they are (their scales are per output row; the fused step does not run them)."""
+        if self.norm_weights_folded or self.fp8:
             return
         for layer in self.layers:
             for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
@@ -177,8 +184,14 @@ class Step1ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def load_weights(self, reader: CheckpointReader, progress=None) -> None:
+        """Each checkpoint tensor into its module: as stored, or quantized on the way into an FP8
+        layer (one tensor at a time); an FP8 checkpoint's tensors come with their scales."""
         targets = self.checkpoint_targets()
         for n, (name, (module, shard)) in enumerate(targets.items()):
-            module.load_shard(reader.get(name), shard)
+            scale = reader.get(name + SCALE_SUFFIX) if reader.has(name + SCALE_SUFFIX) else None
+            if scale is None:
+                module.load_shard(reader.get(name), shard)
+            else:
+                module.load_shard(reader.get(name), shard, scale=scale)
             if progress is not None:
                 progress(n + 1, len(targets))

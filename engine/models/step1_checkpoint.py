@@ -14,6 +14,9 @@ from ..checks import read_json, shown
 from ..errors import CheckpointError
 from .weights import check_tensors
 
+SCALE_SUFFIX = "_scale"          # an FP8 weight W's per-row scales are W's name + this
+LINEAR_WEIGHTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                  "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_INDEX_BYTES = 64 << 20      # the 130B model's index is about 100 KB
@@ -36,6 +39,22 @@ def expected_shapes(cfg: Step1Config) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (inter, h),
             p + "mlp.down_proj.weight": (h, inter),
         })
+    return shapes
+
+
+def quantized_names(cfg: Step1Config, lm_head: bool) -> list[str]:
+    """The weights an FP8 folder stores in FP8 (with scales): every layer's linear weights, and the
+    LM head when `lm_head`."""
+    names = [f"model.layers.{i}.{w}" for i in range(cfg.num_hidden_layers) for w in LINEAR_WEIGHTS]
+    return names + (["lm_head.weight"] if lm_head else [])
+
+
+def stored_shapes(cfg: Step1Config) -> dict[str, tuple[int, ...]]:
+    """expected_shapes plus, for an FP8 folder, one scale per row of each FP8 weight."""
+    shapes = expected_shapes(cfg)
+    if cfg.quantization == "fp8":
+        for name in quantized_names(cfg, cfg.quantized_lm_head):
+            shapes[name + SCALE_SUFFIX] = shapes[name][:1]
     return shapes
 
 
@@ -99,7 +118,23 @@ class CheckpointReader:
             f = self._file(path)
             if name in f.keys():             # a name the index lists but its shard lacks counts as missing
                 found[name] = tuple(f.get_slice(name).get_shape())
-        check_tensors(found, expected_shapes(self.cfg), f"{self.folder} (against its config.json)")
+        check_tensors(found, stored_shapes(self.cfg), f"{self.folder} (against its config.json)")
+        if self.cfg.quantization == "fp8":
+            self._check_fp8_dtypes()
+
+    def _check_fp8_dtypes(self) -> None:
+        wrong = []
+        for name in quantized_names(self.cfg, self.cfg.quantized_lm_head):
+            for tensor, dtype in ((name, "F8_E4M3"), (name + SCALE_SUFFIX, "F32")):
+                found = self.get(tensor).get_dtype()
+                if found != dtype:
+                    wrong.append(f"{tensor} is {found}, not {dtype}")
+        if wrong:
+            raise CheckpointError(f"{self.folder}: its config.json says FP8, but " + "; ".join(wrong[:5])
+                                  + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""))
+
+    def has(self, name: str) -> bool:
+        return name in self.locations
 
     def get(self, name: str):
         return self._file(self.locations[name]).get_slice(name)

@@ -26,9 +26,12 @@ import sys
 import tempfile
 import time
 
+import torch
+
 from stepvox import __version__
 from stepvox.engine.audio.decoder_stream import StreamConfig
-from stepvox.engine.config import EngineConfig
+from stepvox.engine.config import EngineConfig, Step1Config
+from stepvox.engine.models.step1_quantize import quantize_folder
 from stepvox.engine.errors import AudioInputError, CheckpointError, ConfigError, InvalidRequestError, StepvoxError
 from stepvox.engine.frontend.audio_formats import FORMATS, RATES, output_rate
 from stepvox.engine.frontend.tempo import check_speed, check_volume
@@ -48,7 +51,7 @@ from stepvox.testing import FIXTURES_VERSION
 from stepvox.testing.step1 import write_random_step1
 from stepvox.testing.tts import write_tts_folders
 
-COMMANDS = ("tts", "serve", "chat", "generate", "plan")
+COMMANDS = ("tts", "serve", "chat", "generate", "plan", "quantize")
 USER_ERRORS = (ConfigError, CheckpointError, InvalidRequestError)   # exit 2; other StepvoxErrors exit 1
 DEFAULT_MODEL = "stepvox-tiny-step1"
 DEFAULT_TTS = "stepvox-tiny-tts"
@@ -194,7 +197,8 @@ def cmd_generate(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
     options = dict(device=args.device, dtype=args.dtype, tensor_parallel_size=args.tp,
-                   max_model_len=args.max_model_len, enforce_eager=args.eager, kernel_backend=args.kernels)
+                   max_model_len=args.max_model_len, enforce_eager=args.eager, kernel_backend=args.kernels,
+                   quantization=args.quantization)
     EngineConfig(**options).validate()
     if args.model is not None and not os.path.isdir(args.model):
         raise CheckpointError(f"--model {args.model}: no such folder")
@@ -509,6 +513,19 @@ def _format_of(path: str) -> str:
     return fmt
 
 
+def cmd_quantize(args) -> int:
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    EngineConfig(device=device).validate()
+    t0 = time.perf_counter()
+    quantize_folder(args.src, args.dst, lm_head=args.lm_head, device=device)
+    cfg = Step1Config.from_folder(args.dst)
+    size = sum(os.path.getsize(os.path.join(args.dst, f)) for f in os.listdir(args.dst) if f.endswith(".safetensors"))
+    print(f"wrote {args.dst}: FP8 linear weights{' and LM head' if args.lm_head else ''} of "
+          f"{cfg.num_hidden_layers} layers, {size / 1e9:.2f} GB of safetensors, in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_plan(args) -> int:
     return plan_main(args)
 
@@ -635,13 +652,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--kernels", choices=BACKENDS, default="auto",
                    help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
+    g.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="fp8: quantize the linear weights while loading (an FP8 folder loads as FP8 anyway)")
     g.set_defaults(func=cmd_generate)
+    q = sub.add_parser("quantize", help="write an FP8 copy of a Step1 folder (W8A16, per-channel scales)")
+    q.add_argument("src", help="a Step1 folder as released (bf16 safetensors)")
+    q.add_argument("dst", help="the new folder (must not exist)")
+    q.add_argument("--lm-head", action="store_true", help="quantize the LM head too")
+    q.add_argument("--device", default="auto", help="where the scales are computed (auto: cuda if available)")
+    q.set_defaults(func=cmd_quantize)
     p = sub.add_parser("plan", help="tensor-parallel plan: weights per rank, KV tokens, ms/token floor")
     p.add_argument("--model", help="model folder (its config.json); default: the 130B chat shape")
     p.add_argument("--tp", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--gpu-mem-gib", type=_positive_float, default=80.0)
     p.add_argument("--bandwidth-tbs", type=_positive_float, default=3.35)
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
+    p.add_argument("--formats", nargs="+", choices=("bf16", "fp8", "fp8+kv8"), default=None,
+                   help="weight formats to plan (default: all; fp8+kv8 adds the planned one-byte KV cache)")
     p.set_defaults(func=cmd_plan)
     return ap
 
