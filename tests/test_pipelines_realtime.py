@@ -30,13 +30,16 @@ FRAME = 320                                    # 20 ms at 16 kHz
 DETECT = TurnDetection(pause_ms=200, commit_ms=700)
 
 
+def tiny_voice_chat(root: str, asr: bool) -> VoiceChat:
+    folders = write_tts_folders(root)
+    return VoiceChat.from_pretrained(write_random_step1(f"{root}/chat", seed=7), folders["model"], folders["tokenizer"],
+                                     folders["speakers"], device="cpu", asr=asr, chat_engine_args=ENGINE,
+                                     tts_engine_args=ENGINE)
+
+
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("realtime"))
-    folders = write_tts_folders(root)
-    c = VoiceChat.from_pretrained(write_random_step1(f"{root}/chat", seed=7), folders["model"], folders["tokenizer"],
-                                  folders["speakers"], device="cpu", asr=False, chat_engine_args=ENGINE,
-                                  tts_engine_args=ENGINE)
+    c = tiny_voice_chat(str(tmp_path_factory.mktemp("realtime")), asr=False)
     yield c
     c.shutdown()
 
@@ -266,11 +269,7 @@ def test_with_create_response_off_turns_are_committed_but_not_answered(chat, spe
 
 @pytest.fixture(scope="module")
 def chat_asr(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("realtime-asr"))
-    folders = write_tts_folders(root)
-    c = VoiceChat.from_pretrained(write_random_step1(f"{root}/chat", seed=7), folders["model"], folders["tokenizer"],
-                                  folders["speakers"], device="cpu", asr=True, chat_engine_args=ENGINE,
-                                  tts_engine_args=ENGINE)
+    c = tiny_voice_chat(str(tmp_path_factory.mktemp("realtime-asr")), asr=True)
     yield c
     c.shutdown()
 
