@@ -86,8 +86,8 @@ class ModelRunner:
             self.model.load_weights(reader, progress=_LoadProgress(tp.rank, tp.size))
         self.model.fold_norm_weights()
         if fp8 and device.type == "cuda":
-            log.warning("FP8 weights run the reference product (each weight dequantized per call) until the FP8 "
-                        "kernels land: half the weight memory, slower decode than bf16")
+            log.warning("FP8 weights: decode products run the FP8 GEMV kernels; larger products dequantize each "
+                        "weight per call until an FP8 GEMM lands (slower prefill than bf16)")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.load_seconds = time.perf_counter() - t0

@@ -18,6 +18,9 @@ kernel's end. (Prefetching more tiles into L2 that way, and folding SiLU-and-mul
 projection's input load, both measured slower on an H100; an L2 bulk prefetch of up to 8-32 MB
 of each product's weights before the wait made a whole H200 step 0.1-0.5 ms slower.)
 
+FP8 weights (W8A16): W may be float8_e4m3fn with a float32 scale per row (`scale`); each tile is
+converted to the activations' dtype before the dot and the row scales multiply the float32 sums.
+
 Epilogues for the fused decode step (below the plain product): scale rows by an RMSNorm factor
 from partial sums of squares, SiLU-and-mul of paired gate/up rows, or add the product to the
 residual stream in place and leave the new rows' partial sums of squares.
@@ -38,16 +41,23 @@ WORKSPACE_ELEMENTS = 16 * 65536       # float32 partial sums: SPLIT_K * M * N mu
 MAX_ROW_BLOCKS = 8192                 # counters, one per BLOCK_N rows
 
 
-def linear_small_m_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight)
+def dense(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight an FP8 weight and its row scales stand for, in `dtype` (a plain weight as it is)."""
+    return weight if scale is None else (weight.float() * scale.float()[:, None]).to(dtype)
+
+
+def linear_small_m_reference(x: torch.Tensor, weight: torch.Tensor,
+                             scale: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, dense(weight, scale, x.dtype))
 
 
 @triton.jit(do_not_specialize=["M", "num_in_slots"])
-def _gemv_kernel(X, W, Out, Work, Counters, SqIn, SqOut, M, N, K, stride_xm, stride_wn, stride_om, k_range,
-                 num_in_slots, eps,
+def _gemv_kernel(X, W, Scale, NormW, Out, Work, Counters, SqIn, SqOut, M, N, K, stride_xm, stride_wn, stride_om,
+                 k_range, num_in_slots, eps,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr,
                  SPLIT: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
-                 RMS_IN: tl.constexpr, SLOTS_PAD: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr):
+                 RMS_IN: tl.constexpr, SLOTS_PAD: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
+                 W_SCALE: tl.constexpr, NORM_W: tl.constexpr):
     pid_n = tl.program_id(0)
     k_begin = tl.program_id(1) * k_range
     k_end = tl.minimum(k_begin + k_range, K)
@@ -87,6 +97,8 @@ def _gemv_kernel(X, W, Out, Work, Counters, SqIn, SqOut, M, N, K, stride_xm, str
         x = tl.load(x_base + k_begin, mask=mmask[:, None], other=0.0)
     else:
         x = tl.load(x_base + k_begin, mask=mmask[:, None] & kmask[None, :], other=0.0)
+    if NORM_W:
+        x = _norm_weighted(x, NormW, k_begin, cols, K)
     if RMS_IN:
         # RMSNorm of the input rows: their sums of squares come in partial sums from the kernel that
         # wrote them, requested here and added (in a fixed order) after the loop; the norm's weight
@@ -96,7 +108,7 @@ def _gemv_kernel(X, W, Out, Work, Counters, SqIn, SqOut, M, N, K, stride_xm, str
                      mask=(slots[:, None] < num_in_slots) & mmask[None, :], other=0.0)
     else:
         sq = tl.zeros([SLOTS_PAD, M_PAD], tl.float32)
-    acc = tl.dot(x, tl.trans(w), tl.zeros([M_PAD, BLOCK_N], tl.float32))
+    acc = tl.dot(x, tl.trans(w.to(x.dtype)), tl.zeros([M_PAD, BLOCK_N], tl.float32))
     for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_base + k0, mask=rmask[:, None], other=0.0)
@@ -105,7 +117,11 @@ def _gemv_kernel(X, W, Out, Work, Counters, SqIn, SqOut, M, N, K, stride_xm, str
             kmask = (k0 + cols) < k_end
             w = tl.load(w_base + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
             x = tl.load(x_base + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+        if NORM_W:
+            x = _norm_weighted(x, NormW, k0, cols, K)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if W_SCALE:
+        acc = acc * tl.load(Scale + rows, mask=rmask, other=1.0)[None, :]
     if RMS_IN:
         rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / K + eps)
     else:
@@ -126,6 +142,14 @@ def _gemv_kernel(X, W, Out, Work, Counters, SqIn, SqOut, M, N, K, stride_xm, str
     else:
         _gemv_epilogue(acc, rstd, previous, Out, SqOut, M, N, stride_om, pid_n, ms, mmask, rows, rmask,
                        BLOCK_N, RMS_IN, SILU, RESIDUAL)
+
+
+@triton.jit
+def _norm_weighted(x, NormW, k0, cols, K):
+    """x's columns times the RMSNorm weight (for weights the norm is not folded into: FP8 ones,
+    whose row scales a fold would change)."""
+    g = tl.load(NormW + k0 + cols, mask=(k0 + cols) < K, other=0.0)
+    return (x.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype)
 
 
 @triton.jit
@@ -186,12 +210,19 @@ def gemv_config(n: int, k: int, sm_count: int = 132) -> dict:
     return cfg
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, what: str, scale: torch.Tensor | None = None) -> None:
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{what}: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+    if scale is not None and (weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32
+                              or tuple(scale.shape) != (weight.shape[0],)):
+        raise ValueError(f"{what}: row scales go with a float8_e4m3fn weight, as float32 [{weight.shape[0]}]; got "
+                         f"a {weight.dtype} weight and {scale.dtype} {tuple(scale.shape)} scales")
+    if scale is None and weight.dtype == torch.float8_e4m3fn:
+        raise ValueError(f"{what}: a float8_e4m3fn weight needs its row scales")
 
 
-def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, add_to_out=False, pdl=True):
+def _launch(x, weight, out, config, *, scale=None, norm_weight=None, sumsq_in=None, eps=0.0, silu=False,
+            add_to_out=False, pdl=True):
     """One product into `out`; with add_to_out, out is the residual it adds to, and the new rows'
     partial sums of squares (float32 [row blocks, M]) are returned."""
     m, k = x.shape
@@ -209,28 +240,32 @@ def _launch(x, weight, out, config, *, sumsq_in=None, eps=0.0, silu=False, add_t
     slots = sumsq_in.shape[0] if sumsq_in is not None else 1
     sumsq_out = torch.empty(blocks, m, dtype=torch.float32, device=x.device) if add_to_out else None
     _gemv_kernel[(blocks, split)](
-        x, weight, out, work, counters, sumsq_in if sumsq_in is not None else out,
+        x, weight, scale if scale is not None else out, norm_weight if norm_weight is not None else out, out, work,
+        counters, sumsq_in if sumsq_in is not None else out,
         sumsq_out if sumsq_out is not None else out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         k_range, slots, eps,
         BLOCK_N=block_n, M_PAD=16, SPLIT=split > 1, EVEN_K=k % block_k == 0,
         RMS_IN=sumsq_in is not None, SLOTS_PAD=max(16, triton.next_power_of_2(slots)), SILU=silu,
-        RESIDUAL=add_to_out, **cfg, **pdl_launch_options(x, pdl))
+        RESIDUAL=add_to_out, W_SCALE=scale is not None, NORM_W=norm_weight is not None, **cfg,
+        **pdl_launch_options(x, pdl))
     return sumsq_out
 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                   config: dict | None = None, *, backend: str = "auto", pdl: bool = True) -> torch.Tensor:
-    """x [M, K] (M <= 16) times weight [N, K]^T, float32 accumulation, output in x's dtype."""
-    _check(x, weight, "linear_small_m")
+                   config: dict | None = None, *, scale: torch.Tensor | None = None, backend: str = "auto",
+                   pdl: bool = True) -> torch.Tensor:
+    """x [M, K] (M <= 16) times weight [N, K]^T, float32 accumulation, output in x's dtype; `scale`:
+    float32 [N] row scales of a float8_e4m3fn weight."""
+    _check(x, weight, "linear_small_m", scale)
     m = x.shape[0]
     if m > MAX_M or not use_triton(x, backend):
-        return linear_small_m_reference(x, weight)
+        return linear_small_m_reference(x, weight, scale)
     if x.stride(1) != 1:
         x = x.contiguous()
     if out is None:
         out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
     if m:
-        _launch(x, weight, out, config, pdl=pdl)
+        _launch(x, weight, out, config, scale=scale, pdl=pdl)
     return out
 
 
@@ -241,9 +276,10 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | No
 # (the RMSNorm weight folded into their columns beforehand) and gate|up also applies SiLU-and-mul.
 # That removes the step's RMSNorm and SiLU launches (3 of 8 per layer).
 
-def rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul=False):
+def rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul=False, scale=None, norm_weight=None):
     rstd = torch.rsqrt(sumsq.float().sum(0) / x.shape[1] + eps)
-    y = F.linear(x.float(), weight.float()) * rstd[:, None]
+    x = x.float() if norm_weight is None else x.float() * norm_weight.float()
+    y = F.linear(x, dense(weight, scale, torch.float32).float()) * rstd[:, None]
     if silu_and_mul:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
@@ -251,13 +287,15 @@ def rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul=False):
 
 
 def rms_linear_small_m(x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor, eps: float, *,
-                       silu_and_mul: bool = False, config: dict | None = None, backend: str = "auto",
+                       silu_and_mul: bool = False, config: dict | None = None, scale: torch.Tensor | None = None,
+                       norm_weight: torch.Tensor | None = None, backend: str = "auto",
                        pdl: bool = True) -> torch.Tensor:
     """RMSNorm(x) W^T for x [M, K] the un-normalised residual rows (M <= 16) and W [N, K] with the
     norm's weight already multiplied into its columns; sumsq [S, M] float32 holds partial sums of
     x's squares per row (from linear_small_m_add_ or embedding_sumsq). With silu_and_mul, W's rows
-    are [gate; up] and the result is silu(gate) * up, [M, N / 2]."""
-    _check(x, weight, "rms_linear_small_m")
+    are [gate; up] and the result is silu(gate) * up, [M, N / 2]. `scale`: as linear_small_m;
+    `norm_weight` [K]: the norm's weight applied to x here instead (W not folded: FP8 weights)."""
+    _check(x, weight, "rms_linear_small_m", scale)
     m, n = x.shape[0], weight.shape[0]
     if sumsq.dim() != 2 or sumsq.shape[1] != m or sumsq.dtype != torch.float32:
         raise ValueError(f"rms_linear_small_m: sumsq must be float32 [slots, {m}], got "
@@ -265,33 +303,36 @@ def rms_linear_small_m(x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tenso
     if silu_and_mul and n % 2:
         raise ValueError(f"rms_linear_small_m: silu_and_mul needs an even row count, got {n}")
     if m > MAX_M or not use_triton(x, backend):
-        return rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul)
+        return rms_linear_small_m_reference(x, weight, sumsq, eps, silu_and_mul, scale, norm_weight)
     x, sumsq = x.contiguous(), sumsq.contiguous()
     out = torch.empty(m, n // 2 if silu_and_mul else n, dtype=x.dtype, device=x.device)
     if m:
-        _launch(x, weight, out, config, sumsq_in=sumsq, eps=eps, silu=silu_and_mul, pdl=pdl)
+        _launch(x, weight, out, config, scale=scale, norm_weight=norm_weight, sumsq_in=sumsq, eps=eps,
+                silu=silu_and_mul, pdl=pdl)
     return out
 
 
-def linear_small_m_add_reference(x, weight, residual):
-    residual.copy_(F.linear(x, weight) + residual)
+def linear_small_m_add_reference(x, weight, residual, scale=None):
+    residual.copy_(F.linear(x, dense(weight, scale, x.dtype)) + residual)
     return residual.float().pow(2).sum(1)[None, :]
 
 
 def linear_small_m_add_(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                        config: dict | None = None, *, backend: str = "auto", pdl: bool = True) -> torch.Tensor:
+                        config: dict | None = None, *, scale: torch.Tensor | None = None, backend: str = "auto",
+                        pdl: bool = True) -> torch.Tensor:
     """residual += x W^T in place (the product rounded to the dtype, then the sum, as separate ops
     would round), for x [M, K] (M <= 16); returns float32 [S, M] partial sums of squares of the new
     residual rows, which rms_linear_small_m takes. With PDL the kernel reads `residual` before it
     waits for the kernel launched just before it, so that kernel must not be the one that wrote
-    `residual` (in the decode step it is two or three launches back; kernels/pdl.py)."""
-    _check(x, weight, "linear_small_m_add_")
+    `residual` (in the decode step it is two or three launches back; kernels/pdl.py). `scale`: as
+    linear_small_m."""
+    _check(x, weight, "linear_small_m_add_", scale)
     m, n = x.shape[0], weight.shape[0]
     if residual.shape != (m, n) or residual.dtype != x.dtype or not residual.is_contiguous():
         raise ValueError(f"linear_small_m_add_: residual must be a contiguous {x.dtype} [{m}, {n}], got "
                          f"{residual.dtype} {tuple(residual.shape)}")
     if m > MAX_M or not use_triton(x, backend):
-        return linear_small_m_add_reference(x, weight, residual)
+        return linear_small_m_add_reference(x, weight, residual, scale)
     if m == 0:
         return torch.zeros(1, 0, dtype=torch.float32, device=x.device)
-    return _launch(x.contiguous(), weight, residual, config, add_to_out=True, pdl=pdl)
+    return _launch(x.contiguous(), weight, residual, config, scale=scale, add_to_out=True, pdl=pdl)

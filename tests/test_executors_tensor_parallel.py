@@ -131,6 +131,9 @@ class RecordingReader(CheckpointReader):
             def __getitem__(self, index):
                 reads[name] = index
                 return inner[index]
+
+            def get_dtype(self):
+                return inner.get_dtype()
         return Slice()
 
 

@@ -74,7 +74,7 @@ def test_a_quantized_folder_reloads_the_tensors_quantized_while_loading(folders)
         assert model.layers[0].mlp.down_proj.weight.dtype == FP8_DTYPE
         assert model.embed_tokens.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
         assert model.layers[0].input_layernorm.weight.dtype == torch.float32
-        assert not model.fused_decode and not model.norm_weights_folded
+        assert not model.norm_weights_folded                  # FP8 rows keep their scales: norms applied in kernels
         out_a = a.generate(["hello world"], GREEDY)[0].outputs[0].token_ids
         assert out_a == b.generate(["hello world"], GREEDY)[0].outputs[0].token_ids
     finally:
@@ -215,3 +215,21 @@ def test_the_plans_fp8_weight_bytes_are_what_stepvox_quantize_writes(folders):
     assert rank_weight_bytes(cfg, 1, "fp8") == written
     bf16 = [load_file(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors")]
     assert rank_weight_bytes(cfg, 1) == sum(t.numel() * 2 for shard in bf16 for t in shard.values())
+
+
+def test_the_fused_fp8_decode_step_gives_the_unfused_tokens(folders):
+    """Triton kernels under the interpreter: the fused step reads FP8 weights and applies the
+    (unfolded) norm weights itself; greedy tokens equal the unfused FP8 path's."""
+    _, fp8, _ = folders
+    opts = dict(device="cpu", max_model_len=128, page_size=4, max_num_batched_tokens=12, kernel_backend="triton")
+    prompts = ["Hello world, how are you", "another prompt"]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    got = {}
+    for fused in (False, True):
+        llm = LLM(fp8, fused_decode=fused, **opts)
+        try:
+            assert runner_model(llm).fused_step(torch.zeros(3, dtype=torch.long)) == fused
+            got[fused] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        finally:
+            llm.shutdown()
+    assert got[True] == got[False]

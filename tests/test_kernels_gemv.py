@@ -153,3 +153,62 @@ def test_fused_products_reject_bad_shapes():
         linear_small_m_add_(x, torch.randn(4, 8), torch.randn(2, 5))
     with pytest.raises(ValueError, match="does not fit"):
         linear_small_m_add_(x, torch.randn(4, 9), torch.randn(2, 4))
+
+
+# ------------------------------------------------------------------ FP8 weights (W8A16)
+def fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, float32 row scales, the float64 weight they stand for)."""
+    scale = w.abs().amax(1).clamp_min(1e-12) / 448.0
+    q = (w / scale[:, None]).to(torch.float8_e4m3fn)
+    return q, scale, q.double() * scale.double()[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,split", [(1, 70, 96, 1), (3, 48, 200, 3), (16, 33, 256, 4)])
+def test_fp8_weight_product_matches_the_dequantized_float64_one(dtype, m, n, k, split):
+    gen = torch.Generator().manual_seed(m * 7 + n + k)
+    cfg = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=split, num_warps=4, num_stages=1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    q, scale, w64 = fp8_rows(torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 3)
+    out = linear_small_m(x, q, config=cfg, scale=scale)
+    want = x.double() @ w64.T
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert torch.allclose(out.double(), want, rtol=tol(dtype), atol=tol(dtype) * float(want.abs().max()))
+    assert torch.equal(linear_small_m(x, q, config=cfg, scale=scale), out)          # deterministic
+    ref = linear_small_m(x, q, scale=scale, backend="reference")
+    assert torch.allclose(ref.double(), want, rtol=tol(dtype), atol=tol(dtype) * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_fused_products_match_their_float64_formulas(dtype):
+    gen = torch.Generator().manual_seed(11)
+    m, hidden, inter = 4, 96, 160
+    cfg = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, num_warps=4, num_stages=1)
+    residual = torch.randn(m, hidden, generator=gen).to(dtype)
+    sumsq = residual.float().pow(2).sum(1)[None, :]
+    q_gu, s_gu, w_gu = fp8_rows(torch.randn(2 * inter, hidden, generator=gen))
+    q_down, s_down, w_down = fp8_rows(torch.randn(hidden, inter, generator=gen) / inter ** 0.5)
+    norm_w = (1 + 0.3 * torch.randn(hidden, generator=gen)).to(dtype)       # applied in the kernel, not folded
+    act = rms_linear_small_m(residual, q_gu, sumsq, EPS, silu_and_mul=True, config=cfg, scale=s_gu,
+                             norm_weight=norm_w)
+    gate, up = (rms_norm64(residual, norm_w) @ w_gu.T).chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    assert torch.allclose(act.double(), want, rtol=tol(dtype), atol=tol(dtype) * float(want.abs().max()))
+    before = residual.clone()
+    linear_small_m_add_(act, q_down, residual, config=cfg, scale=s_down)
+    want_res = before.double() + act.double() @ w_down.T
+    assert torch.allclose(residual.double(), want_res, rtol=tol(dtype), atol=tol(dtype) * float(want_res.abs().max()))
+    ref = rms_linear_small_m(before, q_gu, sumsq, EPS, silu_and_mul=True, scale=s_gu, norm_weight=norm_w,
+                             backend="reference")
+    assert torch.allclose(ref.double(), want, rtol=tol(dtype), atol=tol(dtype) * float(want.abs().max()))
+
+
+def test_fp8_weights_and_scales_are_checked():
+    x = torch.randn(2, 32)
+    q, scale, _ = fp8_rows(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="needs its row scales"):
+        linear_small_m(x, q)
+    with pytest.raises(ValueError, match="row scales go with a float8_e4m3fn weight"):
+        linear_small_m(x, q.float(), scale=scale)
+    with pytest.raises(ValueError, match=r"float32 \[8\]"):
+        linear_small_m(x, q, scale=scale[:4])

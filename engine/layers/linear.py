@@ -42,11 +42,13 @@ class Matmul:
         return self.gemv_tiles(*weight.shape) if self.gemv_tiles is not None else None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        if scale is not None:         # FP8 weight: the reference product (the FP8 kernels come next)
-            return F.linear(x, dequantize_rows(weight, scale, x.dtype))
+        """`scale`: the row scales of an FP8 weight (the GEMV kernel reads FP8 itself; larger
+        products dequantize the weight first until an FP8 GEMM exists)."""
         if x.is_cuda and x.dim() == 2 and x.shape[0] <= self.gemv_max_rows:
-            return linear_small_m(x, weight, config=self.tiles(weight), backend=self.kernels.backend,
+            return linear_small_m(x, weight, config=self.tiles(weight), scale=scale, backend=self.kernels.backend,
                                   pdl=self.kernels.pdl)
+        if scale is not None:
+            return F.linear(x, dequantize_rows(weight, scale, x.dtype))
         return F.linear(x, weight)
 
 

@@ -8,6 +8,9 @@ the product that reads the norm (q|k|v, gate|up). The function is unchanged; wha
 fused decode step: on one GPU, a step of at most 16 tokens keeps the residual stream in one
 buffer, the products that end a sub-block add themselves to it, and the products that start one
 normalise in their epilogue (kernels/gemv.py), so a layer is 5 launches instead of 8.
+
+With FP8 weights (layers/fp8.py) the linear layers hold float8_e4m3fn rows with float32 scales;
+their norms stay unfolded and the fused step's kernels multiply the input by the norm weight.
 """
 from __future__ import annotations
 
@@ -42,12 +45,16 @@ class Step1MLP(nn.Module):
         k = self.kernels
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=k.backend, pdl=k.pdl))
 
-    def forward_fused(self, residual: torch.Tensor, sumsq: torch.Tensor, eps: float) -> torch.Tensor:
-        """residual += MLP(RMSNorm(residual)) in two launches; returns the new rows' sums of squares."""
-        k, gate_up, down = self.kernels, self.gate_up_proj.weight, self.down_proj.weight
-        act = rms_linear_small_m(residual, gate_up, sumsq, eps, silu_and_mul=True, config=self.matmul.tiles(gate_up),
-                                 backend=k.backend, pdl=k.pdl)
-        return linear_small_m_add_(act, down, residual, config=self.matmul.tiles(down), backend=k.backend, pdl=k.pdl)
+    def forward_fused(self, residual: torch.Tensor, sumsq: torch.Tensor, eps: float,
+                      norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """residual += MLP(RMSNorm(residual)) in two launches; returns the new rows' sums of squares.
+        `norm_weight`: the norm's weight when it is not folded into gate|up (FP8 weights)."""
+        k, gate_up, down = self.kernels, self.gate_up_proj, self.down_proj
+        act = rms_linear_small_m(residual, gate_up.weight, sumsq, eps, silu_and_mul=True,
+                                 config=self.matmul.tiles(gate_up.weight), scale=gate_up.weight_scale,
+                                 norm_weight=norm_weight, backend=k.backend, pdl=k.pdl)
+        return linear_small_m_add_(act, down.weight, residual, config=self.matmul.tiles(down.weight),
+                                   scale=down.weight_scale, backend=k.backend, pdl=k.pdl)
 
 
 class Step1DecoderLayer(nn.Module):
@@ -76,12 +83,18 @@ class Step1DecoderLayer(nn.Module):
         """The layer on the fused decode path (norm weights folded): `residual` is updated in place;
         returns the sums of squares of its new rows for the next layer's first product."""
         attn, k, tiles = self.self_attn, self.kernels, self.matmul.tiles
-        w_qkv, w_o = attn.qkv_proj.weight, attn.o_proj.weight
-        qkv = rms_linear_small_m(residual, w_qkv, sumsq, self.input_layernorm.eps, config=tiles(w_qkv),
-                                 backend=k.backend, pdl=k.pdl)
-        sumsq = linear_small_m_add_(attn.attend(qkv, meta), w_o, residual, config=tiles(w_o), backend=k.backend,
-                                    pdl=k.pdl)
-        return self.mlp.forward_fused(residual, sumsq, self.post_attention_layernorm.eps)
+        qkv_proj, o_proj = attn.qkv_proj, attn.o_proj
+        # FP8 weights keep their norms unfolded (a fold would change their row scales): the kernels
+        # apply the norm weights to the input instead
+        fp8 = qkv_proj.weight_scale is not None
+        qkv = rms_linear_small_m(residual, qkv_proj.weight, sumsq, self.input_layernorm.eps,
+                                 config=tiles(qkv_proj.weight), scale=qkv_proj.weight_scale,
+                                 norm_weight=self.input_layernorm.weight if fp8 else None, backend=k.backend,
+                                 pdl=k.pdl)
+        sumsq = linear_small_m_add_(attn.attend(qkv, meta), o_proj.weight, residual, config=tiles(o_proj.weight),
+                                    scale=o_proj.weight_scale, backend=k.backend, pdl=k.pdl)
+        return self.mlp.forward_fused(residual, sumsq, self.post_attention_layernorm.eps,
+                                      self.post_attention_layernorm.weight if fp8 else None)
 
 
 class Step1ForCausalLM(nn.Module):
@@ -93,14 +106,14 @@ class Step1ForCausalLM(nn.Module):
         comparisons); gemv_max_rows: products of up to this many rows take the GEMV kernel on GPUs;
         gemv_tiles: (N, K) -> a GEMV product's tile config, or None for the kernel's choice;
         fp8: the layers' linear weights in FP8 with per-output-channel scales (layers/fp8.py;
-        embedding and norms stay in `dtype`), fp8_lm_head: the LM head's too. FP8 layers run
-        unfused (the fused decode step has no FP8 kernels yet) and keep their norms unfolded."""
+        embedding and norms stay in `dtype`), fp8_lm_head: the LM head's too. FP8 layers keep their
+        norms unfolded; the fused step applies them in its kernels."""
         super().__init__()
         self.cfg = cfg
         self.tp_size = tp.size
         self.kernels = kernels
         self.fp8 = fp8
-        self.fused_decode = fused_decode and not fp8
+        self.fused_decode = fused_decode
         self.norm_weights_folded = False
         matmul = Matmul(kernels, gemv_max_rows, gemv_tiles)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
@@ -128,8 +141,8 @@ class Step1ForCausalLM(nn.Module):
     def fused_step(self, input_ids: torch.Tensor) -> bool:
         """Whether a step of these tokens runs the fused decode path: one GPU (the row-parallel
         products of tensor parallelism must all-reduce before the residual add), norm weights
-        folded, at most 16 tokens, Triton kernels."""
-        return (self.fused_decode and self.norm_weights_folded and self.tp_size == 1
+        folded (or FP8 weights, whose kernels apply the norms), at most 16 tokens, Triton kernels."""
+        return (self.fused_decode and (self.norm_weights_folded or self.fp8) and self.tp_size == 1
                 and 0 < input_ids.shape[0] <= FUSED_MAX_TOKENS and use_triton(input_ids, self.kernels.backend))
 
     @torch.inference_mode()
