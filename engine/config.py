@@ -196,6 +196,8 @@ class EngineConfig:
     quantization: str | None = None           # "fp8": quantize a bf16 folder's linear weights while loading
                                               # (an FP8 folder, `stepvox quantize`'s, loads as FP8 anyway)
     quantize_lm_head: bool = False            # with quantization="fp8": the LM head too
+    load_format: str = "safetensors"          # "dummy": random weights of the config's shapes, made on the
+                                              # device (benchmarks of shapes too big for a disk)
 
     def validate(self, cfg: Step1Config | None = None) -> None:
         """Check every option's type and range (ConfigError naming the option and its value; numbers
@@ -224,6 +226,7 @@ class EngineConfig:
         checks.one_of(self.kernel_backend, "kernel_backend", ConfigError, BACKENDS)
         if self.quantization is not None:
             checks.one_of(self.quantization, "quantization", ConfigError, QUANTIZATIONS[1:])
+        checks.one_of(self.load_format, "load_format", ConfigError, ("safetensors", "dummy"))
         if self.quantize_lm_head and self.quantization != "fp8":
             raise ConfigError('quantize_lm_head goes with quantization="fp8"')
         if self.gemv_tiles is not None and not callable(self.gemv_tiles):

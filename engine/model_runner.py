@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .kv_cache import allocate_kv_cache, kv_page_bytes
 from .models.step1 import Step1ForCausalLM
 from .models.step1_checkpoint import CheckpointReader
+from .models.step1_dummy import DummyReader
 from .scheduler import ChunkPlan
 
 log = logging.getLogger("stepvox")
@@ -78,7 +79,10 @@ class ModelRunner:
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
         t0 = time.perf_counter()
-        with CheckpointReader(model_path, cfg) as reader:    # checks every shape before any weight is allocated
+        # a folder's shapes are all checked before any weight is allocated; dummy weights have them by making
+        reader = (DummyReader(model_path, cfg, device) if ecfg.load_format == "dummy"
+                  else CheckpointReader(model_path, cfg))
+        with reader:
             fp8, fp8_head = ecfg.fp8_weights(cfg)
             self.model = Step1ForCausalLM(cfg, self.dtype, device, tp, self.kernels, fused_decode=ecfg.fused_decode,
                                           gemv_max_rows=ecfg.gemv_max_rows, gemv_tiles=ecfg.gemv_tiles, fp8=fp8,

@@ -87,6 +87,11 @@ def test_fp8_tp_greedy_equals_fp8_tp1(four_groups, tp, tmp_path):
     assert _tokens(fp8, tp) == reference
 
 
+def test_dummy_weights_tp2_equal_tp1(four_groups):
+    """Each rank makes the same whole random tensor and keeps its slice."""
+    assert _tokens(four_groups, 2, load_format="dummy") == _tokens(four_groups, 1, load_format="dummy")
+
+
 def test_tp1_through_worker_path_equals_in_process(two_groups):
     assert _tokens(two_groups, 1, distributed_executor="mp") == _tokens(two_groups, 1)
 

@@ -233,3 +233,30 @@ def test_the_fused_fp8_decode_step_gives_the_unfused_tokens(folders):
         finally:
             llm.shutdown()
     assert got[True] == got[False]
+
+
+def test_dummy_weights_need_only_the_config_and_tokenizer(folders, tmp_path):
+    """load_format="dummy": random weights of the config's shapes (the 130B bench path, whose
+    checkpoint fits no disk), the same for every engine of the folder, bf16 or quantized to FP8."""
+    src, _, _ = folders
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        (bare / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    with pytest.raises(CheckpointError, match="has neither"):
+        LLM(str(bare), **ENGINE)
+    runs = []
+    for opts in ({}, {}, {"quantization": "fp8"}):
+        llm = LLM(str(bare), load_format="dummy", **ENGINE, **opts)
+        try:
+            model = runner_model(llm)
+            runs.append([o.outputs[0].token_ids for o in llm.generate(["hello", "world"], GREEDY)])
+            assert torch.isfinite(model.layers[1].mlp.down_proj.weight.float()).all()
+            assert torch.equal(model.layers[0].input_layernorm.weight, torch.ones_like(model.layers[0].input_layernorm.weight))
+            if opts:
+                assert model.layers[0].self_attn.qkv_proj.weight.dtype == FP8_DTYPE
+        finally:
+            llm.shutdown()
+    assert runs[0] == runs[1]                                # a tensor's values come from its name
+    with pytest.raises(ConfigError, match="load_format must be one of"):
+        LLM(str(bare), load_format="pt", **ENGINE)
