@@ -6,9 +6,11 @@ arrived waits for the next character), and at line breaks. Nothing is cut inside
 tag such as (高兴1) stays whole, and a piece holding only tags or punctuation is not spoken alone:
 it goes in front of the next sentence. A sentence running past `max_chars` is cut at its last
 comma, else at its last space, else right there (text without any punctuation, as a model may
-write, is still spoken in pieces), and anything at twice `max_chars` even inside parentheses; the first sentence also ends at a comma once it has `first_comma_chars` characters, so
-that the first audio does not wait for a long first sentence. The answer's leading tags go in front of every later sentence too, as the TTS does with the
-segments of one text (tts_text.segments), so the whole answer is spoken the same way.
+write, is still spoken in pieces), and at twice `max_chars` even inside parentheses. The first
+sentence also ends at a comma once it has `first_comma_chars` characters, so that the first audio
+does not wait for a long first sentence. The answer's leading tags go in front of every later
+sentence too, as the TTS does with the segments of one text (tts_text.segments), so the whole
+answer is spoken the same way.
 """
 from __future__ import annotations
 
