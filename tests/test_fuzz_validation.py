@@ -185,7 +185,7 @@ def valid_configs(draw) -> dict:
 
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_attention_groups",
                "num_hidden_layers", "vocab_size", "max_seq_len", "rms_norm_eps", "bos_token_id", "eos_token_id",
-               "pad_token_id", "model_type", "architectures", "torch_dtype")
+               "pad_token_id", "model_type", "architectures", "torch_dtype", "quantization_config")
 
 
 @st.composite
@@ -201,9 +201,11 @@ def mutated_configs(draw):
 
 
 def _check_accepted_config(cfg: Step1Config) -> None:
+    kinds = {"rms_norm_eps": (float,), "quantization": (type(None), str), "quantized_lm_head": (bool,)}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        assert type(value) is (float if f.name == "rms_norm_eps" else int), f.name
+        assert type(value) in kinds.get(f.name, (int,)), f.name
+    assert cfg.quantization in (None, "fp8")
     assert cfg.hidden_size % cfg.num_attention_heads == 0 and cfg.num_attention_heads % cfg.num_attention_groups == 0
     assert stok.AUDIO_TOKENS_END <= cfg.vocab_size and 1 <= cfg.max_seq_len <= CONFIG_LIMITS["max_seq_len"]
     assert 0 < cfg.rms_norm_eps <= 0.1 and math.isfinite(cfg.rms_norm_eps)
