@@ -190,7 +190,8 @@ class RealtimeSession:
         self._speech_end_ms = 0.0
         self._utterance: list[np.ndarray] = []
         self._lookback: list[np.ndarray] = []           # audio just before the speech start
-        self._committed: list[np.ndarray] = []          # committed turns no answer has taken yet
+        # committed turns no answer has taken yet, each with its words to come
+        self._committed: list[tuple[np.ndarray, asyncio.Future | None]] = []
         self._answer: _Answer | None = None
         self._response: _Answer | None = None            # the committed answer being generated
         self._playing: _Answer | None = None             # a generated answer whose audio is still playing
@@ -386,7 +387,9 @@ class RealtimeSession:
         self._speech_end_wall = time.monotonic()        # the request is the end of the turn
         self._start_answer(np.concatenate([audio for audio, _ in committed]))
         if self._answer.words is not None:              # the words of every turn it answers
-            self._transcripts.add(asyncio.create_task(_join_words([w for _, w in committed], self._answer.words)))
+            joining = asyncio.create_task(_join_words([w for _, w in committed], self._answer.words))
+            self._transcripts.add(joining)
+            joining.add_done_callback(self._transcripts.discard)
         self.stats["speculations"] -= 1
         answer, self._answer = self._answer, None
         await self._go_live(answer, False)
