@@ -1,14 +1,21 @@
-"""FP8 weights (W8A16) against bf16 on one GPU, random weights (load_format="dummy": nothing on disk).
+"""FP8 weights (W8A16) and the FP8 KV cache against bf16 on one GPU, random weights
+(load_format="dummy": nothing on disk).
 
 1. Accuracy, TTS-3B shape: the bf16 engine decodes 256 tokens greedily from a few prompts; the FP8
-   engine (the same weights quantized while loading) is fed the same tokens (a logits processor
-   records its logits, then forces bf16's token), so both are compared position by position:
-   relative L2 error of the logits, and how often FP8's argmax is bf16's token (greedy agreement).
-2. Decode ms/token, TTS-3B shape, batch 1 and 16, bf16 and FP8 (CUDA graphs, 256 tokens after a
-   warm-up request; ms from the first token to the last).
-3. The 130B chat shape with FP8 weights on one GPU (needs about 130 GiB: an H200): load time,
-   decode ms/token at batch 1 and 16 against the floor (weight bytes / this card's measured
-   device-to-device copy bandwidth, same run), prefill tokens/s at a 2048-token prompt, KV tokens.
+   engines (the same weights quantized while loading; then also the FP8 KV cache) are fed the same
+   tokens (a logits processor records their logits, then forces bf16's token), so each is compared
+   with bf16 position by position: relative L2 error of the logits, and how often its argmax is
+   bf16's token (greedy agreement).
+2. TTS-3B shape, bf16 / FP8 weights / FP8 weights + KV: decode ms/token at batch 1 and 16 (CUDA
+   graphs, 256 tokens after a warm-up request; ms from the first token to the last) and prefill
+   tokens/s of a 2048-token prompt (the FP8 GEMM).
+0. Kernel: the FP8 prefill GEMM (kernels/gemm_fp8.py) against cuBLAS bf16 and against dequantizing
+   then cuBLAS, on the projections of both shapes at 2048 rows (triton.testing.do_bench medians,
+   warm L2; a second tile config beside the default); error against the float32-summed reference.
+3. The 130B chat shape with FP8 weights and KV cache on one GPU (needs about 130 GiB: an H200):
+   load time, decode ms/token at batch 1 and 16 against the floor (weight bytes / this card's
+   measured device-to-device copy bandwidth, same run), prefill tokens/s at a 2048-token prompt,
+   KV tokens.
 
 JSON to $OUT/fp8.json; a table last.
 
@@ -85,24 +92,30 @@ def run_accuracy(folder: str, args, res: dict) -> None:
             rows.append({"prompt_tokens": len(prompt), "bf16": rec.logits})
     finally:
         bf.shutdown()
-    q = engine(folder, args.smoke, quantization="fp8")
-    try:
-        for prompt, ref, row in zip(PROMPTS, refs, rows):
-            rec = Recorder(ref)
-            q.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
-                                                logits_processors=[rec]))
-            a, b = torch.stack(row.pop("bf16")), torch.stack(rec.logits)
-            finite = torch.isfinite(a) & torch.isfinite(b)           # ids the engine masks come as -inf
-            a0, b0 = a.where(finite, 0.0), b.where(finite, 0.0)
-            rel = (b0 - a0).norm(dim=1) / a0.norm(dim=1)
-            row.update(positions=len(ref), logits_rel_err_median=float(rel.median()), logits_rel_err_max=float(rel.max()),
-                       greedy_agreement=float((b.argmax(1) == torch.tensor(ref)).float().mean()),
-                       bf16_self_agreement=float((a.argmax(1) == torch.tensor(ref)).float().mean()))
-    finally:
-        q.shutdown()
-    res["accuracy"] = rows
-    for r in rows:
-        print(f"accuracy: {r}", flush=True)
+    out = []
+    for name, opts in FORMATS[1:]:
+        q = engine(folder, args.smoke, **opts)
+        try:
+            for prompt, ref, row in zip(PROMPTS, refs, rows):
+                rec = Recorder(ref)
+                q.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                                    logits_processors=[rec]))
+                a, b = torch.stack(row["bf16"]), torch.stack(rec.logits)
+                finite = torch.isfinite(a) & torch.isfinite(b)           # ids the engine masks come as -inf
+                a0, b0 = a.where(finite, 0.0), b.where(finite, 0.0)
+                rel = (b0 - a0).norm(dim=1) / a0.norm(dim=1)
+                out.append(dict(format=name, prompt_tokens=row["prompt_tokens"], positions=len(ref),
+                                logits_rel_err_median=float(rel.median()), logits_rel_err_max=float(rel.max()),
+                                greedy_agreement=float((b.argmax(1) == torch.tensor(ref)).float().mean()),
+                                bf16_self_agreement=float((a.argmax(1) == torch.tensor(ref)).float().mean())))
+                print(f"accuracy: {out[-1]}", flush=True)
+        finally:
+            q.shutdown()
+    res["accuracy"] = out
+
+
+FORMATS = [("bf16", {}), ("fp8", dict(quantization="fp8")),
+           ("fp8+kv8", dict(quantization="fp8", kv_cache_dtype="fp8"))]
 
 
 def decode_ms(llm: LLM, batch: int, n: int, prompt_len: int = 32) -> float:
@@ -114,22 +127,73 @@ def decode_ms(llm: LLM, batch: int, n: int, prompt_len: int = 32) -> float:
     return max(m)
 
 
+def prefill_tokens_per_s(llm: LLM, length: int) -> float:
+    """A `length`-token prompt's prefill (arrival to first token), after a shorter warm-up one."""
+    prompt = [1] + [(13 * j) % 60000 + 10 for j in range(length - 1)]
+    llm.generate([prompt[:256]], SamplingParams(temperature=0.0, max_tokens=1))
+    prompt[1] += 1                                      # no prefix-cache hit on the warm-up's pages
+    o = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))[0]
+    return length / (o.metrics.first_token_time - o.metrics.arrival_time)
+
+
 def run_decode(folder: str, args, res: dict) -> None:
     n = 8 if args.smoke else 256
     rows = []
-    for quant in (None, "fp8"):
-        llm = engine(folder, args.smoke, quantization=quant)
+    for name, opts in FORMATS:
+        llm = engine(folder, args.smoke, **opts)
         try:
-            row = {"weights": quant or "bf16"}
+            row = {"format": name}
             for batch in (1, 16):
                 row[f"batch{batch}_ms_per_token"] = round(decode_ms(llm, batch, n), 3)
+            row["prefill_2048_tokens_per_s"] = round(prefill_tokens_per_s(llm, 64 if args.smoke else 2048), 1)
             rows.append(row)
             print(f"decode: {row}", flush=True)
         finally:
             llm.shutdown()
-    if len(rows) == 2:
-        rows.append({"weights": "bf16 / fp8", **{k: round(rows[0][k] / rows[1][k], 2) for k in rows[0] if k != "weights"}})
+    for row in list(rows[1:]):                          # speed-ups: ms ratios bf16 / x, tokens/s ratios x / bf16
+        rows.append({"format": f"{row['format']} speed-up",
+                     **{k: round(rows[0][k] / row[k] if k.endswith("ms_per_token") else row[k] / rows[0][k], 2)
+                        for k in row if k != "format"}})
     res["decode"] = rows
+
+
+def run_gemm(args, res: dict) -> None:
+    import torch.nn.functional as F
+    import triton
+
+    from stepvox.engine.layers.fp8 import dequantize_rows, quantize_rows
+    from stepvox.kernels.gemm_fp8 import gemm_fp8_config, linear_fp8, linear_fp8_reference
+    dev = "cpu" if args.smoke else "cuda"
+    m = 64 if args.smoke else 2048
+    alt = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    shapes = [(64, 64)]
+    if not args.smoke:          # (N, K) of qkv, gate|up and down of each shape
+        shapes = []
+        for shape in (TTS_3B, CHAT_130B):
+            c = Step1Config.from_dict(config_dict(**shape))
+            h, kv, inter = c.hidden_size, c.kv_dim, c.intermediate_size
+            shapes += [(h + 2 * kv, h), (2 * inter, h), (h, inter)]
+    rows = []
+    for n, k in shapes:
+        w = torch.randn(n, k, device=dev) * 0.02
+        q, scale = quantize_rows(w)
+        del w
+        x = torch.randn(m, k, device=dev).to(torch.bfloat16 if not args.smoke else torch.float32)
+        wd = dequantize_rows(q, scale, x.dtype)
+        ref = linear_fp8_reference(x, q, scale).float()
+        err = float((linear_fp8(x, q, scale).float() - ref).abs().max() / ref.abs().max())
+        row = dict(m=m, n=n, k=k, rel_err=err)
+        if not args.smoke:
+            row["cublas_bf16_us"] = triton.testing.do_bench(lambda: F.linear(x, wd), return_mode="median") * 1e3
+            row["fp8_gemm_us"] = triton.testing.do_bench(lambda: linear_fp8(x, q, scale), return_mode="median") * 1e3
+            row["fp8_alt_tiles_us"] = triton.testing.do_bench(lambda: linear_fp8(x, q, scale, config=alt),
+                                                              return_mode="median") * 1e3
+            row["dequantize_then_cublas_us"] = triton.testing.do_bench(
+                lambda: F.linear(x, dequantize_rows(q, scale, x.dtype)), return_mode="median") * 1e3
+            row["fp8_tflops"] = 2 * m * n * k / row["fp8_gemm_us"] / 1e6
+        rows.append(row)
+        print(f"gemm: {row}", flush=True)
+    res["gemm"] = dict(default_config=gemm_fp8_config(m, torch.bfloat16, args.smoke), alt_config=alt, rows=rows)
 
 
 def copy_bandwidth_gbs(device: str) -> float:
@@ -159,8 +223,9 @@ def run_130b(root: str, args, res: dict) -> None:
         out["copy_bandwidth_gbs"] = copy_bandwidth_gbs("cuda")
     folder = bare_folder(os.path.join(root, "chat-130b"), shape)
     t0 = time.perf_counter()
-    llm = engine(folder, args.smoke, quantization="fp8", gpu_memory_utilization=0.97, cuda_graph_max_batch=16,
-                 max_num_seqs=16) if not args.smoke else engine(folder, True, quantization="fp8")
+    fp8 = dict(quantization="fp8", kv_cache_dtype="fp8")
+    llm = engine(folder, args.smoke, **fp8, gpu_memory_utilization=0.97, cuda_graph_max_batch=16,
+                 max_num_seqs=16) if not args.smoke else engine(folder, True, **fp8)
     out["load_s"] = time.perf_counter() - t0
     try:
         runner = llm.engine.executor.runner
@@ -171,13 +236,7 @@ def run_130b(root: str, args, res: dict) -> None:
         if "copy_bandwidth_gbs" in out:
             out["floor_ms"] = need / (out["copy_bandwidth_gbs"] * 1e9) * 1e3
             out["batch1_over_floor"] = out["batch1_ms_per_token"] / out["floor_ms"]
-        plen = 64 if args.smoke else 2048
-        prompt = [1] + [(13 * j) % 60000 + 10 for j in range(plen - 1)]
-        llm.generate([prompt[:256]], SamplingParams(temperature=0.0, max_tokens=1))                  # warm-up
-        t0 = time.perf_counter()
-        o = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))[0]
-        out["prefill_tokens_per_s"] = plen / (o.metrics.first_token_time - o.metrics.arrival_time)
-        out["prefill_wall_s"] = time.perf_counter() - t0
+        out["prefill_tokens_per_s"] = prefill_tokens_per_s(llm, 64 if args.smoke else 2048)
     finally:
         llm.shutdown()
     res["chat_130b_fp8"] = out
@@ -187,7 +246,7 @@ def run_130b(root: str, args, res: dict) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--sections", default="accuracy,decode,130b")
+    ap.add_argument("--sections", default="gemm,accuracy,decode,130b")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.out:
@@ -199,6 +258,8 @@ def main():
     folder = bare_folder(os.path.join(root, "tts-3b"), TINY if args.smoke else TTS_3B)
     sections = args.sections.split(",")
     try:
+        if "gemm" in sections:
+            guarded(res, "gemm", lambda: run_gemm(args, res))
         if "accuracy" in sections:
             guarded(res, "accuracy", lambda: run_accuracy(folder, args, res))
         if "decode" in sections:
@@ -210,12 +271,16 @@ def main():
         print(f"\nFP8 vs bf16 on {res['device']}; JSON: {path}")
         if res.get("errors"):
             print("FAILED SECTIONS:", {k: str(v)[:300] for k, v in res["errors"].items()})
+        if res.get("gemm"):
+            print_table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                         for r in res["gemm"]["rows"]], list(res["gemm"]["rows"][0]))
         if res.get("accuracy"):
             print_table([{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in res["accuracy"]],
-                        ["prompt_tokens", "positions", "logits_rel_err_median", "logits_rel_err_max", "greedy_agreement",
-                         "bf16_self_agreement"])
+                        ["format", "prompt_tokens", "positions", "logits_rel_err_median", "logits_rel_err_max",
+                         "greedy_agreement", "bf16_self_agreement"])
         if res.get("decode"):
-            print_table(res["decode"], ["weights", "batch1_ms_per_token", "batch16_ms_per_token"])
+            print_table(res["decode"], ["format", "batch1_ms_per_token", "batch16_ms_per_token",
+                                        "prefill_2048_tokens_per_s"])
         if res.get("chat_130b_fp8"):
             print_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in res["chat_130b_fp8"].items()}],
                         list(res["chat_130b_fp8"]))

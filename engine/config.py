@@ -163,6 +163,7 @@ PAGE_BOOKKEEPING_BYTES = 256      # host bytes per KV page in the block manager 
 _BOOLEAN_OPTIONS = ("enable_prefix_caching", "enforce_eager", "async_scheduling", "pdl", "fused_decode",
                     "triton_sampling", "quantize_lm_head")
 QUANTIZATIONS = (None, "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclasses.dataclass
@@ -196,6 +197,8 @@ class EngineConfig:
     quantization: str | None = None           # "fp8": quantize a bf16 folder's linear weights while loading
                                               # (an FP8 folder, `stepvox quantize`'s, loads as FP8 anyway)
     quantize_lm_head: bool = False            # with quantization="fp8": the LM head too
+    kv_cache_dtype: str = "auto"              # "auto": the model's dtype; "fp8": float8_e4m3fn with per-(layer,
+                                              # KV head) scales calibrated at load (half the bytes per token)
     load_format: str = "safetensors"          # "dummy": random weights of the config's shapes, made on the
                                               # device (benchmarks of shapes too big for a disk)
 
@@ -227,6 +230,7 @@ class EngineConfig:
         if self.quantization is not None:
             checks.one_of(self.quantization, "quantization", ConfigError, QUANTIZATIONS[1:])
         checks.one_of(self.load_format, "load_format", ConfigError, ("safetensors", "dummy"))
+        checks.one_of(self.kv_cache_dtype, "kv_cache_dtype", ConfigError, KV_CACHE_DTYPES)
         if self.quantize_lm_head and self.quantization != "fp8":
             raise ConfigError('quantize_lm_head goes with quantization="fp8"')
         if self.gemv_tiles is not None and not callable(self.gemv_tiles):
@@ -251,6 +255,10 @@ class EngineConfig:
         elif not isinstance(self.dtype, str) or (self.dtype != "auto" and self.dtype not in _DTYPES):
             raise ConfigError(f"dtype must be 'auto' or one of {', '.join(sorted(_DTYPES))}, "
                               f"got {checks.shown(self.dtype)}")
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type for a model computing in `model_dtype`."""
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else model_dtype
 
     def fp8_weights(self, cfg: Step1Config) -> tuple[bool, bool]:
         """(linear weights in FP8, LM head in FP8) for the model of `cfg`: what the folder stores, or

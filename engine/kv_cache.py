@@ -5,6 +5,12 @@ references per page and keeps prefix-cache entries: a full page is keyed by the 
 chained with its predecessor's key, so equal prompt prefixes map to the same pages. A page whose
 count drops to zero returns to the free list but keeps its key until the page is handed out again,
 so a later request (or a preempted one coming back) can still reuse it.
+
+An FP8 cache (`kv_cache_dtype="fp8"`) has one scale per (layer, KV head) for K and for V, fixed at
+load: the model runner runs a calibration prefill and takes each head's largest |K| and |V| with
+KV_SCALE_HEADROOM to spare (later values beyond it saturate; e4m3 keeps ~6% relative precision down
+to 2^-6 of the range, so the headroom costs little). Fixed scales keep pages valid for the prefix
+cache and for every request that shares them.
 """
 from __future__ import annotations
 
@@ -20,6 +26,24 @@ def allocate_kv_cache(num_layers: int, num_pages: int, num_kv_heads: int, page_s
     """One allocation for the whole cache; per layer a (K, V) pair of [pages, kv_heads, page, dim] views."""
     cache = torch.empty(num_layers, 2, num_pages, num_kv_heads, page_size, head_dim, dtype=dtype, device=device)
     return [(cache[i, 0], cache[i, 1]) for i in range(num_layers)]
+
+
+KV_SCALE_HEADROOM = 2.0
+CALIBRATION_TOKENS = 512
+
+
+def calibration_token_ids(vocab_size: int, count: int, seed: int = 0) -> torch.Tensor:
+    """The calibration prefill's ids: deterministic (every TP rank and every load the same), spread
+    over the whole vocabulary (text and audio tokens alike)."""
+    return torch.randint(0, vocab_size, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+def kv_scales_from_absmax(absmax: torch.Tensor, max_value: float = float(torch.finfo(torch.float8_e4m3fn).max),
+                          headroom: float = KV_SCALE_HEADROOM) -> torch.Tensor:
+    """FP8 scales for values up to `headroom` times the observed largest |x| (a head that saw only
+    zeros gets the scale of |x| = 1)."""
+    seen = torch.where(absmax > 0, absmax.float(), torch.ones_like(absmax, dtype=torch.float32))
+    return seen * headroom / max_value
 
 
 def kv_page_bytes(num_layers: int, num_kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype) -> int:

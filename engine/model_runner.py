@@ -23,7 +23,8 @@ from .device.graphs import GraphCache
 from .device.staging import StagedInputs, values_to_device
 from .distributed.parallel_state import TPGroup
 from .errors import ConfigError
-from .kv_cache import allocate_kv_cache, kv_page_bytes
+from .kv_cache import (CALIBRATION_TOKENS, allocate_kv_cache, calibration_token_ids, kv_page_bytes,
+                       kv_scales_from_absmax)
 from .models.step1 import Step1ForCausalLM
 from .models.step1_checkpoint import CheckpointReader
 from .models.step1_dummy import DummyReader
@@ -89,18 +90,24 @@ class ModelRunner:
                                           fp8_lm_head=fp8_head)
             self.model.load_weights(reader, progress=_LoadProgress(tp.rank, tp.size))
         self.model.fold_norm_weights()
-        if fp8 and device.type == "cuda":
-            log.warning("FP8 weights: decode products run the FP8 GEMV kernels; larger products dequantize each "
-                        "weight per call until an FP8 GEMM lands (slower prefill than bf16)")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.load_seconds = time.perf_counter() - t0
 
+        self.kv_dtype = ecfg.kv_dtype(self.dtype)
         self.num_pages = tp.min_int(self._decide_num_pages(), device)   # every rank holds the same pages
         self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, self.num_pages, self.local_kv_heads,
-                                          self.page_size, cfg.head_dim, self.dtype, device)
-        for layer, (k_cache, v_cache) in zip(self.model.attention_layers(), self.kv_cache):
+                                          self.page_size, cfg.head_dim, self.kv_dtype, device)
+        fp8_kv = self.kv_dtype == torch.float8_e4m3fn
+        # [layer, K/V, KV head]; the FP8 cache's scales, set by _calibrate_kv_scales
+        self.kv_scales = (torch.ones(cfg.num_hidden_layers, 2, self.local_kv_heads, dtype=torch.float32, device=device)
+                          if fp8_kv else None)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.model.attention_layers(), self.kv_cache)):
             layer.k_cache, layer.v_cache = k_cache, v_cache
+            if fp8_kv:
+                layer.k_scale, layer.v_scale = self.kv_scales[i, 0], self.kv_scales[i, 1]
+        if fp8_kv:
+            self._calibrate_kv_scales()
         graph_sizes = self._graph_sizes()
         pages = self.max_pages_per_seq * ecfg.max_num_seqs
         self.staging = StagedInputs(
@@ -119,7 +126,7 @@ class ModelRunner:
         if self.ecfg.num_kv_pages is not None:
             return self.ecfg.num_kv_pages
         per_page = kv_page_bytes(self.cfg.num_hidden_layers, self.local_kv_heads, self.page_size,
-                                 self.cfg.head_dim, self.dtype)
+                                 self.cfg.head_dim, self.kv_dtype)
         if self.device.type != "cuda":
             tokens = min(CPU_DEFAULT_KV_TOKENS, self.max_model_len * self.ecfg.max_num_seqs)
             return max(-(-tokens // self.page_size), self.max_pages_per_seq)
@@ -153,6 +160,26 @@ class ModelRunner:
         del hidden
         torch.cuda.empty_cache()
         return peak
+
+    @torch.inference_mode()
+    def _calibrate_kv_scales(self) -> None:
+        """The FP8 cache's scales from a calibration prefill (nothing is written to the cache):
+        each (layer, KV head)'s largest |K| and |V|, with headroom (kv_cache.py)."""
+        tokens = min(CALIBRATION_TOKENS, self.ecfg.max_num_batched_tokens, self.max_model_len)
+        ids = calibration_token_ids(self.cfg.vocab_size, tokens).to(self.device)
+        meta = AttentionMetadata(slot_mapping=None, num_prefill_tokens=tokens,
+                                 prefill_cu_seqlens=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+                                 prefill_max_len=tokens)
+        layers = list(self.model.attention_layers())
+        absmax = torch.zeros_like(self.kv_scales)
+        for layer, seen in zip(layers, absmax):
+            layer.kv_absmax = seen
+        try:
+            self.model(ids, meta)
+        finally:
+            for layer in layers:
+                layer.kv_absmax = None
+        self.kv_scales.copy_(kv_scales_from_absmax(absmax))
 
     @torch.inference_mode()
     def _warmup(self) -> None:

@@ -10,6 +10,7 @@ from .attention_decode import attention_decode, attention_decode_reference, defa
 from .attention_prefill import attention_prefill, attention_prefill_reference
 from .backend import BACKENDS, KernelConfig, use_triton
 from .embedding import embedding_sumsq, embedding_sumsq_reference
+from .gemm_fp8 import linear_fp8, linear_fp8_reference
 from .gemv import (linear_small_m, linear_small_m_add_, linear_small_m_add_reference, linear_small_m_reference,
                    rms_linear_small_m, rms_linear_small_m_reference)
 from .kv_cache import write_kv, write_kv_reference
@@ -24,6 +25,7 @@ __all__ = [
     "silu_and_mul", "silu_and_mul_reference",
     "linear_small_m", "linear_small_m_reference",
     "rms_linear_small_m", "rms_linear_small_m_reference", "linear_small_m_add_", "linear_small_m_add_reference",
+    "linear_fp8", "linear_fp8_reference",
     "embedding_sumsq", "embedding_sumsq_reference",
     "BACKENDS", "KernelConfig", "use_triton",
 ]

@@ -6,6 +6,8 @@ and KV head to finish merges the partial results (an atomic counter tells which)
 second kernel. One program serves all query heads of a KV group, so each K/V page is read once
 per group, and the square root of each key distance is computed once and reused by those heads.
 The query of sequence b sits at position seq_lens[b] - 1; its own K/V must already be written.
+An FP8 cache is read as is: a program serves one KV head, so that head's K scale folds into the
+score scale and its V scale into the output.
 """
 from __future__ import annotations
 
@@ -19,18 +21,24 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .alibi import sqrt_alibi_bias
 from .attention_common import LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, softmax_update
 from .backend import num_sms, use_triton
-from .kv_cache import check_cache_pair, gather_pages, write_kv_reference
+from .kv_cache import FP8_KV_MAX, cache_value, check_cache_pair, gather_pages, is_fp8_cache, write_kv_reference
 from .pdl import pdl_launch_options
 
 
-def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale):
+def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale, k_scale=None, v_scale=None,
+                               k_new=None, v_new=None):
+    """With k_new, v_new [B, Hkv, D], the newest key of each sequence is theirs (as given, not as
+    the cache stores it), like the kernel's."""
     hq, hkv = q.shape[1], k_cache.shape[1]
     out = torch.zeros_like(q)
     for b, length in enumerate(seq_lens.tolist()):
         if length == 0:
             continue
-        keys = gather_pages(k_cache, block_table[b], length).float().repeat_interleave(hq // hkv, dim=1)
-        values = gather_pages(v_cache, block_table[b], length).float().repeat_interleave(hq // hkv, dim=1)
+        keys = gather_pages(k_cache, block_table[b], length, k_scale).float()
+        values = gather_pages(v_cache, block_table[b], length, v_scale).float()
+        if k_new is not None:
+            keys[-1], values[-1] = k_new[b].float(), v_new[b].float()
+        keys, values = keys.repeat_interleave(hq // hkv, dim=1), values.repeat_interleave(hq // hkv, dim=1)
         pos = torch.arange(length, device=q.device)
         scores = torch.einsum("hd,khd->hk", q[b].float(), keys) * scale
         scores = scores + sqrt_alibi_bias(slopes.float(), pos[-1:], pos)[:, 0]
@@ -41,12 +49,12 @@ def attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slope
 # one binary whatever the split count and block-table width (they change from step to step)
 @triton.jit(do_not_specialize=["num_splits", "min_keys", "stride_bt"])
 def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
-                   qk_scale, num_splits, min_keys,
+                   KScale, VScale, qk_scale, num_splits, min_keys,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
                    stride_nb, stride_nh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   USE_PDL: tl.constexpr, KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,10 +66,10 @@ def _decode_kernel(Q, KC, VC, BlockTable, SeqLens, Slopes, O, OPart, LsePart, Lo
     active = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_keys)), 1)
     if split < active:
         _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
-                        qk_scale, num_splits, seq, kvh, split, seq_len, active,
+                        KScale, VScale, qk_scale, num_splits, seq, kvh, split, seq_len, active,
                         stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
                         stride_nb, stride_nh, GROUP, GROUP_PAD, D, BLOCK_N, PAGE, SPLIT, HAS_NEW, DOT_PRECISION,
-                        USE_PDL)
+                        USE_PDL, KV_FP8, FP8_MAX)
 
 
 @triton.jit
@@ -77,7 +85,11 @@ def _load_keys(KC, VC, bt_row, kvh, n0, cached_end, offs_n, offs_d, stride_cp, s
 
 
 @triton.jit
-def _attend_keys(q, k, v, kidx, kmask, coef, qpos, qk_scale, acc, l_i, m_i, DOT_PRECISION: tl.constexpr):
+def _attend_keys(q, k, v, kidx, kmask, coef, qpos, qk_scale, acc, l_i, m_i, DOT_PRECISION: tl.constexpr,
+                 KV_FP8: tl.constexpr):
+    if KV_FP8:                       # exact in q's dtype; the scales are applied by the caller
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     root = tl.sqrt(tl.maximum(qpos - kidx.to(tl.float32), 0.0))   # once per key, for all heads
     s = qk * qk_scale + coef[:, None] * root[None, :]
@@ -87,12 +99,12 @@ def _attend_keys(q, k, v, kidx, kmask, coef, qpos, qk_scale, acc, l_i, m_i, DOT_
 
 @triton.jit
 def _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNew, VNew, NewSlots,
-                    qk_scale, num_splits, seq, kvh, split, seq_len, active,
+                    KScale, VScale, qk_scale, num_splits, seq, kvh, split, seq_len, active,
                     stride_qb, stride_qh, stride_ob, stride_oh, stride_cp, stride_ch, stride_cs, stride_bt,
                     stride_nb, stride_nh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                     PAGE: tl.constexpr, SPLIT: tl.constexpr, HAS_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    USE_PDL: tl.constexpr, KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr):
     chunk = tl.cdiv(tl.cdiv(seq_len, active), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
@@ -107,6 +119,13 @@ def _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNe
     offs_d = tl.arange(0, D)
     coef = -tl.load(Slopes + heads, mask=hmask, other=0.0) * LOG2E
     qpos = (seq_len - 1).to(tl.float32)
+    # FP8 cache: cached keys score with qk_scale * k_scale, and the accumulator sums p * (v / v_scale),
+    # so the output takes v_scale once at the end
+    cached_qk_scale = qk_scale
+    v_scale = 1.0
+    if KV_FP8:
+        cached_qk_scale = qk_scale * tl.load(KScale + kvh)
+        v_scale = tl.load(VScale + kvh)
     bt_row = BlockTable + seq.to(tl.int64) * stride_bt
     # the first tile of cached keys is requested before the wait (a short context has no other)
     k, v, kidx, kmask = _load_keys(KC, VC, bt_row, kvh, start, cached_end, offs_n, offs_d,
@@ -124,11 +143,13 @@ def _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNe
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     if start < cached_end:
-        acc, l_i, m_i = _attend_keys(q, k, v, kidx, kmask, coef, qpos, qk_scale, acc, l_i, m_i, DOT_PRECISION)
+        acc, l_i, m_i = _attend_keys(q, k, v, kidx, kmask, coef, qpos, cached_qk_scale, acc, l_i, m_i, DOT_PRECISION,
+                                     KV_FP8)
     for n0 in range(start + BLOCK_N, cached_end, BLOCK_N):
         k, v, kidx, kmask = _load_keys(KC, VC, bt_row, kvh, n0, cached_end, offs_n, offs_d,
                                        stride_cp, stride_ch, stride_cs, PAGE)
-        acc, l_i, m_i = _attend_keys(q, k, v, kidx, kmask, coef, qpos, qk_scale, acc, l_i, m_i, DOT_PRECISION)
+        acc, l_i, m_i = _attend_keys(q, k, v, kidx, kmask, coef, qpos, cached_qk_scale, acc, l_i, m_i, DOT_PRECISION,
+                                     KV_FP8)
 
     if HAS_NEW:
         # the new key joins from registers (distance 0, no bias) and is written to its cache slot:
@@ -137,17 +158,21 @@ def _decode_program(Q, KC, VC, BlockTable, Slopes, O, OPart, LsePart, Locks, KNe
             slot = tl.load(NewSlots + seq).to(tl.int64)
             if slot >= 0:
                 dst = (slot // PAGE) * stride_cp + kvh * stride_ch + (slot % PAGE) * stride_cs + offs_d
-                tl.store(KC + dst, k_new.to(KC.dtype.element_ty))
-                tl.store(VC + dst, v_new.to(VC.dtype.element_ty))
+                k_inv = 1.0
+                if KV_FP8:
+                    k_inv = 1.0 / tl.load(KScale + kvh)
+                tl.store(KC + dst, cache_value(k_new, k_inv, KC, KV_FP8, FP8_MAX))
+                tl.store(VC + dst, cache_value(v_new, 1.0 / v_scale, VC, KV_FP8, FP8_MAX))
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.math.exp2(m_i - m_new)
             p_new = tl.math.exp2(s_new - m_new)
             l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            # the new key is attended at full precision (its cache copy is what later steps read)
+            acc = acc * alpha[:, None] + p_new[:, None] * (v_new.to(tl.float32) / v_scale)[None, :]
             m_i = m_new
 
-    o = acc / tl.maximum(l_i, 1e-30)[:, None]     # an empty range (padding row) gives 0
+    o = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]     # an empty range (padding row) gives 0
     if SPLIT:
         if active > 1:
             # partial result of this key range; the last program of the (sequence, KV head) to finish
@@ -229,8 +254,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      new_slots: torch.Tensor | None = None, num_splits: int | None = None,
                      max_seq_len: int | None = None, out: torch.Tensor | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     min_keys_per_split: int = MIN_KEYS_PER_SPLIT, backend: str = "auto",
-                     pdl: bool = True) -> torch.Tensor:
+                     min_keys_per_split: int = MIN_KEYS_PER_SPLIT, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None, backend: str = "auto", pdl: bool = True) -> torch.Tensor:
     """q [B, Hq, D] at position seq_lens[b] - 1 of sequence b; keys 0..seq_lens[b]-1.
 
     Without k_new, every key must already be in the cache. With k_new/v_new [B, Hkv, D] and
@@ -239,9 +264,10 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_splits is fixed by the caller for CUDA-graph capture; otherwise it is chosen from the batch
     and max_seq_len (an upper bound of seq_lens; defaults to the block table's capacity). It is an
     upper bound: sequence b uses min(num_splits, ceil(seq_lens[b] / min_keys_per_split)) ranges.
-    A sequence with seq_lens[b] == 0 (padding) gets a zero output.
+    A sequence with seq_lens[b] == 0 (padding) gets a zero output. An FP8 cache (float8_e4m3fn)
+    comes with k_scale, v_scale [Hkv] float32 (kernels/kv_cache.py); the new K/V are written quantized.
     """
-    check_cache_pair(k_cache, v_cache)
+    check_cache_pair(k_cache, v_cache, k_scale, v_scale)
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[1]:
         raise ValueError(f"attention_decode: q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
     batch, hq, dim = q.shape
@@ -256,8 +282,9 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     if not use_triton(q, backend) or not is_power_of_two(dim):
         if has_new:
-            write_kv_reference(k_new, v_new, k_cache, v_cache, new_slots)
-        result = attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale)
+            write_kv_reference(k_new, v_new, k_cache, v_cache, new_slots, k_scale, v_scale)
+        result = attention_decode_reference(q, k_cache, v_cache, block_table, seq_lens, slopes, scale, k_scale, v_scale,
+                                            k_new, v_new)
         if out is None:
             return result
         out.copy_(result)
@@ -287,12 +314,14 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         new_args = (q, q, seq_lens, 0, 0)
     kn, vn, ns, stride_nb, stride_nh = new_args
+    fp8 = is_fp8_cache(k_cache)
     _decode_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, slopes, out, o_part, lse_part, locks, kn, vn, ns,
-        scale * LOG2E_HOST, num_splits, max(1, int(min_keys_per_split)),
+        k_scale if fp8 else slopes, v_scale if fp8 else slopes, scale * LOG2E_HOST, num_splits,
+        max(1, int(min_keys_per_split)),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), stride_nb, stride_nh,
         GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=dim, BLOCK_N=block_n, PAGE=page,
-        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype),
+        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8, FP8_MAX=FP8_KV_MAX,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch_options(q, pdl))
     return out

@@ -2,7 +2,9 @@
 
 Each sequence b has n_b new queries at absolute positions ctx_b .. ctx_b + n_b - 1. They attend to
 the ctx_b keys already in the paged cache (chunked prefill, prefix caching) and causally to their
-own new keys. The bias always uses absolute positions.
+own new keys. The bias always uses absolute positions. Cached keys may come from an FP8 cache
+(kernels/kv_cache.py): a program serves one head, so its KV head's K scale folds into the score
+scale of those tiles and V is dequantized as it is loaded; the new keys are used as given.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from .alibi import sqrt_alibi_bias
 from .attention_common import (LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, scores_exact,
                                scores_poly, softmax_update)
 from .backend import use_triton
-from .kv_cache import check_cache_pair, gather_pages
+from .kv_cache import check_cache_pair, gather_pages, is_fp8_cache
 
 
 def attention_prefill_reference(q, k, v, cu_seqlens, slopes, scale, k_cache=None, v_cache=None,
-                                block_table=None, context_lens=None):
+                                block_table=None, context_lens=None, k_scale=None, v_scale=None):
     """Plain PyTorch, float32 math, one sequence at a time."""
     hq, hkv = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
@@ -33,8 +35,8 @@ def attention_prefill_reference(q, k, v, cu_seqlens, slopes, scale, k_cache=None
             continue
         keys, values = k[lo:hi], v[lo:hi]
         if ctx:
-            keys = torch.cat([gather_pages(k_cache, block_table[b], ctx).to(k.dtype), keys])
-            values = torch.cat([gather_pages(v_cache, block_table[b], ctx).to(v.dtype), values])
+            keys = torch.cat([gather_pages(k_cache, block_table[b], ctx, k_scale).float(), keys.float()])
+            values = torch.cat([gather_pages(v_cache, block_table[b], ctx, v_scale).float(), values.float()])
         keys = keys.float().repeat_interleave(hq // hkv, dim=1)
         values = values.float().repeat_interleave(hq // hkv, dim=1)
         q_pos = torch.arange(ctx, ctx + hi - lo, device=q.device)
@@ -65,13 +67,24 @@ def _load_new_kv(k_base, v_base, q_start, n0, kvh, offs_n, offs_d, q_len, stride
     return k, v
 
 
+@triton.jit
+def _cached_kv(k, v, v_scale, dtype: tl.constexpr, KV_FP8: tl.constexpr):
+    """Cached K/V tiles in the queries' dtype: FP8 K as is (its scale is in the score scale), FP8 V
+    dequantized (it shares the accumulator with the new tokens' V)."""
+    if KV_FP8:
+        k = k.to(dtype)
+        v = (v.to(tl.float32) * v_scale).to(dtype)
+    return k, v
+
+
 @triton.jit(do_not_specialize=["stride_bt"])   # the block-table width changes from step to step
-def _prefill_kernel(Q, K, V, O, Slopes, CuSeqlens, KC, VC, BlockTable, ContextLens, qk_scale,
+def _prefill_kernel(Q, K, V, O, Slopes, CuSeqlens, KC, VC, BlockTable, ContextLens, KScale, VScale, qk_scale,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_cp, stride_ch, stride_cs, stride_bt,
                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PAGE: tl.constexpr, HAS_CONTEXT: tl.constexpr, POLY_DIST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, POLY_DEGREE: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, POLY_DEGREE: tl.constexpr,
+                    KV_FP8: tl.constexpr):
     h = tl.program_id(0)
     seq = tl.program_id(2)
     q_start = tl.load(CuSeqlens + seq)
@@ -104,6 +117,11 @@ def _prefill_kernel(Q, K, V, O, Slopes, CuSeqlens, KC, VC, BlockTable, ContextLe
 
     if HAS_CONTEXT:
         # keys 0..ctx-1 from the paged cache; every one is visible to every row of the block
+        ctx_qk_scale = qk_scale
+        v_scale = 1.0
+        if KV_FP8:
+            ctx_qk_scale = qk_scale * tl.load(KScale + kvh)
+            v_scale = tl.load(VScale + kvh)
         poly_end = 0
         if POLY_DIST > 0:
             lim = ctx + m_start - POLY_DIST - BLOCK_N + 1
@@ -116,7 +134,8 @@ def _prefill_kernel(Q, K, V, O, Slopes, CuSeqlens, KC, VC, BlockTable, ContextLe
                 base = page * stride_cp + kvh * stride_ch + (kidx % PAGE) * stride_cs
                 k = tl.load(KC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
                 v = tl.load(VC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-                s = scores_poly(q, k, qpos, n0 + (BLOCK_N - 1) * 0.5, e, qk_scale, coef, DOT_PRECISION,
+                k, v = _cached_kv(k, v, v_scale, q.dtype, KV_FP8)
+                s = scores_poly(q, k, qpos, n0 + (BLOCK_N - 1) * 0.5, e, ctx_qk_scale, coef, DOT_PRECISION,
                                 POLY_DEGREE)
                 s = tl.where(kmask[None, :], s, float("-inf"))
                 acc, l_i, m_i = softmax_update(acc, l_i, m_i, s, v, False, DOT_PRECISION)
@@ -127,7 +146,8 @@ def _prefill_kernel(Q, K, V, O, Slopes, CuSeqlens, KC, VC, BlockTable, ContextLe
             base = page * stride_cp + kvh * stride_ch + (kidx % PAGE) * stride_cs
             k = tl.load(KC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
             v = tl.load(VC + base[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            s = scores_exact(q, k, qpos, kidx.to(tl.float32), qk_scale, coef, DOT_PRECISION)
+            k, v = _cached_kv(k, v, v_scale, q.dtype, KV_FP8)
+            s = scores_exact(q, k, qpos, kidx.to(tl.float32), ctx_qk_scale, coef, DOT_PRECISION)
             s = tl.where(kmask[None, :], s, float("-inf"))
             acc, l_i, m_i = softmax_update(acc, l_i, m_i, s, v, False, DOT_PRECISION)
 
@@ -205,6 +225,7 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                       block_table: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
                       out: torch.Tensor | None = None, config: dict | None = None,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                       backend: str = "auto") -> torch.Tensor:
     """Causal sqrt-ALiBi attention over a varlen batch.
 
@@ -212,7 +233,8 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     max_seqlen = max new tokens of a sequence (pass it to avoid a device sync); slopes [Hq]
     (this rank's slice). With context_lens [B] > 0, sequence b's queries sit at positions
     context_lens[b]..., and also attend to keys 0..context_lens[b]-1 read from k_cache/v_cache
-    ([pages, Hkv, page_size, D]) through block_table [B, max_pages] int32.
+    ([pages, Hkv, page_size, D]) through block_table [B, max_pages] int32; an FP8 cache with its
+    per-KV-head k_scale, v_scale [Hkv] float32.
     """
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"attention_prefill: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
@@ -225,12 +247,12 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if has_context:
         if k_cache is None or v_cache is None or block_table is None:
             raise ValueError("attention_prefill: context_lens needs k_cache, v_cache and block_table")
-        check_cache_pair(k_cache, v_cache)
+        check_cache_pair(k_cache, v_cache, k_scale, v_scale)
         if block_table.shape[0] != cu_seqlens.shape[0] - 1 or context_lens.shape[0] != block_table.shape[0]:
             raise ValueError("attention_prefill: block_table and context_lens need one row per sequence")
     if not use_triton(q, backend) or not is_power_of_two(dim):
         result = attention_prefill_reference(q, k, v, cu_seqlens, slopes, scale, k_cache, v_cache,
-                                             block_table, context_lens)
+                                             block_table, context_lens, k_scale, v_scale)
         if out is None:
             return result
         out.copy_(result)
@@ -251,11 +273,13 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         qa, ka, va = (_descriptor(t, rows, dim) for t, rows in ((q, block_m), (k, cfg["BLOCK_N"]), (v, cfg["BLOCK_N"])))
     kc, vc, bt, cl = (k_cache, v_cache, block_table, context_lens) if has_context else (k, v, cu_seqlens, cu_seqlens)
     cache_strides = (kc.stride(0), kc.stride(1), kc.stride(2)) if has_context else (0, 0, 0)
+    fp8 = has_context and is_fp8_cache(k_cache)
+    scales = (k_scale, v_scale) if fp8 else (slopes, slopes)
     grid = (hq, triton.cdiv(max_seqlen, block_m), num_seqs)
     _prefill_kernel[grid](
-        qa, ka, va, out, slopes, cu_seqlens, kc, vc, bt, cl, scale * LOG2E_HOST,
+        qa, ka, va, out, slopes, cu_seqlens, kc, vc, bt, cl, *scales, scale * LOG2E_HOST,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         *cache_strides, bt.stride(0) if has_context else 0,
         GROUP=hq // hkv, D=dim, BLOCK_M=block_m, PAGE=kc.shape[2] if has_context else 1,
-        HAS_CONTEXT=has_context, DOT_PRECISION=dot_precision(q.dtype), USE_TMA=use_tma, **cfg)
+        HAS_CONTEXT=has_context, DOT_PRECISION=dot_precision(q.dtype), USE_TMA=use_tma, KV_FP8=fp8, **cfg)
     return out

@@ -87,6 +87,12 @@ def test_fp8_tp_greedy_equals_fp8_tp1(four_groups, tp, tmp_path):
     assert _tokens(fp8, tp) == reference
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fp8_kv_cache_tp_greedy_equals_tp1(four_groups, tp):
+    """Each rank calibrates the FP8 scales of its own KV heads on the same calibration prefill."""
+    assert _tokens(four_groups, tp, kv_cache_dtype="fp8") == _tokens(four_groups, 1, kv_cache_dtype="fp8")
+
+
 def test_dummy_weights_tp2_equal_tp1(four_groups):
     """Each rank makes the same whole random tensor and keeps its slice."""
     assert _tokens(four_groups, 2, load_format="dummy") == _tokens(four_groups, 1, load_format="dummy")

@@ -1,7 +1,8 @@
 """FP8 weights (W8A16, one scale per output channel): the quantize-dequantize bound, loading (a bf16
 folder quantized while loading and the `stepvox quantize` folder hold the same tensors), the FP8
 model computing exactly what its dequantized weights compute, tensor-parallel slices, and the
-folder checks. All on the CPU with the reference product (the FP8 kernels are GPU work)."""
+folder checks; the FP8 KV cache in the engine (its calibrated scales, its error, the Triton path
+with prefix-cached pages). On the CPU with the reference product or the Triton interpreter."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from stepvox import cli
 from stepvox.engine.config import Step1Config
 from stepvox.engine.distributed.parallel_state import TPGroup
 from stepvox.engine.errors import CheckpointError, ConfigError
+from stepvox.engine.kv_cache import kv_page_bytes
 from stepvox.engine.layers.embedding import ParallelLMHead
 from stepvox.engine.layers.fp8 import (E4M3_MAX, E4M3_RELATIVE_ERROR, E4M3_SUBNORMAL_ERROR, FP8_DTYPE,
                                        dequantize_rows, quantize_rows)
@@ -200,7 +202,7 @@ def test_stepvox_quantize_writes_a_folder_that_generates(folders, tmp_path, caps
     assert Step1Config.from_folder(str(dst)).quantization == "fp8"
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
     assert cli.main(["generate", "--model", str(dst), "--device", "cpu", "--kernels", "reference",
-                     "--max-tokens", "4", "--max-model-len", "256"]) == 0
+                     "--max-tokens", "4", "--max-model-len", "256", "--kv-cache-dtype", "fp8"]) == 0
     assert cli.main(["quantize", src, str(dst), "--device", "cpu"]) == 2        # exists: refused, nothing touched
     assert capsys.readouterr().err.endswith(f"stepvox: error: {dst} exists: give a new folder\n")
     assert cli.main(["quantize", str(dst), str(tmp_path / "again"), "--device", "cpu"]) == 2
@@ -260,3 +262,83 @@ def test_dummy_weights_need_only_the_config_and_tokenizer(folders, tmp_path):
     assert runs[0] == runs[1]                                # a tensor's values come from its name
     with pytest.raises(ConfigError, match="load_format must be one of"):
         LLM(str(bare), load_format="pt", **ENGINE)
+
+
+class LogitsRecorder:
+    """Records each step's logits, then forces the next token of `script` (both engines then see
+    the same tokens, so their logits compare position by position)."""
+
+    def __init__(self, script):
+        self.script, self.rows = script, []
+
+    def __call__(self, output_ids, row):
+        self.rows.append(row.detach().float().clone())
+        forced = torch.full_like(row, float("-inf"))
+        forced[self.script[min(len(output_ids), len(self.script) - 1)]] = 0.0
+        return forced
+
+
+def test_an_fp8_kv_cache_is_calibrated_at_load_and_stays_close_to_the_full_cache(folders):
+    """kv_cache_dtype="fp8": one-byte pages, per-(layer, KV head) scales from the calibration
+    prefill (the same on every load), and logits along the full cache's greedy tokens within e4m3's
+    2^-4 relative bound (each cached element is within it; the logits average many)."""
+    src, _, _ = folders
+    prompts = ["hello world, this is a longer prompt for the cache", "今天天气很好"]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    full = LLM(src, **ENGINE)
+    try:
+        scripts = [o.outputs[0].token_ids for o in full.generate(prompts, params)]
+        want = []
+        for prompt, script in zip(prompts, scripts):
+            rec = LogitsRecorder(script)
+            full.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                                   logits_processors=[rec]))
+            want.append(torch.stack(rec.rows))
+    finally:
+        full.shutdown()
+    scales = []
+    for _ in range(2):
+        llm = LLM(src, kv_cache_dtype="fp8", **ENGINE)
+        try:
+            runner = llm.engine.executor.runner
+            assert runner.kv_cache[0][0].dtype == FP8_DTYPE
+            scales.append(runner.kv_scales.clone())
+            errors = []
+            for prompt, script, ref in zip(prompts, scripts, want):
+                rec = LogitsRecorder(script)
+                llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                                      logits_processors=[rec]))
+                got = torch.stack(rec.rows)
+                errors.append((got - ref).norm(dim=1) / ref.norm(dim=1))
+        finally:
+            llm.shutdown()
+    cfg = runner.cfg
+    assert scales[0].shape == (cfg.num_hidden_layers, 2, cfg.num_attention_groups)
+    assert torch.equal(scales[0], scales[1]) and bool((scales[0] > 0).all())
+    assert len(set(scales[0].flatten().tolist())) == scales[0].numel()         # each head its own
+    errors = torch.cat(errors)
+    assert 0 < float(errors.max()) < 2.0 ** -4
+    assert kv_page_bytes(2, 2, 16, 64, FP8_DTYPE) * 2 == kv_page_bytes(2, 2, 16, 64, torch.bfloat16)
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
+        LLM(src, kv_cache_dtype="int8", **ENGINE)
+
+
+def test_the_triton_fp8_kv_path_gives_the_reference_tokens(folders):
+    """Kernels under the interpreter (the fused decode step writing quantized K/V, prefill reading
+    prefix-cached FP8 pages as context) against the reference kernels on the same FP8 cache: both
+    round to the same e4m3 values, so the greedy tokens agree."""
+    src, _, _ = folders
+    opts = dict(device="cpu", max_model_len=128, page_size=4, max_num_batched_tokens=16, kv_cache_dtype="fp8")
+    prompts = ["Hello world, how are you today", "Hello world, how are you doing"]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    got = {}
+    for backend in ("reference", "triton"):
+        llm = LLM(src, kernel_backend=backend, **opts)
+        try:
+            first = llm.generate(prompts[:1], params)[0].outputs[0].token_ids
+            second = llm.generate(prompts[1:], params)[0]          # its prefix pages come from the cache
+            assert second.metrics.num_cached_tokens >= 4
+            got[backend] = [first, second.outputs[0].token_ids]
+        finally:
+            llm.shutdown()
+    assert got["triton"] == got["reference"]

@@ -13,7 +13,12 @@ from .linear import ColumnParallelLinear, Matmul, RowParallelLinear
 
 
 class PagedSqrtAlibiAttention(nn.Module):
-    """Attention over this rank's heads, given q/k/v of the step's tokens and the layer's cache."""
+    """Attention over this rank's heads, given q/k/v of the step's tokens and the layer's cache.
+
+    An FP8 cache comes with `k_scale`, `v_scale` [kv_heads] (model_runner.py sets all four). While
+    `kv_absmax` [2, kv_heads] is set, each forward also raises it to the step's largest |K| and |V|
+    per KV head (the calibration of the FP8 scales).
+    """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, slopes: torch.Tensor,
                  kernels: KernelConfig):
@@ -24,26 +29,34 @@ class PagedSqrtAlibiAttention(nn.Module):
         self.register_buffer("slopes", slopes.float(), persistent=False)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        self.kv_absmax: torch.Tensor | None = None
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         d = meta.num_decode
         backend = self.kernels.backend
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        if self.kv_absmax is not None:
+            torch.maximum(self.kv_absmax, torch.stack([k.abs().amax(dim=(0, 2)), v.abs().amax(dim=(0, 2))]).float(),
+                          out=self.kv_absmax)
         if self.k_cache is not None and meta.slot_mapping is not None and meta.num_prefill_tokens:
-            write_kv(k[d:], v[d:], self.k_cache, self.v_cache, meta.slot_mapping[d:], backend=backend)
+            write_kv(k[d:], v[d:], self.k_cache, self.v_cache, meta.slot_mapping[d:], **scales, backend=backend)
         if d:
             # the decode kernel writes the decodes' own K/V to the cache (one launch, not two)
             attention_decode(q[:d], self.k_cache, self.v_cache, meta.decode_block_table, meta.decode_seq_lens,
                              self.slopes, self.scale, k_new=k[:d], v_new=v[:d], new_slots=meta.slot_mapping[:d],
                              num_splits=meta.decode_num_splits, max_seq_len=meta.decode_max_seq_len, out=out[:d],
-                             backend=backend, pdl=self.kernels.pdl)
+                             **scales, backend=backend, pdl=self.kernels.pdl)
         if meta.num_prefill_tokens:
             has_ctx = meta.prefill_context_lens is not None
             attention_prefill(q[d:], k[d:], v[d:], meta.prefill_cu_seqlens, meta.prefill_max_len, self.slopes,
                               self.scale, k_cache=self.k_cache if has_ctx else None,
                               v_cache=self.v_cache if has_ctx else None,
                               block_table=meta.prefill_block_table if has_ctx else None,
-                              context_lens=meta.prefill_context_lens, out=out[d:], backend=backend)
+                              context_lens=meta.prefill_context_lens, out=out[d:],
+                              **(scales if has_ctx else {}), backend=backend)
         return out
 
 

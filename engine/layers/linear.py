@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepvox.kernels import KernelConfig, linear_small_m
+from stepvox.kernels import KernelConfig, linear_fp8, linear_small_m, use_triton
 
 from ..distributed.parallel_state import TPGroup
 from ..errors import CheckpointError, ConfigError
@@ -29,8 +29,8 @@ ROW_BLOCK_BYTES = 256 << 20        # host memory a row-parallel FP8 load reads a
 
 class Matmul:
     """x W^T: decode-sized batches (at most `gemv_max_rows` rows) on the GPU take the streaming GEMV
-    kernel, the rest cuBLAS. `gemv_tiles(N, K)` may give a product's GEMV tile config (None: the
-    kernel's own choice)."""
+    kernel; larger products take cuBLAS, or the FP8 GEMM (kernels/gemm_fp8.py) for an FP8 weight.
+    `gemv_tiles(N, K)` may give a product's GEMV tile config (None: the kernel's own choice)."""
 
     def __init__(self, kernels: KernelConfig, gemv_max_rows: int = 16,
                  gemv_tiles: Callable[[int, int], dict | None] | None = None):
@@ -42,12 +42,16 @@ class Matmul:
         return self.gemv_tiles(*weight.shape) if self.gemv_tiles is not None else None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """`scale`: the row scales of an FP8 weight (the GEMV kernel reads FP8 itself; larger
-        products dequantize the weight first until an FP8 GEMM exists)."""
+        """`scale`: the row scales of an FP8 weight. The GEMV and the FP8 GEMM read FP8 weights
+        themselves; only where neither runs (the reference backend) is the weight dequantized per call."""
         if x.is_cuda and x.dim() == 2 and x.shape[0] <= self.gemv_max_rows:
             return linear_small_m(x, weight, config=self.tiles(weight), scale=scale, backend=self.kernels.backend,
                                   pdl=self.kernels.pdl)
         if scale is not None:
+            if use_triton(x, self.kernels.backend):
+                # the kernel takes rows: leading dims (batch, tokens) are flattened and restored
+                out = linear_fp8(x.reshape(-1, x.shape[-1]), weight, scale, backend=self.kernels.backend)
+                return out.reshape(*x.shape[:-1], weight.shape[0])
             return F.linear(x, dequantize_rows(weight, scale, x.dtype))
         return F.linear(x, weight)
 

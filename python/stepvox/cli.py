@@ -30,7 +30,7 @@ import torch
 
 from stepvox import __version__
 from stepvox.engine.audio.decoder_stream import StreamConfig
-from stepvox.engine.config import EngineConfig, Step1Config
+from stepvox.engine.config import KV_CACHE_DTYPES, EngineConfig, Step1Config
 from stepvox.engine.models.step1_quantize import quantize_folder
 from stepvox.engine.errors import AudioInputError, CheckpointError, ConfigError, InvalidRequestError, StepvoxError
 from stepvox.engine.frontend.audio_formats import FORMATS, RATES, output_rate
@@ -74,6 +74,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------- argument types
+def _add_precision_options(parser, what: str) -> None:
+    parser.add_argument("--quantization", choices=("fp8",), default=None,
+                        help=f"fp8: {what}'s linear weights in FP8 (W8A16, quantized while loading; an FP8 folder "
+                             "loads as FP8 anyway)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="fp8: a one-byte KV cache (twice the tokens; scales calibrated at load); auto: the "
+                             "model's dtype")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -198,7 +207,7 @@ def cmd_generate(args) -> int:
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
     options = dict(device=args.device, dtype=args.dtype, tensor_parallel_size=args.tp,
                    max_model_len=args.max_model_len, enforce_eager=args.eager, kernel_backend=args.kernels,
-                   quantization=args.quantization)
+                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     EngineConfig(**options).validate()
     if args.model is not None and not os.path.isdir(args.model):
         raise CheckpointError(f"--model {args.model}: no such folder")
@@ -252,7 +261,8 @@ def cmd_tts(args) -> int:
     check_speed(args.speed_factor)
     check_volume(args.volume)
     SamplingParams(temperature=args.temperature, top_k=50, seed=args.seed, max_tokens=args.max_tokens)
-    options = dict(kernel_backend=args.kernels, max_model_len=args.max_model_len)
+    options = dict(kernel_backend=args.kernels, max_model_len=args.max_model_len, quantization=args.quantization,
+                   kv_cache_dtype=args.kv_cache_dtype)
     EngineConfig(device=args.device, **options).validate()
     _check_tts_folders(args)
     if (args.clone_wav is None) != (args.clone_text is None):
@@ -326,7 +336,8 @@ def cmd_serve(args) -> int:
     options = {k: v for k, v in dict(kernel_backend=args.kernels, max_model_len=args.max_model_len,
                                      max_num_seqs=args.max_num_seqs, num_kv_pages=args.num_kv_pages,
                                      gpu_memory_utilization=args.gpu_memory_utilization,
-                                     enforce_eager=args.eager or None).items() if v is not None}
+                                     enforce_eager=args.eager or None, quantization=args.quantization,
+                                     kv_cache_dtype=args.kv_cache_dtype).items() if v is not None}
     EngineConfig(device=args.device, **options).validate()
     _check_tts_folders(args)
     chat_options = _check_chat_options(args)
@@ -566,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-model-len", type=_positive_int, default=None)
     t.add_argument("--kernels", choices=BACKENDS, default="auto",
                    help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
+    _add_precision_options(t, "the TTS model")
     t.set_defaults(func=cmd_tts)
     v = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech; with --chat, "
                                      "voice chat too)")
@@ -594,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--num-kv-pages", type=_positive_int, default=None, help="KV-cache size in pages")
     v.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
     v.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    _add_precision_options(v, "the TTS model (and with --chat the chat model)")
     v.add_argument("--stream-window", type=_stream_window, default=None, metavar="HOP+OVERLAP",
                    help="the speech decoder stream's first hop and overlap in audio tokens (multiples "
                    "of 5; default 15+20, upstream's overlap). 5+5 gives the earliest first audio (bench/RESULTS.md); "
@@ -652,8 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--kernels", choices=BACKENDS, default="auto",
                    help="kernel implementation: Triton on GPUs (auto), or force triton / reference")
-    g.add_argument("--quantization", choices=("fp8",), default=None,
-                   help="fp8: quantize the linear weights while loading (an FP8 folder loads as FP8 anyway)")
+    _add_precision_options(g, "the model")
     g.set_defaults(func=cmd_generate)
     q = sub.add_parser("quantize", help="write an FP8 copy of a Step1 folder (W8A16, per-channel scales)")
     q.add_argument("src", help="a Step1 folder as released (bf16 safetensors)")

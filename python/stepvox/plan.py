@@ -6,7 +6,7 @@ ms/token floor at batch 1 (each rank streams its weights once per token at the g
 
 Formats: bf16; "fp8" = the projections in FP8 with a float32 scale per output row (a row-parallel
 rank keeps every row's scale), embedding and LM head bf16 (layers/fp8.py, `quantization="fp8"`);
-"fp8+kv8" = that plus a one-byte KV cache (the FP8 KV cache is planned, not yet in the engine).
+"fp8+kv8" = that plus a one-byte KV cache (`kv_cache_dtype="fp8"`).
 """
 from __future__ import annotations
 
