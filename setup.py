@@ -54,6 +54,7 @@ setup(
         "websockets>=12",           # stepvox serve: WebSocket support of uvicorn (/v1/realtime)
         "python-multipart",         # stepvox serve: multipart voice uploads
         "prometheus-client",        # stepvox serve: /metrics
+        "nvidia-ml-py",             # stepvox bench kernels: board power and SM clocks through NVML (pynvml)
     ],
     # transformers: the official tokenizer that tests/test_tokenizer.py compares with (the pin of
     # Step-Audio's requirements; 5.x builds a different tokenizer from the same files); openai: the

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import logging
 import math
 import os
@@ -42,7 +43,9 @@ from stepvox.engine.pipelines.voice_chat import (CHAT_MEMORY_FRACTION, MAX_MEMOR
                                                  VoiceChat, memory_split)
 from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceRef
 from stepvox.engine.sampling_params import SamplingParams
+from stepvox import kernel_bench
 from stepvox.kernels import BACKENDS
+from stepvox.kernels.catalog import OPS
 from stepvox.llm import LLM
 from stepvox.plan import main as plan_main
 from stepvox.server import ServerConfig, bind_socket, serve
@@ -51,7 +54,7 @@ from stepvox.testing import FIXTURES_VERSION
 from stepvox.testing.step1 import write_random_step1
 from stepvox.testing.tts import write_tts_folders
 
-COMMANDS = ("tts", "serve", "chat", "generate", "plan", "quantize")
+COMMANDS = ("tts", "serve", "chat", "generate", "plan", "quantize", "bench")
 USER_ERRORS = (ConfigError, CheckpointError, InvalidRequestError)   # exit 2; other StepvoxErrors exit 1
 DEFAULT_MODEL = "stepvox-tiny-step1"
 DEFAULT_TTS = "stepvox-tiny-tts"
@@ -541,6 +544,28 @@ def cmd_plan(args) -> int:
     return plan_main(args)
 
 
+def cmd_bench_kernels(args) -> int:
+    if args.list:
+        for name, op in OPS.items():
+            shape = ",".join(f"{k}={v}" for k, v in op.default_shape.items())
+            print(f"{name:22s} {op.family:5s} kernels/{op.module}.py  {shape}  {op.note}")
+        return 0
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+        result = kernel_bench.run(args.op, args.shape, args.dtype, device, small=args.small or device.type == "cpu")
+    except (KeyError, ValueError) as exc:
+        raise InvalidRequestError(str(exc).strip("'\"")) from None
+    print(kernel_bench.format_rows(result["rows"]))
+    if result["peaks"]:
+        print(f"peaks on {result['device']} (same run): {result['peaks']['matmul_tflops']:.0f} TF/s bf16 matmul, "
+              f"{result['peaks']['copy_gbs']:.0f} GB/s copy")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if all(r["ok"] for r in result["rows"]) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="stepvox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"stepvox {__version__}")
@@ -680,8 +705,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-tbs", type=_positive_float, default=3.35)
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
     p.add_argument("--formats", nargs="+", choices=("bf16", "fp8", "fp8+kv8"), default=None,
-                   help="weight formats to plan (default: all; fp8+kv8 adds the planned one-byte KV cache)")
+                   help="weight formats to plan (default: all; fp8+kv8 adds the one-byte KV cache, --kv-cache-dtype fp8)")
     p.set_defaults(func=cmd_plan)
+    b = sub.add_parser("bench", help="benchmarks: `stepvox bench kernels` checks and times single kernel ops")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    k = bsub.add_parser("kernels", help="check each kernel against its reference and time it (GPU): TF/s, GB/s, "
+                                        "fraction of the card's measured peaks, power and clock (NVML); NVTX ranges "
+                                        "stepvox.<op> for nsys/ncu")
+    k.add_argument("--op", action="append", help="an op to run (repeatable; default: all; --list names them)")
+    k.add_argument("--shape", help="the op's shape parameters, e.g. batch=16,context=8192 (with one --op)")
+    k.add_argument("--dtype", choices=sorted(kernel_bench.DTYPES), default="bf16",
+                   help="activations' dtype (an op without it runs in its first; CPU: use fp32 or fp16)")
+    k.add_argument("--small", action="store_true", help="the small test shapes (always on the CPU)")
+    k.add_argument("--device", default="auto", help="auto: cuda if available (on the CPU set TRITON_INTERPRET=1 "
+                                                     "before starting: the check runs under the interpreter)")
+    k.add_argument("--json", help="write the rows and the peaks to this file")
+    k.add_argument("--list", action="store_true", help="list the ops with their default shapes")
+    k.set_defaults(func=cmd_bench_kernels)
     return ap
 
 
