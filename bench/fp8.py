@@ -33,6 +33,7 @@ if "--smoke" in sys.argv:
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -257,15 +258,18 @@ def main():
     root = tempfile.mkdtemp(prefix="stepvox-bench-fp8-")
     folder = bare_folder(os.path.join(root, "tts-3b"), TINY if args.smoke else TTS_3B)
     sections = args.sections.split(",")
+    unknown = set(sections) - {"gemm", "accuracy", "decode", "130b"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from gemm, accuracy, decode, 130b")
+    runs = dict(gemm=lambda: run_gemm(args, res), accuracy=lambda: run_accuracy(folder, args, res),
+                decode=lambda: run_decode(folder, args, res), **{"130b": lambda: run_130b(root, args, res)})
     try:
-        if "gemm" in sections:
-            guarded(res, "gemm", lambda: run_gemm(args, res))
-        if "accuracy" in sections:
-            guarded(res, "accuracy", lambda: run_accuracy(folder, args, res))
-        if "decode" in sections:
-            guarded(res, "decode", lambda: run_decode(folder, args, res))
-        if "130b" in sections:
-            guarded(res, "130b", lambda: run_130b(root, args, res))
+        for name in sections:                    # in the order given
+            guarded(res, name, runs[name])
+            write_json("fp8.json", res)          # what is done survives a run stopped at its time limit
+            gc.collect()                         # the section's engines are gone: give their memory back
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     finally:
         path = write_json("fp8.json", res)
         print(f"\nFP8 vs bf16 on {res['device']}; JSON: {path}")
