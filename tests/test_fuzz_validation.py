@@ -126,6 +126,7 @@ VALID_ENGINE = dict(
     gpu_memory_utilization=st.floats(min_value=1e-3, max_value=1.0),
     enable_prefix_caching=st.booleans(), enforce_eager=st.booleans(), async_scheduling=st.booleans(),
     pdl=st.booleans(), fused_decode=st.booleans(), triton_sampling=st.booleans(),
+    custom_all_reduce=st.booleans(), kv_cache_dtype=st.sampled_from(["auto", "fp8"]),
     cuda_graph_max_batch=st.integers(min_value=1, max_value=512),
     tensor_parallel_size=st.sampled_from([1, 2]),
     distributed_executor=st.sampled_from(["auto", "mp"]),

@@ -2,7 +2,7 @@
 
 A TPGroup is an object handed to the model at construction, not process-wide state: layers never
 talk to torch.distributed directly but call `tp.all_reduce` / `tp.gather_logits`, so a faster
-all-reduce (a CUDA kernel, later) can replace NCCL's in one place, and a one-rank model carries
+all-reduce (custom_all_reduce.py) replaces NCCL's in one place, and a one-rank model carries
 `TPGroup()` and no group at all.
 
 The ranks of one engine meet in a RankGroup: a store the driver serves on a port of its own and a
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import EngineDeadError
+from .custom_all_reduce import CustomAllReduce, load
 
 # joining happens once every rank has said it is alive, so a short bound only catches a rank
 # killed in between; collectives wait for the slowest rank (weights load at different speeds)
@@ -38,10 +39,14 @@ def connect_store(port: int) -> dist.TCPStore:
 
 class RankGroup:
     """One engine's ranks, joined through that engine's store. Constructing it is a rendezvous:
-    every rank must construct it (NCCL connects here too, not in the first collective)."""
+    every rank must construct it (NCCL connects here too, not in the first collective). With
+    `custom_all_reduce` on a GPU and stepvox._C built, sums of tensors the custom kernels take run
+    there (custom_all_reduce.py), the rest through NCCL."""
 
-    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device):
+    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device,
+                 custom_all_reduce: bool = False):
         self.rank, self.size = rank, size
+        self.custom: CustomAllReduce | None = None
         prefixed = dist.PrefixStore("tp", store)
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
@@ -55,6 +60,8 @@ class RankGroup:
             backend = dist.ProcessGroupGloo(prefixed, rank, size, RENDEZVOUS_TIMEOUT)
             backend.set_timeout(COLLECTIVE_TIMEOUT)
         self._store, self._backend = store, backend
+        if custom_all_reduce and device.type == "cuda" and load() is None:
+            self.custom = CustomAllReduce(dist.PrefixStore("car", store), rank, size, device)
 
     def _live(self):
         if self._backend is None:
@@ -62,6 +69,11 @@ class RankGroup:
         return self._backend
 
     def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        # every rank routes a collective alike: the route depends on its size, dtype and layout only
+        if self.custom is not None and op == dist.ReduceOp.SUM and self.custom.route(x) != "nccl":
+            self._live()
+            self.custom.all_reduce_(x)
+            return
         options = dist.AllreduceOptions()
         options.reduceOp = op
         self._live().allreduce([x], options).wait()
@@ -88,6 +100,9 @@ class RankGroup:
         """Release the backend and the store (threads, sockets); later collectives raise. Not
         graceful when a rank died or stopped inside a collective: abort rather than finish."""
         backend, self._backend, self._store = self._backend, None, None
+        custom, self.custom = self.custom, None
+        if custom is not None and graceful:     # after a rank died its kernel may spin: leave the buffer
+            custom.close()
         if backend is not None:
             try:
                 if graceful:

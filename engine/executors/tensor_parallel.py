@@ -140,7 +140,8 @@ class TensorParallelExecutor:
         self._receive_all("joined", JOIN_TIMEOUT)
         tp = TPGroup()
         if self.size > 1:
-            self._group = RankGroup(self._store, 0, self.size, self.device)
+            self._group = RankGroup(self._store, 0, self.size, self.device,
+                                    custom_all_reduce=ecfg.custom_all_reduce)
             self._store = None           # the group holds it now, and releases it on close
             tp = TPGroup(0, self.size, self._group)
         self.runner = ModelRunner(model_path, cfg, ecfg, self.device, tp)

@@ -54,7 +54,7 @@ def worker_main(rank: int, size: int, store_port: int, model_path: str, ecfg, de
             torch.cuda.set_device(device)
         store = connect_store(store_port)
         conn.send(("joined", os.getpid()))      # the driver joins the group only once all ranks live
-        group = RankGroup(store, rank, size, device)
+        group = RankGroup(store, rank, size, device, custom_all_reduce=ecfg.custom_all_reduce)
         cfg = Step1Config.from_folder(model_path)
         runner = ModelRunner(model_path, cfg, ecfg, device, TPGroup(rank, size, group))
         conn.send(("ready", runner.num_pages))
