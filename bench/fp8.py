@@ -39,11 +39,17 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton.testing  # noqa: E402
 from _util import device_name, guarded, print_table, write_json  # noqa: E402
 
 from stepvox import LLM, SamplingParams  # noqa: E402
 from stepvox.engine.config import CHAT_130B, TINY, TTS_3B, Step1Config  # noqa: E402
+from stepvox.kernel_bench import copy_bandwidth_gbs  # noqa: E402
+from stepvox.kernels.fp8 import dequantize_rows, quantize_rows  # noqa: E402
+from stepvox.kernels.gemm_fp8 import gemm_fp8_config, linear_fp8, linear_fp8_reference  # noqa: E402
 from stepvox.plan import rank_weight_bytes  # noqa: E402
+from stepvox.testing.logits import LogitsRecorder  # noqa: E402
 from stepvox.testing.step1 import build_tokenizer_model, config_dict  # noqa: E402
 
 PROMPTS = [[1, 5, 300, 4000, 65600, 66000, 70000, 12], [1, 9, 9, 9, 77, 65601, 65602, 65603, 3, 40],
@@ -65,19 +71,6 @@ def engine(folder: str, smoke: bool, **opts) -> LLM:
     return LLM(folder, load_format="dummy", **{**base, **opts})
 
 
-class Recorder:
-    """Records each step's logits (float32, on the host), then forces the next token of `script`."""
-
-    def __init__(self, script: list[int]):
-        self.script, self.logits = script, []
-
-    def __call__(self, output_ids, row):
-        self.logits.append(row.detach().float().cpu().clone())       # the engine writes the row back in place
-        forced = torch.full_like(row, float("-inf"))
-        forced[self.script[min(len(output_ids), len(self.script) - 1)]] = 0.0
-        return forced
-
-
 def run_accuracy(folder: str, args, res: dict) -> None:
     n = 16 if args.smoke else 256
     rows = []
@@ -87,10 +80,10 @@ def run_accuracy(folder: str, args, res: dict) -> None:
         for prompt in PROMPTS:
             out = bf.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
             refs.append(out.outputs[0].token_ids)
-            rec = Recorder(refs[-1])                 # bf16's logits along its own greedy tokens
+            rec = LogitsRecorder(refs[-1])                 # bf16's logits along its own greedy tokens
             bf.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
                                                  logits_processors=[rec]))
-            rows.append({"prompt_tokens": len(prompt), "bf16": rec.logits})
+            rows.append({"prompt_tokens": len(prompt), "bf16": rec.rows})
     finally:
         bf.shutdown()
     out = []
@@ -98,10 +91,10 @@ def run_accuracy(folder: str, args, res: dict) -> None:
         q = engine(folder, args.smoke, **opts)
         try:
             for prompt, ref, row in zip(PROMPTS, refs, rows):
-                rec = Recorder(ref)
+                rec = LogitsRecorder(ref)
                 q.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
                                                     logits_processors=[rec]))
-                a, b = torch.stack(row["bf16"]), torch.stack(rec.logits)
+                a, b = torch.stack(row["bf16"]), torch.stack(rec.rows)
                 finite = torch.isfinite(a) & torch.isfinite(b)           # ids the engine masks come as -inf
                 a0, b0 = a.where(finite, 0.0), b.where(finite, 0.0)
                 rel = (b0 - a0).norm(dim=1) / a0.norm(dim=1)
@@ -159,11 +152,6 @@ def run_decode(folder: str, args, res: dict) -> None:
 
 
 def run_gemm(args, res: dict) -> None:
-    import torch.nn.functional as F
-    import triton
-
-    from stepvox.engine.layers.fp8 import dequantize_rows, quantize_rows
-    from stepvox.kernels.gemm_fp8 import gemm_fp8_config, linear_fp8, linear_fp8_reference
     dev = "cpu" if args.smoke else "cuda"
     m = 64 if args.smoke else 2048
     alt = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -197,21 +185,6 @@ def run_gemm(args, res: dict) -> None:
     res["gemm"] = dict(default_config=gemm_fp8_config(m, torch.bfloat16, args.smoke), alt_config=alt, rows=rows)
 
 
-def copy_bandwidth_gbs(device: str) -> float:
-    """Device-to-device copy of 4 GiB (read + write counted), median of 5."""
-    src = torch.empty(1 << 31, dtype=torch.int16, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    del src, dst
-    return 2 * (1 << 32) / sorted(times[1:])[2] / 1e9
-
-
 def run_130b(root: str, args, res: dict) -> None:
     shape = dict(TINY) if args.smoke else dict(CHAT_130B)
     free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
@@ -221,7 +194,7 @@ def run_130b(root: str, args, res: dict) -> None:
                            f"{free / 2**30:.1f} GiB free")
     out = {"weight_bytes": need}
     if not args.smoke:
-        out["copy_bandwidth_gbs"] = copy_bandwidth_gbs("cuda")
+        out["copy_bandwidth_gbs"] = copy_bandwidth_gbs(torch.device("cuda"))
     folder = bare_folder(os.path.join(root, "chat-130b"), shape)
     t0 = time.perf_counter()
     fp8 = dict(quantization="fp8", kv_cache_dtype="fp8")

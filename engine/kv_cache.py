@@ -18,6 +18,8 @@ from collections import OrderedDict
 
 import torch
 
+from stepvox.kernels.fp8 import E4M3_MAX
+
 from .sequence import Sequence
 
 
@@ -38,7 +40,7 @@ def calibration_token_ids(vocab_size: int, count: int, seed: int = 0) -> torch.T
     return torch.randint(0, vocab_size, (count,), generator=torch.Generator().manual_seed(seed))
 
 
-def kv_scales_from_absmax(absmax: torch.Tensor, max_value: float = float(torch.finfo(torch.float8_e4m3fn).max),
+def kv_scales_from_absmax(absmax: torch.Tensor, max_value: float = E4M3_MAX,
                           headroom: float = KV_SCALE_HEADROOM) -> torch.Tensor:
     """FP8 scales for values up to `headroom` times the observed largest |x| (a head that saw only
     zeros gets the scale of |x| = 1)."""

@@ -21,7 +21,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .alibi import sqrt_alibi_bias
 from .attention_common import LOG2E, LOG2E_HOST, check_slopes, dot_precision, is_power_of_two, softmax_update
 from .backend import num_sms, use_triton
-from .kv_cache import FP8_KV_MAX, cache_value, check_cache_pair, gather_pages, is_fp8_cache, write_kv_reference
+from .fp8 import E4M3_MAX
+from .kv_cache import cache_value, check_cache_pair, gather_pages, is_fp8_cache, write_kv_reference
 from .pdl import pdl_launch_options
 
 
@@ -322,6 +323,6 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), stride_nb, stride_nh,
         GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=dim, BLOCK_N=block_n, PAGE=page,
-        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8, FP8_MAX=FP8_KV_MAX,
+        SPLIT=split, HAS_NEW=has_new, DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8, FP8_MAX=E4M3_MAX,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch_options(q, pdl))
     return out

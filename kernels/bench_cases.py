@@ -17,6 +17,7 @@ Shapes are dicts of named integers. `default_shape` is a released model's (what 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -52,6 +53,30 @@ class KernelOp:
                 raise KeyError(f"{self.name} has no shape parameter {key!r}; it takes {', '.join(base)}")
             base[key] = int(value)
         return base
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """float32 references without TF32: torch lets cuDNN convolutions use it by default (and a
+    caller may have allowed it for matmuls), which alone would miss the float32 tolerance."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    prev = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = prev
+
+
+def make_case(run, compare, flops, bytes_, dtype: torch.dtype, loose: float = 1.0) -> KernelCase:
+    """A case with `tolerance(dtype)` (times `loose` for long float32 sums in another order than
+    the reference's), whose compare runs with TF32 off."""
+    def checked():
+        with no_tf32():
+            return compare()
+    atol, rtol = tolerance(dtype)
+    return KernelCase(run=run, compare=checked, flops=int(flops), bytes=int(bytes_), atol=atol * loose,
+                      rtol=rtol * loose)
 
 
 def randn(shape, gen: torch.Generator, device: torch.device, dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:

@@ -10,13 +10,12 @@ last sequence short (a shorter request in a length-bucketed batch), so padding i
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .bench_cases import KernelCase, KernelOp, nbytes, randn, tolerance
+from .bench_cases import KernelOp, make_case, nbytes, randn
 from .flow_attention import flow_attention, flow_attention_reference
 from .flow_conv import conv_spec, conv_weight, row_conv, row_conv_reference
 from .flow_fused import (add_layer_norm, add_layer_norm_reference, group_norm_mish, group_norm_mish_reference,
@@ -25,6 +24,7 @@ from .flow_ode import cfg_euler_step, cfg_euler_step_reference
 from .nearest_centroid import nearest_centroid, nearest_centroid_reference
 from .sanm import sanm_attention, sanm_attention_indexed, sanm_attention_indexed_reference, sanm_attention_reference
 from .snake import snake, snake_reference
+
 
 def _frame_mask(n: int, frames: int, device, dtype) -> torch.Tensor:
     """[n, frames] of 1 / 0: every sequence full except the last, valid for its first 4/5."""
@@ -37,27 +37,6 @@ def _frame_mask(n: int, frames: int, device, dtype) -> torch.Tensor:
 def _flat(*tensors: torch.Tensor) -> torch.Tensor:
     """Several outputs as one float32 vector, so one compare covers them all."""
     return torch.cat([t.float().flatten() for t in tensors])
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    """float32 references without TF32: torch lets cuDNN convolutions use it by default (and a
-    caller may have allowed it for matmuls), which alone would miss the float32 tolerance."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    prev = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = prev
-
-
-def _case(run, compare, flops, bytes_, dtype) -> KernelCase:
-    def checked():
-        with _no_tf32():
-            return compare()
-    atol, rtol = tolerance(dtype)
-    return KernelCase(run=run, compare=checked, flops=int(flops), bytes=int(bytes_), atol=atol, rtol=rtol)
 
 
 # ----------------------------------------------------------------------------- flow estimator
@@ -82,8 +61,8 @@ def _row_conv(shape, device, dtype, gen):
     # 2 per multiply-add; 1 per input element (mask); 1 (bias) + 4 (count, sum, deviation, square) per output
     flops = 2 * rows * cin * cout * taps + n * frames * cin + 5 * rows * cout
     # (the statistics partials, a few KB, are left out of the bytes)
-    return _case(lambda: row_conv(x, w, b, spec, out=y, backend="triton", **kw), compare, flops,
-                 nbytes(x, w, b, m, y), dtype)
+    return make_case(lambda: row_conv(x, w, b, spec, out=y, backend="triton", **kw), compare, flops,
+                     nbytes(x, w, b, m, y), dtype)
 
 
 def _flow_attention(shape, device, dtype, gen):
@@ -100,8 +79,8 @@ def _flow_attention(shape, device, dtype, gen):
     # every (query, key) pair is computed (masked keys too): 2 x 2 per multiply-add of q.k and p.v,
     # ~5 per score for the softmax (scale, max, exp, sum, rescale)
     scores = n * heads * frames * frames
-    return _case(lambda: flow_attention(qkv, heads, m, out=out, backend="triton"), compare,
-                 4 * scores * d + 5 * scores, nbytes(qkv, m, out), dtype)
+    return make_case(lambda: flow_attention(qkv, heads, m, out=out, backend="triton"), compare,
+                     4 * scores * d + 5 * scores, nbytes(qkv, m, out), dtype)
 
 
 def _group_norm_mish(shape, device, dtype, gen):
@@ -116,8 +95,8 @@ def _group_norm_mish(shape, device, dtype, gen):
         return (group_norm_mish(x, w, b, groups, 1e-5, m, backend="triton"),
                 group_norm_mish_reference(x, w, b, groups, 1e-5, m))
     # ~4 per element for the statistics, ~4 to normalise, ~6 for Mish, 1 for the mask
-    return _case(lambda: group_norm_mish(x, w, b, groups, 1e-5, m, backend="triton"), compare,
-                 15 * x.numel(), nbytes(x, w, b, m, x), dtype)
+    return make_case(lambda: group_norm_mish(x, w, b, groups, 1e-5, m, backend="triton"), compare,
+                     15 * x.numel(), nbytes(x, w, b, m, x), dtype)
 
 
 def _group_norm_mish_rows(shape, device, dtype, gen):
@@ -138,7 +117,7 @@ def _group_norm_mish_rows(shape, device, dtype, gen):
         # the reference reduces h itself: the row_conv statistics are checked too
         return run(), group_norm_mish_rows_reference(h, w, b, groups, 1e-5, m, temb)
     # ~4 to normalise, ~6 for Mish, 3 for mask, time embedding, mask again (the merge of partials is negligible)
-    return _case(run, compare, 13 * h.numel(), nbytes(h, stats.partial, w, b, temb, m, h), dtype)
+    return make_case(run, compare, 13 * h.numel(), nbytes(h, stats.partial, w, b, temb, m, h), dtype)
 
 
 def _add_layer_norm(shape, device, dtype, gen):
@@ -151,8 +130,8 @@ def _add_layer_norm(shape, device, dtype, gen):
         got = add_layer_norm(x, r, w, b, 1e-5, backend="triton")
         return _flat(*got), _flat(*add_layer_norm_reference(x, r, w, b, 1e-5))
     # 1 for the add, ~7 for the LayerNorm (sum, deviation, square, sum, scale, weight, bias)
-    return _case(lambda: add_layer_norm(x, r, w, b, 1e-5, backend="triton"), compare, 8 * x.numel(),
-                 nbytes(x, r, w, b, x, x), dtype)
+    return make_case(lambda: add_layer_norm(x, r, w, b, 1e-5, backend="triton"), compare, 8 * x.numel(),
+                     nbytes(x, r, w, b, x, x), dtype)
 
 
 def _cfg_euler_step(shape, device, dtype, gen):
@@ -174,8 +153,8 @@ def _cfg_euler_step(shape, device, dtype, gen):
         cfg_euler_step_reference(v, x.clone(), m, dt, 0.7, out=ref, next_input=ref_next)
         return _flat(got, got_next), _flat(ref, ref_next)
     # per element of x: 2 mask products, 2 guidance products, 1 difference, 1 times dt, 1 add
-    return _case(lambda: cfg_euler_step(v, x, m, dt, 0.7, out=out, next_input=nxt, backend="triton"), compare,
-                 7 * x.numel(), nbytes(v, x, m, out, out, out), dtype)
+    return make_case(lambda: cfg_euler_step(v, x, m, dt, 0.7, out=out, next_input=nxt, backend="triton"), compare,
+                     7 * x.numel(), nbytes(v, x, m, out, out, out), dtype)
 
 
 # ----------------------------------------------------------------------------- HiFT
@@ -191,8 +170,8 @@ def _snake(shape, device, dtype, gen):
         # reference in float32, rounded once: eager fp16/bf16 rounds after each of its five ops
         return snake(x, alpha, m, backend="triton"), snake_reference(x.float(), alpha.float(), m.float()).to(dtype)
     # ~7 per element: product, sine, square, alpha + eps, reciprocal, product, add (+1 mask)
-    return _case(lambda: snake(x, alpha, m, backend="triton"), compare, 8 * x.numel(), nbytes(x, alpha, m, x),
-                 dtype)
+    return make_case(lambda: snake(x, alpha, m, backend="triton"), compare, 8 * x.numel(), nbytes(x, alpha, m, x),
+                     dtype)
 
 
 # ----------------------------------------------------------------------------- Paraformer encoder
@@ -223,8 +202,8 @@ def _sanm_attention(shape, device, dtype, gen):
 
     def compare():
         return _flat(*sanm_attention(*args, backend="triton")), _flat(*sanm_attention_reference(*args))
-    return _case(lambda: sanm_attention(*args, backend="triton"), compare, _sanm_work(shape, lb_len, n_rows),
-                 nbytes(q, k, v, lb_k, lb_v, lb_len, n_rows, fw, q, q), dtype)
+    return make_case(lambda: sanm_attention(*args, backend="triton"), compare, _sanm_work(shape, lb_len, n_rows),
+                     nbytes(q, k, v, lb_k, lb_v, lb_len, n_rows, fw, q, q), dtype)
 
 
 def _sanm_attention_indexed(shape, device, dtype, gen):
@@ -242,8 +221,8 @@ def _sanm_attention_indexed(shape, device, dtype, gen):
 
     def compare():
         return _flat(*sanm_attention_indexed(*args, backend="triton")), _flat(*sanm_attention_indexed_reference(*args))
-    return _case(lambda: sanm_attention_indexed(*args, backend="triton"), compare, _sanm_work(shape, lb_len, n_rows),
-                 nbytes(q, k, v, index, lb_len, n_rows, fw, q, q), dtype)
+    return make_case(lambda: sanm_attention_indexed(*args, backend="triton"), compare,
+                     _sanm_work(shape, lb_len, n_rows), nbytes(q, k, v, index, lb_len, n_rows, fw, q, q), dtype)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -266,8 +245,8 @@ def _nearest_centroid(shape, device, dtype, gen):
     out = torch.empty(n, dtype=torch.long)
     # the screen's scores (2 per multiply-add) and ~3 per score for the bound; the exact re-score of
     # the few candidates per row is not counted
-    return _case(lambda: nearest_centroid(x, e, sq, backend="triton"), compare, 2 * n * k * d + 3 * n * k,
-                 nbytes(x, e, sq, out), dtype)
+    return make_case(lambda: nearest_centroid(x, e, sq, backend="triton"), compare, 2 * n * k * d + 3 * n * k,
+                     nbytes(x, e, sq, out), dtype)
 
 
 AUDIO_OPS: list[KernelOp] = [

@@ -14,30 +14,26 @@ from .argmax import argmax_rows
 from .attention_decode import attention_decode
 from .attention_prefill import attention_prefill
 from .activation import silu_and_mul
-from .bench_cases import KernelCase, KernelOp, nbytes, randn, tolerance
+from .bench_cases import KernelCase, KernelOp, make_case, nbytes, randn
 from .embedding import embedding_sumsq
 from .gemm_fp8 import linear_fp8
 from .gemv import linear_small_m, linear_small_m_add_, rms_linear_small_m
-from .kv_cache import FP8_KV_DTYPE, FP8_KV_MAX, write_kv
+from .fp8 import E4M3_MAX, FP8_DTYPE, quantize_rows
+from .kv_cache import write_kv
 from .norm import rms_norm
 from .sampling import sample_top_k, sample_top_k_reference
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
 
 def _case(call, flops: int, bytes_: int, dtype: torch.dtype, loose: float = 1.0) -> KernelCase:
     """A case whose `call(backend)` makes fresh inputs' result: timed with Triton, compared with the reference."""
-    atol, rtol = tolerance(dtype)
-    return KernelCase(run=lambda: call("triton"), compare=lambda: (call("triton"), call("reference")),
-                      flops=int(flops), bytes=int(bytes_), atol=atol * loose, rtol=rtol * loose)
+    return make_case(lambda: call("triton"), lambda: (call("triton"), call("reference")), flops, bytes_, dtype, loose)
 
 
 def _fp8_rows(n: int, k: int, gen, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random FP8 weight [n, k] with float32 row scales (as engine/layers/fp8.py stores them)."""
-    w = torch.randn(n, k, generator=gen) * 0.02
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / E4M3_MAX
-    q = (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    """A random FP8 weight [n, k] with float32 row scales, as the FP8 layers store them."""
+    q, scale = quantize_rows(torch.randn(n, k, generator=gen) * 0.02)
     return q.to(device), scale.to(device)
 
 
@@ -45,7 +41,7 @@ def _paged(batch: int, context: int, kv_heads: int, head_dim: int, page: int, fp
     """A filled paged cache for `batch` sequences of `context` keys (pages shuffled) and its block table."""
     per_seq = -(-context // page)
     pages = batch * per_seq
-    cache_dtype = FP8_KV_DTYPE if fp8 else dtype
+    cache_dtype = FP8_DTYPE if fp8 else dtype
     k_cache = randn((pages, kv_heads, page, head_dim), gen, device, torch.float32).to(cache_dtype)
     v_cache = randn((pages, kv_heads, page, head_dim), gen, device, torch.float32).to(cache_dtype)
     table = torch.randperm(pages, generator=gen).to(torch.int32).view(batch, per_seq).to(device)
@@ -100,11 +96,11 @@ def make_write_kv(s, device, dtype, gen):
     fp8 = bool(s["kv_fp8"])
     k, v = randn((n, hkv, d), gen, device, dtype), randn((n, hkv, d), gen, device, dtype)
     pages = -(-n // page)
-    cache_dtype = FP8_KV_DTYPE if fp8 else dtype
+    cache_dtype = FP8_DTYPE if fp8 else dtype
     k_cache = torch.zeros(pages, hkv, page, d, dtype=cache_dtype, device=device)
     slots = torch.randperm(pages * page, generator=gen)[:n].to(device)
-    scales = (dict(k_scale=(k.float().abs().amax(dim=(0, 2)) / FP8_KV_MAX).contiguous(),
-                   v_scale=(v.float().abs().amax(dim=(0, 2)) / FP8_KV_MAX).contiguous()) if fp8 else {})
+    scales = (dict(k_scale=(k.float().abs().amax(dim=(0, 2)) / E4M3_MAX).contiguous(),
+                   v_scale=(v.float().abs().amax(dim=(0, 2)) / E4M3_MAX).contiguous()) if fp8 else {})
 
     def call(backend):
         kc, vc = torch.zeros_like(k_cache), torch.zeros_like(k_cache)

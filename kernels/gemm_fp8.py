@@ -1,6 +1,6 @@
 """Matrix products with FP8 weights (W8A16) for prefill: out[M, N] = x[M, K] @ (W[N, K] * scale[N, None])^T.
 
-W is float8_e4m3fn with one float32 scale per output row (engine/layers/fp8.py). Products of more
+W is float8_e4m3fn with one float32 scale per output row (fp8.py). Products of more
 rows than the decode GEMV takes (kernels/gemv.py, M <= 16) came through a dequantized copy of W
 made on every call; this kernel reads W in FP8 instead, half the bytes of bf16, and needs no copy.
 

@@ -16,14 +16,13 @@ import triton
 import triton.language as tl
 
 from .backend import use_triton
+from .fp8 import E4M3_MAX, FP8_DTYPE
 
 
-FP8_KV_DTYPE = torch.float8_e4m3fn
-FP8_KV_MAX = float(torch.finfo(FP8_KV_DTYPE).max)     # 448
 
 
 def is_fp8_cache(cache: torch.Tensor) -> bool:
-    return cache.dtype == FP8_KV_DTYPE
+    return cache.dtype == FP8_DTYPE
 
 
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
@@ -50,7 +49,7 @@ def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, kv_heads, D] as FP8 cache rows: x / scale[head], saturated at the format's range (as the
     kernels compute it: times the float32 reciprocal of the scale)."""
     inverse = 1.0 / scale.float()
-    return (x.float() * inverse[:, None]).clamp_(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV_DTYPE)
+    return (x.float() * inverse[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
 
 
 def gather_pages(cache: torch.Tensor, block_table_row: torch.Tensor, length: int,
@@ -146,5 +145,5 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _write_kv_kernel[(k.shape[0],)](
         k, v, k_cache, v_cache, slot_mapping, k_scale if fp8 else k, v_scale if fp8 else v,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H=heads, D=dim, PAGE=k_cache.shape[2], BLOCK_H=triton.next_power_of_2(heads), FP8=fp8, FP8_MAX=FP8_KV_MAX,
+        H=heads, D=dim, PAGE=k_cache.shape[2], BLOCK_H=triton.next_power_of_2(heads), FP8=fp8, FP8_MAX=E4M3_MAX,
         num_warps=1)

@@ -20,12 +20,13 @@ from stepvox.engine.distributed.parallel_state import TPGroup
 from stepvox.engine.errors import CheckpointError, ConfigError
 from stepvox.engine.kv_cache import kv_page_bytes
 from stepvox.engine.layers.embedding import ParallelLMHead
-from stepvox.engine.layers.fp8 import (E4M3_MAX, E4M3_RELATIVE_ERROR, E4M3_SUBNORMAL_ERROR, FP8_DTYPE,
+from stepvox.kernels.fp8 import (E4M3_MAX, E4M3_RELATIVE_ERROR, E4M3_SUBNORMAL_ERROR, FP8_DTYPE,
                                        dequantize_rows, quantize_rows)
 from stepvox.engine.layers.linear import ColumnParallelLinear, Matmul, RowParallelLinear
 from stepvox.engine.models.step1_quantize import quantize_folder
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.kernels import KernelConfig
+from stepvox.testing.logits import LogitsRecorder
 from stepvox.testing.step1 import write_random_step1
 
 ENGINE = dict(device="cpu", kernel_backend="reference", max_model_len=512, num_kv_pages=64)
@@ -262,20 +263,6 @@ def test_dummy_weights_need_only_the_config_and_tokenizer(folders, tmp_path):
     assert runs[0] == runs[1]                                # a tensor's values come from its name
     with pytest.raises(ConfigError, match="load_format must be one of"):
         LLM(str(bare), load_format="pt", **ENGINE)
-
-
-class LogitsRecorder:
-    """Records each step's logits, then forces the next token of `script` (both engines then see
-    the same tokens, so their logits compare position by position)."""
-
-    def __init__(self, script):
-        self.script, self.rows = script, []
-
-    def __call__(self, output_ids, row):
-        self.rows.append(row.detach().float().clone())
-        forced = torch.full_like(row, float("-inf"))
-        forced[self.script[min(len(output_ids), len(self.script) - 1)]] = 0.0
-        return forced
 
 
 def test_an_fp8_kv_cache_is_calibrated_at_load_and_stays_close_to_the_full_cache(folders):

@@ -23,7 +23,7 @@ def _cli(args, tmp_path):
 def test_the_catalogue_covers_every_kernel_module():
     modules = {op.module for op in OPS.values()}
     kernel_dir = os.path.dirname(sys.modules["stepvox.kernels"].__file__)
-    helpers = {"__init__", "backend", "pdl", "alibi", "attention_common", "bench_cases", "bench_cases_llm",
+    helpers = {"__init__", "backend", "pdl", "alibi", "attention_common", "fp8", "bench_cases", "bench_cases_llm",
                "bench_cases_audio", "catalog"}
     files = {f[:-3] for f in os.listdir(kernel_dir) if f.endswith(".py")} - helpers
     assert files <= modules, f"kernel modules without an op: {sorted(files - modules)}"

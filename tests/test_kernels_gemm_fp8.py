@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import stepvox.engine.layers.linear as linear_module
-from stepvox.engine.layers.fp8 import dequantize_rows, quantize_rows
+from stepvox.kernels.fp8 import dequantize_rows, quantize_rows
 from stepvox.engine.layers.linear import Matmul
 from stepvox.kernels import KernelConfig, linear_fp8, linear_fp8_reference
 

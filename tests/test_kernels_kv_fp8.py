@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from stepvox.kernels import alibi_slopes, attention_decode, attention_prefill, sqrt_alibi_bias, write_kv
-from stepvox.kernels.kv_cache import FP8_KV_DTYPE, FP8_KV_MAX, gather_pages, quantize_kv, write_kv_reference
+from stepvox.kernels.fp8 import E4M3_MAX, FP8_DTYPE
+from stepvox.kernels.kv_cache import gather_pages, quantize_kv, write_kv_reference
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -15,7 +16,7 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_pair(pages: int, heads: int, page: int, dim: int):
-    k = torch.zeros(pages, heads, page, dim, dtype=FP8_KV_DTYPE)
+    k = torch.zeros(pages, heads, page, dim, dtype=FP8_DTYPE)
     return k, torch.zeros_like(k)
 
 
@@ -24,7 +25,7 @@ def test_the_quantizing_write_rounds_like_torch():
     tops of binades (where a rounded-up mantissa carries into the exponent) and values past the
     range: the kernel's bytes equal torch's round-to-nearest-even cast of the saturated value."""
     grid = torch.tensor(sorted({float(x) for x in torch.arange(0, 256, dtype=torch.uint8)
-                                .view(FP8_KV_DTYPE).float() if math.isfinite(x)}))
+                                .view(FP8_DTYPE).float() if math.isfinite(x)}))
     grid = grid[grid >= 0]
     ties = (grid[1:] + grid[:-1]) / 2                          # exactly between neighbours
     near = torch.cat([grid * (1 + 2.0 ** -6), grid * (1 - 2.0 ** -6), ties * (1 + 2.0 ** -12)])
@@ -40,7 +41,7 @@ def test_the_quantizing_write_rounds_like_torch():
     write_kv_reference(values, -values, kr, vr, slots, scale, scale)
     assert torch.equal(as_bytes(kc), as_bytes(kr)) and torch.equal(as_bytes(vc), as_bytes(vr))
     stored = gather_pages(kc, torch.arange(kc.shape[0], dtype=torch.int32), len(values), scale)
-    assert stored.abs().max() == FP8_KV_MAX                     # saturated, never inf or NaN
+    assert stored.abs().max() == E4M3_MAX                     # saturated, never inf or NaN
     assert torch.isfinite(stored).all()
 
 
@@ -50,8 +51,8 @@ def test_the_quantizing_write_is_within_e4m3s_bound_and_skips_padding(backend):
     heads, dim, page = 4, 64, 16
     k = torch.randn(50, heads, dim, generator=gen) * torch.tensor([0.01, 1.0, 30.0, 500.0])[None, :, None]
     v = torch.randn(50, heads, dim, generator=gen)
-    k_scale = k.abs().amax(dim=(0, 2)) / FP8_KV_MAX             # in range: no saturation
-    v_scale = v.abs().amax(dim=(0, 2)) / FP8_KV_MAX
+    k_scale = k.abs().amax(dim=(0, 2)) / E4M3_MAX             # in range: no saturation
+    v_scale = v.abs().amax(dim=(0, 2)) / E4M3_MAX
     kc, vc = fp8_pair(8, heads, page, dim)
     kc.view(torch.uint8).fill_(0x7F)                          # NaN: what the write must not touch
     slots = torch.randperm(8 * page, generator=gen)[:50]
@@ -78,7 +79,7 @@ def reference_attention(q, keys, values, q_pos, k_pos, slopes, scale):
 
 
 def scales_for(x: torch.Tensor) -> torch.Tensor:
-    return (x.abs().amax(dim=(0, 2)) * 1.5 / FP8_KV_MAX).float()
+    return (x.abs().amax(dim=(0, 2)) * 1.5 / E4M3_MAX).float()
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
@@ -180,7 +181,7 @@ def test_fp8_caches_need_their_scales():
 def test_quantize_kv_saturates_and_keeps_zeros():
     x = torch.tensor([[[0.0, 1.0, -1e9, 1e9]]])
     q = quantize_kv(x, torch.tensor([0.5]))
-    assert q.float().tolist() == [[[0.0, 2.0, -FP8_KV_MAX, FP8_KV_MAX]]]
+    assert q.float().tolist() == [[[0.0, 2.0, -E4M3_MAX, E4M3_MAX]]]
 
 
 @pytest.mark.gpu
@@ -191,7 +192,7 @@ def test_fp8_kv_kernels_in_bf16_on_the_gpu():
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     hq, hkv, dim, page, pages = 16, 2, 128, 16, 64
-    kc = torch.zeros(pages, hkv, page, dim, dtype=FP8_KV_DTYPE, device=dev)
+    kc = torch.zeros(pages, hkv, page, dim, dtype=FP8_DTYPE, device=dev)
     vc = torch.zeros_like(kc)
     n = 700
     k = (torch.randn(n, hkv, dim, generator=gen, device=dev) * 3).bfloat16()

@@ -82,11 +82,15 @@ class CustomAllReduce:
             return "nccl"
         return route(tensor, self.capacity, self.one_shot_max)
 
-    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
-        """x summed over the ranks, in place (the input is copied into the buffer before the kernel
-        writes the sum back). The caller checked `route(x) != "nccl"`."""
-        torch.ops.stepvox.car_all_reduce(self._handle, x, x, self.route(x) == "two_shot")
-        return x
+    def try_all_reduce_(self, x: torch.Tensor) -> bool:
+        """Sum x over the ranks in place (the input is copied into the buffer before the kernel writes
+        the sum back) and True; False, x untouched, when x routes to NCCL. Every rank routes a
+        collective alike: the route depends on its size, dtype and layout only."""
+        way = self.route(x)
+        if way == "nccl":
+            return False
+        torch.ops.stepvox.car_all_reduce(self._handle, x, x, way == "two_shot")
+        return True
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                 eps: float) -> torch.Tensor:

@@ -69,10 +69,7 @@ class RankGroup:
         return self._backend
 
     def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
-        # every rank routes a collective alike: the route depends on its size, dtype and layout only
-        if self.custom is not None and op == dist.ReduceOp.SUM and self.custom.route(x) != "nccl":
-            self._live()
-            self.custom.all_reduce_(x)
+        if self.custom is not None and op == dist.ReduceOp.SUM and self._live() and self.custom.try_all_reduce_(x):
             return
         options = dist.AllreduceOptions()
         options.reduceOp = op

@@ -55,8 +55,7 @@ class PagedSqrtAlibiAttention(nn.Module):
                               self.scale, k_cache=self.k_cache if has_ctx else None,
                               v_cache=self.v_cache if has_ctx else None,
                               block_table=meta.prefill_block_table if has_ctx else None,
-                              context_lens=meta.prefill_context_lens, out=out[d:],
-                              **(scales if has_ctx else {}), backend=backend)
+                              context_lens=meta.prefill_context_lens, out=out[d:], **scales, backend=backend)
         return out
 
 

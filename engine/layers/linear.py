@@ -22,7 +22,7 @@ from stepvox.kernels import KernelConfig, linear_fp8, linear_small_m, use_triton
 
 from ..distributed.parallel_state import TPGroup
 from ..errors import CheckpointError, ConfigError
-from .fp8 import FP8_DTYPE, dequantize_rows, quantize_rows
+from stepvox.kernels.fp8 import FP8_DTYPE, dequantize_rows, quantize_rows
 
 ROW_BLOCK_BYTES = 256 << 20        # host memory a row-parallel FP8 load reads at a time
 

@@ -9,7 +9,7 @@ fused decode step: on one GPU, a step of at most 16 tokens keeps the residual st
 buffer, the products that end a sub-block add themselves to it, and the products that start one
 normalise in their epilogue (kernels/gemv.py), so a layer is 5 launches instead of 8.
 
-With FP8 weights (layers/fp8.py) the linear layers hold float8_e4m3fn rows with float32 scales;
+With FP8 weights (kernels/fp8.py) the linear layers hold float8_e4m3fn rows with float32 scales;
 their norms stay unfolded and the fused step's kernels multiply the input by the norm weight.
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Step1ForCausalLM(nn.Module):
         at most 16 tokens on one GPU run the fused layer (False: always the unfused one, for
         comparisons); gemv_max_rows: products of up to this many rows take the GEMV kernel on GPUs;
         gemv_tiles: (N, K) -> a GEMV product's tile config, or None for the kernel's choice;
-        fp8: the layers' linear weights in FP8 with per-output-channel scales (layers/fp8.py;
+        fp8: the layers' linear weights in FP8 with per-output-channel scales (kernels/fp8.py;
         embedding and norms stay in `dtype`), fp8_lm_head: the LM head's too. FP8 layers keep their
         norms unfolded; the fused step applies them in its kernels."""
         super().__init__()

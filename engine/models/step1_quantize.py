@@ -1,4 +1,4 @@
-"""`stepvox quantize`: a Step1 folder with FP8 linear weights (layers/fp8.py), written from a
+"""`stepvox quantize`: a Step1 folder with FP8 linear weights (kernels/fp8.py), written from a
 released bf16 one tensor by tensor (never the whole model in memory), loadable as it is.
 
 The new folder holds every file of the old one except its safetensors and config.json: shards of
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ..checks import read_json
 from ..config import MAX_CONFIG_BYTES, Step1Config, fp8_quantization_config
 from ..errors import CheckpointError, ConfigError
-from ..layers.fp8 import quantize_rows
+from stepvox.kernels.fp8 import quantize_rows
 from .step1_checkpoint import INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, CheckpointReader, expected_shapes, \
     quantized_names
 

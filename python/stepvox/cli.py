@@ -550,11 +550,11 @@ def cmd_bench_kernels(args) -> int:
             shape = ",".join(f"{k}={v}" for k, v in op.default_shape.items())
             print(f"{name:22s} {op.family:5s} kernels/{op.module}.py  {shape}  {op.note}")
         return 0
+    name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if args.device == "auto" else args.device)
+        device = torch.device(name)
         result = kernel_bench.run(args.op, args.shape, args.dtype, device, small=args.small or device.type == "cpu")
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RuntimeError) as exc:
         raise InvalidRequestError(str(exc).strip("'\"")) from None
     print(kernel_bench.format_rows(result["rows"]))
     if result["peaks"]:

@@ -47,15 +47,23 @@ class Peaks:
     copy_gbs: float
 
 
-def measure_peaks(device: torch.device) -> Peaks:
-    """This card's bf16 matrix-product rate and copy bandwidth (medians of timed repeats)."""
+def matmul_tflops(device: torch.device) -> float:
+    """This card's bf16 rate on an 8192^3 cuBLAS product (median of timed repeats)."""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    t_mm = triton.testing.do_bench(lambda: a @ b, return_mode="median") * 1e-3
+    return 2 * 8192 ** 3 / (triton.testing.do_bench(lambda: a @ b, return_mode="median") * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """This card's device-to-device copy of 2 GiB, bytes read + written counted (median)."""
     src = torch.empty(1 << 30, dtype=torch.int16, device=device)
     dst = torch.empty_like(src)
-    t_copy = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3
-    return Peaks(matmul_tflops=2 * 8192 ** 3 / t_mm / 1e12, copy_gbs=2 * src.numel() * 2 / t_copy / 1e9)
+    seconds = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def measure_peaks(device: torch.device) -> Peaks:
+    return Peaks(matmul_tflops=matmul_tflops(device), copy_gbs=copy_bandwidth_gbs(device))
 
 
 class NvmlSampler:

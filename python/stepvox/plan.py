@@ -5,7 +5,7 @@ split; norms replicated), KV-cache tokens that fit in what is left of the GPU, a
 ms/token floor at batch 1 (each rank streams its weights once per token at the given bandwidth).
 
 Formats: bf16; "fp8" = the projections in FP8 with a float32 scale per output row (a row-parallel
-rank keeps every row's scale), embedding and LM head bf16 (layers/fp8.py, `quantization="fp8"`);
+rank keeps every row's scale), embedding and LM head bf16 (kernels/fp8.py, `quantization="fp8"`);
 "fp8+kv8" = that plus a one-byte KV cache (`kv_cache_dtype="fp8"`).
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""FP8 (e4m3) weights with one scale per output channel (W8A16): the numbers, not the kernels.
+"""FP8 (e4m3) numbers shared by the kernels and the layers: weights with one scale per output
+channel (W8A16), and the format's range (the FP8 KV cache, kv_cache.py, uses it too).
 
 A row w of a weight matrix is stored as q = round_e4m3(w / s) with s = max|w| / 448 (e4m3's
 largest finite value), so the row's largest entry lands on the format's largest value (and
