@@ -59,6 +59,7 @@ struct Context {
   int world;
   int device;
   int64_t capacity;  // bytes of the data area (and of the result area)
+  int max_blocks;    // grid cap; kMaxBlocks unless lowered (ranks sharing one GPU in one process)
   char* local;
   Regions regions;
   std::vector<char*> opened;  // peers' regions mapped into this process
@@ -216,9 +217,9 @@ Context* as_context(int64_t handle) {
   return reinterpret_cast<Context*>(handle);
 }
 
-int blocks_for(int64_t vecs) {
+int blocks_for(int64_t vecs, int max_blocks) {
   int64_t blocks = (vecs + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, max_blocks)));
 }
 
 void check_input(const Context* ctx, const at::Tensor& inp, const at::Tensor& out) {
@@ -236,11 +237,11 @@ void launch(Context* ctx, const at::Tensor& out, int64_t bytes, bool two_shot, c
   int64_t vecs = bytes / kVecBytes;
   auto* dst = reinterpret_cast<Vec<T>*>(out.data_ptr());
   if (two_shot)
-    two_shot_kernel<T><<<blocks_for(vecs / ctx->world + 1), kThreads, 0, stream>>>(ctx->regions, ctx->rank,
+    two_shot_kernel<T><<<blocks_for(vecs / ctx->world + 1, ctx->max_blocks), kThreads, 0, stream>>>(ctx->regions, ctx->rank,
                                                                                    ctx->world, vecs, ctx->capacity,
                                                                                    dst);
   else
-    one_shot_kernel<T><<<blocks_for(vecs), kThreads, 0, stream>>>(ctx->regions, ctx->rank, ctx->world, vecs, dst);
+    one_shot_kernel<T><<<blocks_for(vecs, ctx->max_blocks), kThreads, 0, stream>>>(ctx->regions, ctx->rank, ctx->world, vecs, dst);
   STEPVOX_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -266,6 +267,7 @@ int64_t car_init(int64_t rank, int64_t world, int64_t capacity) {
   ctx->world = static_cast<int>(world);
   ctx->device = device;
   ctx->capacity = capacity;
+  ctx->max_blocks = kMaxBlocks;
   ctx->local = local;
   for (int r = 0; r < kMaxRanks; ++r) ctx->regions.base[r] = nullptr;
   ctx->regions.base[ctx->rank] = ctx->local;
@@ -332,7 +334,7 @@ void car_all_reduce_add_rms_norm(int64_t handle, at::Tensor inp, at::Tensor resi
   STEPVOX_CUDA_CHECK(cudaMemcpyAsync(ctx->local + kSignalBytes, inp.data_ptr(), bytes, cudaMemcpyDeviceToDevice,
                                      stream));
   int64_t rows = inp.size(0), hidden = inp.size(1);
-  int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, kMaxBlocks)));
+  int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, ctx->max_blocks)));
 #define STEPVOX_LAUNCH_NORM(T)                                                                           \
   add_rms_norm_kernel<T><<<blocks, kThreads, 0, stream>>>(                                               \
       ctx->regions, ctx->rank, ctx->world, rows, hidden, reinterpret_cast<T*>(residual.data_ptr()),      \
@@ -348,6 +350,28 @@ void car_all_reduce_add_rms_norm(int64_t handle, at::Tensor inp, at::Tensor resi
 }
 
 int64_t car_capacity(int64_t handle) { return as_context(handle)->capacity; }
+
+// Ranks that live in one process (one context, e.g. a benchmark driving every rank from its own
+// stream) cannot open each other's IPC handles; they exchange plain device addresses instead.
+int64_t car_region_address(int64_t handle) { return reinterpret_cast<int64_t>(as_context(handle)->local); }
+
+void car_set_peer_addresses(int64_t handle, at::Tensor addresses) {
+  Context* ctx = as_context(handle);
+  TORCH_CHECK(addresses.dim() == 1 && addresses.size(0) == ctx->world && addresses.scalar_type() == at::kLong &&
+                  addresses.device().is_cpu(),
+              "stepvox._C: addresses must be int64 [world] on the CPU");
+  at::Tensor host = addresses.contiguous();
+  TORCH_CHECK(host.data_ptr<int64_t>()[ctx->rank] == reinterpret_cast<int64_t>(ctx->local),
+              "stepvox._C: address ", ctx->rank, " must be this rank's own region");
+  for (int r = 0; r < ctx->world; ++r) ctx->regions.base[r] = reinterpret_cast<char*>(host.data_ptr<int64_t>()[r]);
+}
+
+// Every rank's blocks spin in the barriers until all ranks' blocks arrive, so ranks sharing one
+// GPU's SMs concurrently need world x blocks co-resident: the caller lowers the cap to fit.
+void car_set_max_blocks(int64_t handle, int64_t blocks) {
+  TORCH_CHECK(blocks >= 1 && blocks <= kMaxBlocks, "stepvox._C: max blocks must be 1..", kMaxBlocks);
+  as_context(handle)->max_blocks = static_cast<int>(blocks);
+}
 
 void car_dispose(int64_t handle) {
   Context* ctx = as_context(handle);

@@ -13,6 +13,9 @@ void car_all_reduce(int64_t handle, at::Tensor inp, at::Tensor out, bool two_sho
 void car_all_reduce_add_rms_norm(int64_t handle, at::Tensor inp, at::Tensor residual, at::Tensor weight, double eps,
                                  at::Tensor out);
 int64_t car_capacity(int64_t handle);
+int64_t car_region_address(int64_t handle);
+void car_set_peer_addresses(int64_t handle, at::Tensor addresses);
+void car_set_max_blocks(int64_t handle, int64_t blocks);
 void car_dispose(int64_t handle);
 
 }  // namespace stepvox

@@ -12,5 +12,8 @@ TORCH_LIBRARY(stepvox, m) {
         "Tensor(b!) out) -> ()",
         &stepvox::car_all_reduce_add_rms_norm);
   m.def("car_capacity(int handle) -> int", &stepvox::car_capacity);
+  m.def("car_region_address(int handle) -> int", &stepvox::car_region_address);
+  m.def("car_set_peer_addresses(int handle, Tensor addresses) -> ()", &stepvox::car_set_peer_addresses);
+  m.def("car_set_max_blocks(int handle, int blocks) -> ()", &stepvox::car_set_max_blocks);
   m.def("car_dispose(int handle) -> ()", &stepvox::car_dispose);
 }

@@ -161,7 +161,8 @@ MAX_TENSOR_PARALLEL = 64          # ranks of one host (the TP executor starts th
 MAX_PAGE_SIZE = 1024              # tokens per KV page
 PAGE_BOOKKEEPING_BYTES = 256      # host bytes per KV page in the block manager (lists, free map, prefix keys)
 _BOOLEAN_OPTIONS = ("enable_prefix_caching", "enforce_eager", "async_scheduling", "pdl", "fused_decode",
-                    "triton_sampling", "quantize_lm_head", "custom_all_reduce")
+                    "triton_sampling", "quantize_lm_head", "custom_all_reduce", "split_mixed_steps",
+                    "tensor_parallel_share_device")
 QUANTIZATIONS = (None, "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
@@ -197,8 +198,14 @@ class EngineConfig:
     quantization: str | None = None           # "fp8": quantize a bf16 folder's linear weights while loading
                                               # (an FP8 folder, `stepvox quantize`'s, loads as FP8 anyway)
     quantize_lm_head: bool = False            # with quantization="fp8": the LM head too
+    split_mixed_steps: bool = True            # a step with prefill chunks runs as parts: the decodes' CUDA graph
+                                              # and a graph per prefill chunk (its length bucket); False: one
+                                              # eager forward (model_runner.py)
     custom_all_reduce: bool = False           # tensor parallelism on GPUs: activation sums through stepvox._C's
                                               # kernels (csrc/; off until they have been checked on a GPU)
+    tensor_parallel_share_device: bool = False  # every rank on `device` (one GPU): other collectives through
+                                              # gloo on host copies, no CUDA graphs, each rank 1/N of the memory
+                                              # budget; checks tensor parallelism on one card, not for speed
     kv_cache_dtype: str = "auto"              # "auto": the model's dtype; "fp8": float8_e4m3fn with per-(layer,
                                               # KV head) scales calibrated at load (half the bytes per token)
     load_format: str = "safetensors"          # "dummy": random weights of the config's shapes, made on the

@@ -23,6 +23,8 @@ class ChunkPlan:
     start: int                # position of tokens[0] (= tokens already in the cache)
     block_table: list[int]    # the sequence's KV pages
     samples: bool             # the step yields the sequence's next token
+    seq_id: int = -1          # the sequence's id (stable through preemption): its row of the device tables
+    ahead: bool = False       # a decode whose token comes from the device (the previous step's sample)
 
     @property
     def length(self) -> int:
@@ -44,7 +46,7 @@ class ScheduledChunk:
     def plan(self) -> ChunkPlan:
         # a chunk planned ahead takes its token from the device (the previous step's sample)
         tokens = [0] if self.ahead else self.seq.token_ids[self.start:self.start + self.length]
-        return ChunkPlan(tokens, self.start, self.seq.block_table, self.samples)
+        return ChunkPlan(tokens, self.start, self.seq.block_table, self.samples, self.seq.seq_id, self.ahead)
 
 
 @dataclasses.dataclass
@@ -104,6 +106,12 @@ class Scheduler:
             i += 1
         if preempted:
             return SchedulerOutput(chunks, preempted)
+        self._admit(chunks, budget)
+        return SchedulerOutput(chunks, preempted)
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        """Admit waiting sequences, in order, while the token budget, free pages and the sequence
+        limit allow; each gets its first chunk (after its cached prompt prefix)."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.bm.cached_prefix_pages(seq)
@@ -123,16 +131,17 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, start, length))
             budget -= length
-        return SchedulerOutput(chunks, preempted)
 
     def schedule_ahead(self, sampled: list[ScheduledChunk]) -> SchedulerOutput | None:
         """The decode step that follows a step whose chunks `sampled` each yield a token, planned
         before those tokens are known (the engine feeds them on the device). Only when that step is
-        what schedule() would give next: nobody waits to be admitted, every running sequence samples
-        now, and each gets the page its next position needs without preempting anybody. Returns
-        None otherwise (pages taken for the sequences before a failure stay with them: the next
-        step needs them anyway)."""
-        if self.waiting or len(sampled) != len(self.running) or not sampled:
+        what schedule() would give next: every running sequence samples now and gets the page its next
+        position needs without preempting anybody; waiting sequences are then admitted as schedule()
+        admits them (their prompt tokens are known), so arrivals do not stop the engine from running
+        ahead. The decodes come first, in `sampled` order (the device ids feed them in that order).
+        Returns None otherwise (pages taken for the sequences before a failure stay with them: the
+        next step needs them anyway)."""
+        if len(sampled) != len(self.running) or not sampled:
             return None
         if {id(c.seq) for c in sampled} != {id(s) for s in self.running}:
             return None
@@ -142,6 +151,7 @@ class Scheduler:
             if not self.bm.grow(c.seq, start + 1):
                 return None
             chunks.append(ScheduledChunk(c.seq, start, 1, ahead=True))
+        self._admit(chunks, self.max_num_batched_tokens - len(chunks))
         return SchedulerOutput(chunks, [])
 
     def finish(self, seq: Sequence, reason: str) -> None:

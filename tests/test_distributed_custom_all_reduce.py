@@ -83,13 +83,14 @@ def test_the_extension_builds_with_cmake_and_registers_its_ops(tmp_path):
 
 
 # ---------------------------------------------------------------- on a GPU
-SIZES = [256, 4096, 60_000, 1 << 20, 3 << 20]          # elements: one-shot through two-shot
+SIZES = [256, 16384, 60_000, 1 << 20, 4 << 20, 16 << 20]   # float32 elements: 1 KB (one-shot) to 64 MB (two-shot)
+CAPACITY = 64 << 20
 
 
 def _rank_main(rank: int, world: int, port: int, results):
     torch.cuda.set_device(0)
     store = connect_store(port)
-    group = car.CustomAllReduce(store, rank, world, torch.device("cuda", 0), capacity=16 << 20)
+    group = car.CustomAllReduce(store, rank, world, torch.device("cuda", 0), capacity=CAPACITY)
     failures = []
     for dtype in (torch.float32, torch.bfloat16):
         for n in SIZES:

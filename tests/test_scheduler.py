@@ -373,10 +373,33 @@ def test_schedule_ahead_chains_over_its_own_chunks_and_grows_pages():
     check_pages(s)
 
 
-def test_schedule_ahead_is_none_while_a_sequence_waits():
-    s = make(max_num_seqs=1)
-    add(s, seq(3, "a"), seq(3, "b", 100))
-    assert ahead_step(s)[1] is None
+def test_schedule_ahead_admits_waiting_sequences_after_the_decodes():
+    s = make(max_num_seqs=2)
+    a = seq(3, "a")
+    add(s, a)
+    out = s.schedule()
+    b, c = seq(5, "b", 100), seq(4, "c", 200)
+    add(s, b, c)                        # arrive while a's step runs
+    ahead = s.schedule_ahead(out.chunks)
+    assert [(x.seq, x.start, x.length, x.ahead) for x in ahead.chunks] == [(a, 3, 1, True), (b, 0, 5, False)]
+    assert [x.plan().ahead for x in ahead.chunks] == [True, False]
+    assert ahead.chunks[1].plan().tokens == b.token_ids      # prompt tokens are known on the host
+    assert list(s.waiting) == [c]                            # the sequence limit holds c back
+    apply(s, out)
+    apply(s, ahead)
+    assert (a.num_computed, b.num_computed) == (4, 5)
+    check_pages(s)
+
+
+def test_schedule_ahead_admits_within_the_token_budget_left_by_the_decodes():
+    s = make(budget=8)
+    a = seq(3, "a")
+    add(s, a)
+    out = s.schedule()
+    b = seq(10, "b", 100)
+    add(s, b)
+    ahead = s.schedule_ahead(out.chunks)
+    assert [(x.seq, x.start, x.length) for x in ahead.chunks] == [(a, 3, 1), (b, 0, 7)]   # 8 - 1 decode
 
 
 def test_schedule_ahead_is_none_while_a_running_sequence_is_mid_prefill():

@@ -6,7 +6,9 @@ all-reduce (custom_all_reduce.py) replaces NCCL's in one place, and a one-rank m
 `TPGroup()` and no group at all.
 
 The ranks of one engine meet in a RankGroup: a store the driver serves on a port of its own and a
-gloo (CPU) or NCCL (GPU) backend constructed on it directly. torch.distributed's default group and
+gloo (CPU) or NCCL (GPU) backend constructed on it directly. Ranks that share one GPU (NCCL refuses
+two ranks on a device) take gloo over host copies instead, and the custom all-reduce, which serves
+ranks on one device, for the activations' sums. torch.distributed's default group and
 its registry of groups are never touched, so engines of any sizes live side by side in one process,
 and closing a RankGroup releases its threads and sockets.
 """
@@ -44,11 +46,14 @@ class RankGroup:
     there (custom_all_reduce.py), the rest through NCCL."""
 
     def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device,
-                 custom_all_reduce: bool = False):
+                 custom_all_reduce: bool = False, share_device: bool = False):
+        """share_device: every rank is on this one GPU; collectives the custom all-reduce does not
+        take run through gloo on host copies (not capturable: such an engine runs eagerly)."""
         self.rank, self.size = rank, size
         self.custom: CustomAllReduce | None = None
+        self.host_staged = device.type == "cuda" and share_device
         prefixed = dist.PrefixStore("tp", store)
-        if device.type == "cuda":
+        if device.type == "cuda" and not share_device:
             options = dist.ProcessGroupNCCL.Options()
             options.is_high_priority_stream = False
             options._timeout = COLLECTIVE_TIMEOUT
@@ -73,14 +78,40 @@ class RankGroup:
             return
         options = dist.AllreduceOptions()
         options.reduceOp = op
+        if self.host_staged:
+            staged = x.cpu()
+            self._live().allreduce([staged], options).wait()
+            x.copy_(staged)
+            return
         self._live().allreduce([x], options).wait()
 
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+        """The custom all-reduce's fused sum + residual add + RMSNorm (see fuses_add_rms_norm)."""
+        self._live()
+        return self.custom.all_reduce_add_rms_norm(x, residual, weight, eps)
+
+    def fuses_add_rms_norm(self, x: torch.Tensor) -> bool:
+        """Whether sums of tensors like x (rows of the hidden size) take the fused kernel."""
+        return self.custom is not None and x.dim() == 2 and self.custom.route(x) != "nccl"
+
     def all_gather(self, parts: list[torch.Tensor], x: torch.Tensor) -> None:
+        if self.host_staged:
+            staged = [torch.empty_like(p, device="cpu") for p in parts]
+            self._live().allgather([staged], [x.cpu()]).wait()
+            for p, s in zip(parts, staged):
+                p.copy_(s)
+            return
         self._live().allgather([parts], [x]).wait()
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> None:
         options = dist.BroadcastOptions()
         options.rootRank = src
+        if self.host_staged:
+            staged = x.cpu()
+            self._live().broadcast([staged], options).wait()
+            x.copy_(staged)
+            return
         self._live().broadcast([x], options).wait()
 
     def abort(self) -> None:
@@ -121,6 +152,17 @@ class TPGroup:
         if self.size > 1:
             self.group.all_reduce(x)
         return x
+
+    def fuses_add_rms_norm(self, x: torch.Tensor) -> bool:
+        """Whether the layers leave the row-parallel sums of a step with hidden states like x to the
+        norms after them (one fused kernel per sum: all-reduce + residual add + RMSNorm). Every
+        rank answers alike: it depends on x's shape and dtype only."""
+        return self.size > 1 and self.group.fuses_add_rms_norm(x)
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+        """residual += the sum of x over the ranks (in place); returns RMSNorm(residual) * weight."""
+        return self.group.all_reduce_add_rms_norm(x, residual, weight, eps)
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's vocabulary slice of the logits along the last dim (all ranks get them)."""

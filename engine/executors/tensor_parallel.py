@@ -71,9 +71,11 @@ def refuse_in_bootstrap() -> None:
         raise SystemExit(NO_MAIN_GUARD_EXIT)
 
 
-def rank_devices(device: torch.device, size: int) -> list[str]:
+def rank_devices(device: torch.device, size: int, share: bool = False) -> list[str]:
     if device.type != "cuda":
         return ["cpu"] * size
+    if share:
+        return [str(device)] * size
     first = device.index or 0
     if first + size > torch.cuda.device_count():
         raise StepvoxError(f"tensor_parallel_size {size} from cuda:{first} needs {first + size} GPUs; "
@@ -87,7 +89,7 @@ class TensorParallelExecutor:
         for k, v in SAFE_NCCL_ENV.items():
             os.environ.setdefault(k, v)
         self.size = ecfg.tensor_parallel_size
-        devices = rank_devices(ecfg.resolve_device(), self.size)
+        devices = rank_devices(ecfg.resolve_device(), self.size, ecfg.tensor_parallel_share_device)
         self.device = torch.device(devices[0])
         self.workers: list[mp.Process] = []
         self.conns = []
@@ -140,8 +142,8 @@ class TensorParallelExecutor:
         self._receive_all("joined", JOIN_TIMEOUT)
         tp = TPGroup()
         if self.size > 1:
-            self._group = RankGroup(self._store, 0, self.size, self.device,
-                                    custom_all_reduce=ecfg.custom_all_reduce)
+            self._group = RankGroup(self._store, 0, self.size, self.device, custom_all_reduce=ecfg.custom_all_reduce,
+                                    share_device=ecfg.tensor_parallel_share_device)
             self._store = None           # the group holds it now, and releases it on close
             tp = TPGroup(0, self.size, self._group)
         self.runner = ModelRunner(model_path, cfg, ecfg, self.device, tp)

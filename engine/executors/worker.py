@@ -54,7 +54,8 @@ def worker_main(rank: int, size: int, store_port: int, model_path: str, ecfg, de
             torch.cuda.set_device(device)
         store = connect_store(store_port)
         conn.send(("joined", os.getpid()))      # the driver joins the group only once all ranks live
-        group = RankGroup(store, rank, size, device, custom_all_reduce=ecfg.custom_all_reduce)
+        group = RankGroup(store, rank, size, device, custom_all_reduce=ecfg.custom_all_reduce,
+                          share_device=ecfg.tensor_parallel_share_device)
         cfg = Step1Config.from_folder(model_path)
         runner = ModelRunner(model_path, cfg, ecfg, device, TPGroup(rank, size, group))
         conn.send(("ready", runner.num_pages))
@@ -68,7 +69,7 @@ def worker_main(rank: int, size: int, store_port: int, model_path: str, ecfg, de
             plans, tokens_follow = payload
             input_tokens = None
             if tokens_follow:          # a step planned ahead: rank 0's samples, on the device
-                input_tokens = torch.empty(len(plans), dtype=torch.long, device=device)
+                input_tokens = torch.empty(sum(p.ahead for p in plans), dtype=torch.long, device=device)
                 group.broadcast(input_tokens, src=0)
             runner.execute(plans, input_tokens)
     except BaseException:  # noqa: BLE001 - the driver must learn why this rank failed

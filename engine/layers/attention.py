@@ -77,8 +77,8 @@ class Step1Attention(nn.Module):
         slopes = alibi_slopes(num_heads, tp.rank, tp.size).to(device)
         self.attn = PagedSqrtAlibiAttention(self.local_heads, self.local_kv, head_dim, slopes, kernels)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), meta))
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
+        return self.o_proj(self.attend(self.qkv_proj(x), meta), reduce)
 
     def attend(self, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention over the fused q|k|v rows [T, (Hq + 2 Hkv) D]; returns [T, Hq D] for o_proj."""

@@ -155,5 +155,8 @@ class RowParallelLinear(nn.Module):
             self.weight.data[r:r + block].copy_(q[:, start:stop])
             self.weight_scale.data[r:r + block].copy_(s)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.matmul(x, self.weight, self.weight_scale))
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """reduce=False: this rank's partial product, summed later by the norm that follows
+        (TPGroup.all_reduce_add_rms_norm)."""
+        partial = self.matmul(x, self.weight, self.weight_scale)
+        return self.tp.all_reduce(partial) if reduce else partial

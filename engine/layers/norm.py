@@ -6,6 +6,8 @@ from torch import nn
 
 from stepvox.kernels import KernelConfig, rms_norm
 
+from ..distributed.parallel_state import TPGroup
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float, dtype: torch.dtype, device: torch.device, kernels: KernelConfig):
@@ -19,3 +21,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return rms_norm(x, self.weight, self.eps, residual, backend=self.kernels.backend, pdl=self.kernels.pdl)
+
+    def reduce_add(self, partial: torch.Tensor, residual: torch.Tensor, tp: TPGroup):
+        """(norm(residual), residual) with residual += the sum over the ranks of `partial`, in one
+        kernel (the custom all-reduce's fused variant): what forward(all_reduce(partial), residual) gives."""
+        return tp.all_reduce_add_rms_norm(partial, residual, self.weight, self.eps), residual

@@ -41,9 +41,9 @@ class Step1MLP(nn.Module):
                                                  names=("gate_proj", "up_proj"), fp8=fp8)
         self.down_proj = RowParallelLinear(inter, hidden, dtype, device, tp, matmul, name="down_proj", fp8=fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         k = self.kernels
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=k.backend, pdl=k.pdl))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=k.backend, pdl=k.pdl), reduce)
 
     def forward_fused(self, residual: torch.Tensor, sumsq: torch.Tensor, eps: float,
                       norm_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,15 +69,23 @@ class Step1DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, kernels)
         self.mlp = Step1MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, kernels, matmul, fp8)
 
-    def forward(self, hidden, residual, meta: AttentionMetadata):
+    def forward(self, hidden, residual, meta: AttentionMetadata, tp_fused: TPGroup | None = None):
+        """tp_fused: the row-parallel products (o_proj, down_proj) leave their partial sums to the
+        norm after them, which all-reduces, adds and normalises in one kernel (TPGroup's
+        all_reduce_add_rms_norm); `hidden` is then the previous layer's partial sum."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
+        elif tp_fused is not None:
+            hidden, residual = self.input_layernorm.reduce_add(hidden, residual, tp_fused)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden = self.self_attn(hidden, meta, reduce=tp_fused is None)
+        if tp_fused is not None:
+            hidden, residual = self.post_attention_layernorm.reduce_add(hidden, residual, tp_fused)
+        else:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden, reduce=tp_fused is None), residual
 
     def forward_fused(self, residual: torch.Tensor, sumsq: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The layer on the fused decode path (norm weights folded): `residual` is updated in place;
@@ -111,6 +119,7 @@ class Step1ForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tp_size = tp.size
+        self.tp = tp
         self.kernels = kernels
         self.fp8 = fp8
         self.fused_decode = fused_decode
@@ -132,9 +141,13 @@ class Step1ForCausalLM(nn.Module):
                 sumsq = layer.forward_fused(residual, sumsq, meta)
             return self.norm(residual)
         hidden = self.embed_tokens(input_ids)
+        # every rank decides alike: the choice depends on the step's shape only
+        tp_fused = self.tp if self.tp.fuses_add_rms_norm(hidden) else None
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, meta)
+            hidden, residual = layer(hidden, residual, meta, tp_fused)
+        if tp_fused is not None:
+            return self.norm.reduce_add(hidden, residual, tp_fused)[0]
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
