@@ -172,12 +172,16 @@ class SpeechDecoder:
                     self.hift_graphs.capture(b, frames)
         return self.solver.graph_count + self.flow_prep.graph_count + self.hift_graphs.graph_count
 
-    def _run_hift(self, mel, start_phase, noise, phase_offset=None, phase_anchor=None):
-        """HiFT on equal-length items -> (waveform [B, T*256], cycles [B, H, T*256]); CUDA graph of
-        the frame bucket when graphs are on (same result as the eager forward up to float rounding)."""
+    def _run_hift(self, mel, start_phase, noise, phase_offset=None, phase_anchor=None, frames=None):
+        """HiFT on a batch -> (waveform [B, T*256], cycles [B, H, T*256]). frames: each item's valid
+        mel frames when the batch is right-padded to T (eager only; None or all T: unpadded); the
+        CUDA graph of the frame bucket when graphs are on (same result as the eager forward up to
+        float rounding)."""
         if self.hift_use_graphs and mel.is_cuda:
             return self.hift_graphs(mel, start_phase, noise, phase_offset, phase_anchor)
-        wav, _, cycles = self.hift(mel, start_phase, noise, phase_offset, phase_anchor)
+        padded = frames is not None and any(f != mel.shape[-1] for f in frames)
+        valid = torch.tensor(frames, device=mel.device) if padded else None
+        wav, _, cycles = self.hift(mel, start_phase, noise, phase_offset, phase_anchor, frames=valid)
         return wav, cycles
 
     @property
@@ -351,22 +355,28 @@ class SpeechDecoder:
         outs = self._vocode(jobs, final=True)
         return outs
 
-    def _vocode(self, jobs, final: bool) -> list[torch.Tensor]:
-        """jobs: (stream, hift_inputs, piece) -> emitted chunks; equal-length jobs share a batch."""
+    def _vocode(self, jobs, final) -> list[torch.Tensor]:
+        """jobs: (stream, hift_inputs, piece) -> emitted chunks; final: one flag for all jobs, or one per job.
+        Eager HiFT runs every job in one batch, right-padded with per-item frame masks (HiFTGenerator's
+        `frames`); HiFT graphs take equal lengths only, so there equal-length jobs share a batch."""
         results: list = [None] * len(jobs)
-        by_len: dict[int, list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i, (_, inp, _) in enumerate(jobs):
-            by_len.setdefault(inp["mel"].shape[1], []).append(i)
-        for idxs in by_len.values():
+            key = inp["mel"].shape[1] if self.hift_use_graphs else 0
+            groups.setdefault(key, []).append(i)
+        for idxs in groups.values():
             ins = [jobs[i][1] for i in idxs]
-            mel = torch.stack([x["mel"] for x in ins]).float()
-            wav, cycles = self._run_hift(mel, torch.stack([x["start_phase"] for x in ins]),
-                                         torch.stack([x["noise"] for x in ins]),
+            frames = [x["mel"].shape[1] for x in ins]
+            wav, cycles = self._run_hift(_padded_stack([x["mel"].float() for x in ins]),
+                                         torch.stack([x["start_phase"] for x in ins]),
+                                         _padded_stack([x["noise"] for x in ins]),
                                          torch.stack([x["phase_offset"] for x in ins]),
-                                         torch.tensor([x["phase_anchor"] for x in ins], device=mel.device))
+                                         torch.tensor([x["phase_anchor"] for x in ins], device=self.device),
+                                         frames=frames)
             for k, i in enumerate(idxs):
-                results[i] = jobs[i][0].take_wav(ins[k]["mel"], wav[k], cycles[k], final if isinstance(final, bool)
-                                                 else final[i])
+                n = frames[k] * self.samples_per_token_frame
+                results[i] = jobs[i][0].take_wav(ins[k]["mel"], wav[k, :n], cycles[k, :, :n],
+                                                 final if isinstance(final, bool) else final[i])
         return results
 
     # ------------------------------------------------------------------ streaming
@@ -379,33 +389,49 @@ class SpeechDecoder:
                              mel_channels=self.config.flow.output_size, harmonics=self.hift.harmonics,
                              device=self.device)
 
+    def checked_tokens(self, tokens) -> list[int]:
+        """`tokens` as a list of flow ids (any count, none included); SpeechTokenError otherwise."""
+        return self._check_tokens(tokens, allow_empty=True)
+
     def push(self, stream: DecoderStream, tokens) -> None:
         """Validate and queue tokens on a stream (any count; windows are cut in 5-token groups)."""
-        stream.push(self._check_tokens(tokens, allow_empty=True))
+        stream.push(self.checked_tokens(tokens))
+
+    @torch.no_grad()
+    def decode_windows(self, streams: list[DecoderStream]) -> list[list[torch.Tensor]]:
+        """One round: the next ready window of each of `streams` (streams without one are skipped),
+        all windows in one padded flow batch and their mel in one HiFT batch (one per length under
+        HiFT graphs, which take equal lengths). Returns, per stream, the audio chunks (float32 on
+        the device) this round emitted. A cross-stream scheduler (decoder_scheduler.py) calls this
+        with the streams it picked; `step_streams` repeats it until nothing is ready."""
+        _check_streams(streams)
+        out: list[list[torch.Tensor]] = [[] for _ in streams]
+        ready = [(i, st, st.pending_window()) for i, st in enumerate(streams)]
+        ready = [(i, st, w) for i, st, w in ready if w is not None]
+        if not ready:
+            return out
+        reqs = [FlowRequest(**st.flow_inputs(w)) for _, st, w in ready]
+        mels, mus = self.flow.generate(reqs, self.solver, self.flow_prep)
+        jobs, finals = [], []
+        for (_, st, w), mel, mu in zip(ready, mels, mus):
+            piece = st.take_mel(w, mel, mu)
+            jobs.append((st, st.hift_inputs(piece), piece))
+            finals.append(w.final)
+        for (i, _, _), chunk in zip(ready, self._vocode(jobs, finals)):
+            if chunk.numel():
+                out[i].append(chunk)
+        return out
 
     @torch.no_grad()
     def step_streams(self, streams: list[DecoderStream]) -> list[list[torch.Tensor]]:
-        """Decode every window that is ready on any of `streams`, batched across streams.
-        Returns, per stream, the audio chunks (float32 on the device) emitted by this call."""
+        """Decode every window that is ready on any of `streams`, batched across streams (rounds of
+        `decode_windows`). Returns, per stream, the audio chunks (float32 on the device) emitted."""
+        _check_streams(streams)
         out: list[list[torch.Tensor]] = [[] for _ in streams]
-        for st in streams:
-            if st.finished and not st.tokens:
-                raise SpeechTokenError("a stream was finished without any tokens")
-        while True:
-            ready = [(i, st, st.pending_window()) for i, st in enumerate(streams)]
-            ready = [(i, st, w) for i, st, w in ready if w is not None]
-            if not ready:
-                return out
-            reqs = [FlowRequest(**st.flow_inputs(w)) for _, st, w in ready]
-            mels, mus = self.flow.generate(reqs, self.solver, self.flow_prep)
-            jobs, finals = [], []
-            for (i, st, w), mel, mu in zip(ready, mels, mus):
-                piece = st.take_mel(w, mel, mu)
-                jobs.append((st, st.hift_inputs(piece), piece))
-                finals.append(w.final)
-            for (i, _, _), chunk in zip(ready, self._vocode(jobs, finals)):
-                if chunk.numel():
-                    out[i].append(chunk)
+        while any(st.pending_window() is not None for st in streams):
+            for mine, chunks in zip(out, self.decode_windows(streams)):
+                mine.extend(chunks)
+        return out
 
     def stream(self, token_chunks: Iterable, prompt: SpeakerPrompt | None = None, seed: int | None = None,
                config: StreamConfig | None = None) -> Iterator[torch.Tensor]:
@@ -417,3 +443,23 @@ class SpeechDecoder:
             yield from self.step_streams([st])[0]
         st.finish()
         yield from self.step_streams([st])[0]
+
+
+def _check_streams(streams: list[DecoderStream]) -> None:
+    """A stream's windows depend on the previous one, so one call takes each stream once."""
+    if len({id(st) for st in streams}) != len(streams):
+        raise InvalidRequestError("a decoder stream is listed twice in one call")
+    for st in streams:
+        if st.finished and not st.tokens:
+            raise SpeechTokenError("a stream was finished without any tokens")
+
+
+def _padded_stack(items: list[torch.Tensor]) -> torch.Tensor:
+    """[C, T_i] tensors -> [B, C, max T] with zeros past each item's end."""
+    length = max(t.shape[-1] for t in items)
+    if all(t.shape[-1] == length for t in items):
+        return torch.stack(items)
+    out = items[0].new_zeros(len(items), items[0].shape[0], length)
+    for i, t in enumerate(items):
+        out[i, :, :t.shape[-1]] = t
+    return out

@@ -8,7 +8,8 @@
 
 One LM engine (AsyncLLMEngine: its own thread, continuous batching, so concurrent requests share
 it) and two speech decoders (the common one, and the Music one that RAP and humming use, as the
-official code switches to it), whose work runs on one decoder thread. A request is: its text cut
+official code switches to it), whose work runs on one decoder thread, where a DecoderScheduler per
+decoder batches the ready windows of concurrent requests, earliest deadline first. A request is: its text cut
 into sentence segments; per segment the official prompt (tts_text.prompt_ids), the official
 sampling (temperature 0.7, top-k 50, the repetition rule) capped by a token budget proportional to
 the text, the audio ids streamed into a decoder stream in whole 5-token groups as the LM produces
@@ -34,6 +35,7 @@ import torch
 from .. import checks
 from ..async_engine import AsyncLLMEngine
 from ..audio.decoder import SpeechDecoder
+from ..audio.decoder_scheduler import DecoderScheduler, Playback
 from ..audio.decoder_stream import StreamConfig
 from ..audio.tokenizer import AudioTokenizer
 from ..config import EngineConfig
@@ -65,7 +67,9 @@ class _Plan:
 class TTS:
     def __init__(self, engine: AsyncLLMEngine, tokenizer: AudioTokenizer, decoder: SpeechDecoder,
                  music_decoder: SpeechDecoder, voices: VoiceRegistry, stream_config: StreamConfig | None = None,
-                 max_text_chars: int = MAX_TEXT_CHARS):
+                 max_text_chars: int = MAX_TEXT_CHARS, max_decoder_batch: int = 16):
+        """max_decoder_batch: the most decoder windows (of as many concurrent requests) decoded in
+        one launch."""
         self.engine = engine
         self.max_text_chars = checks.integer(max_text_chars, "max_text_chars", ConfigError, 1)
         self.tokenizer = tokenizer
@@ -74,8 +78,12 @@ class TTS:
         self.stream_config = stream_config or StreamConfig()
         self.sample_rate = decoder.sample_rate
         self._text_tokenizer = engine.engine.tokenizer
-        # decoder work (flow + HiFT) of every request runs on this one thread, in arrival order
+        # decoder work (flow + HiFT) of every request runs on this one thread; per decoder, a scheduler
+        # batches the ready windows of concurrent requests into one launch, earliest deadline first
         self._decoder_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepvox-decoder")
+        batch = checks.integer(max_decoder_batch, "max_decoder_batch", ConfigError, 1)
+        self._speech_scheduler = DecoderScheduler(decoder, self._decoder_thread, batch)
+        self._music_scheduler = DecoderScheduler(music_decoder, self._decoder_thread, batch)
         # making voices (audio tokenizer + prompt features) from async callers runs on a thread of its
         # own, one at a time: the event loop stays free and the decoder thread keeps streaming
         self._voice_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepvox-voices")
@@ -200,13 +208,14 @@ class TTS:
         iteration cancels the request: its KV pages are freed at once. `on_output` sees each LM
         output of each segment (token counts and timings, for servers' usage and metrics)."""
         speed_factor, volume = check_speed(speed_factor), check_volume(volume)
+        playback = Playback(self.sample_rate, speed_factor)       # the request's deadlines, from its arrival
         loop = asyncio.get_running_loop()
         if clone is not None:       # a clone's voice is made from its audio: model work, off the event loop
             plan = await loop.run_in_executor(self._voice_thread, self._plan, text, voice, clone, emotion, language,
                                               speed, mode)
         else:
             plan = self._plan(text, voice, clone, emotion, language, speed, mode)
-        decoder = self.music_decoder if plan.music else self.decoder
+        scheduler = self._music_scheduler if plan.music else self._speech_scheduler
         base_seed = random.randrange(2 ** 62) if seed is None else checks.integer(seed, "seed", InvalidRequestError,
                                                                                    0, 2 ** 63 - 1)
         tempo = TempoStream(self.sample_rate, speed_factor)
@@ -217,30 +226,33 @@ class TTS:
             params = SamplingParams(temperature=temperature, top_k=top_k, repetition_aware=True, seed=segment_seed,
                                     max_tokens=max_tokens or token_budget(segment), ignore_eos=ignore_eos,
                                     detokenize=False)
-            stream = decoder.open_stream(plan.voice.prompt, seed=segment_seed, config=self.stream_config)
+            stream = scheduler.open(plan.voice.prompt, seed=segment_seed, config=self.stream_config, playback=playback)
             tokens = AudioTokenFilter()
             first, pushed = index > 0, 0
-            # aclosing: a consumer that stops (or is cancelled) while this segment runs aborts its LM
-            # request now, not when the generator is garbage-collected
-            async with contextlib.aclosing(self.engine.generate(self._prompt(plan, segment), params)) as outputs:
-                async for out in outputs:
-                    if out.error is not None:
-                        raise out.error
-                    if on_output is not None:
-                        on_output(out)
-                    new = tokens.push(out.outputs[0].new_token_ids)
-                    pushed += len(new)
-                    finished = out.finished
-                    if not new and not (finished and pushed):
-                        continue
-                    chunks = await loop.run_in_executor(self._decoder_thread, _decode, decoder, stream, new, finished)
-                    for k, chunk in enumerate(chunks):
-                        last = finished and k == len(chunks) - 1
-                        samples = _fade(chunk, fade, fade_in=first, fade_out=last and index < len(plan.texts) - 1)
-                        first = False
-                        samples = apply_volume(tempo.push(samples), volume)
-                        if samples.size:
-                            yield Audio(samples, self.sample_rate)
+            try:
+                # aclosing: a consumer that stops (or is cancelled) while this segment runs aborts its LM
+                # request now, not when the generator is garbage-collected
+                async with contextlib.aclosing(self.engine.generate(self._prompt(plan, segment), params)) as outputs:
+                    async for out in outputs:
+                        if out.error is not None:
+                            raise out.error
+                        if on_output is not None:
+                            on_output(out)
+                        new = tokens.push(out.outputs[0].new_token_ids)
+                        pushed += len(new)
+                        finished = out.finished
+                        if not new and not (finished and pushed):
+                            continue
+                        chunks = await asyncio.wrap_future(stream.submit(new, finished))
+                        for k, chunk in enumerate(chunks):
+                            last = finished and k == len(chunks) - 1
+                            samples = _fade(chunk, fade, fade_in=first, fade_out=last and index < len(plan.texts) - 1)
+                            first = False
+                            samples = apply_volume(tempo.push(samples), volume)
+                            if samples.size:
+                                yield Audio(samples, self.sample_rate)
+            finally:
+                stream.close()          # a request that stops leaves the decoder's schedule at once
         tail = apply_volume(tempo.finish(), volume)
         if tail.size:
             yield Audio(tail, self.sample_rate)
@@ -277,6 +289,8 @@ class TTS:
     def shutdown(self) -> None:
         self.engine.shutdown()
         self._voice_thread.shutdown(wait=True)
+        self._speech_scheduler.close()
+        self._music_scheduler.close()
         self._decoder_thread.shutdown(wait=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
@@ -314,15 +328,6 @@ def tagged_text(text: str, emotion: str | None = None, language: str | None = No
 
 async def _next(agen):
     return await agen.__anext__()
-
-
-def _decode(decoder: SpeechDecoder, stream, tokens: list[int], finished: bool) -> list[np.ndarray]:
-    """Push tokens into a decoder stream and return the audio it can emit (float32 numpy chunks)."""
-    with torch.inference_mode():
-        decoder.push(stream, tokens)
-        if finished:
-            stream.finish()
-        return [c.float().cpu().numpy() for c in decoder.step_streams([stream])[0]]
 
 
 def _fade(samples: np.ndarray, n: int, fade_in: bool, fade_out: bool) -> np.ndarray:
