@@ -335,7 +335,8 @@ def cmd_serve(args) -> int:
         DEFAULT_CHAT if args.chat in (None, TINY_CHAT) else os.path.basename(os.path.normpath(args.chat)))
     config = ServerConfig(model_name=name, chat_model_name=chat_name, api_key=api_key,
                           max_concurrent=args.max_concurrent, max_queue=args.max_queue,
-                          max_body_bytes=args.max_body_mib << 20, default_voice=args.default_voice)
+                          max_body_bytes=args.max_body_mib << 20, default_voice=args.default_voice,
+                          max_streams=args.max_streams, min_slack_ms=args.min_slack_ms)
     options = {k: v for k, v in dict(kernel_backend=args.kernels, max_model_len=args.max_model_len,
                                      max_num_seqs=args.max_num_seqs, num_kv_pages=args.num_kv_pages,
                                      gpu_memory_utilization=args.gpu_memory_utilization,
@@ -617,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--default-voice", help="voice of requests that name none (default: Tingting, or the first)")
     v.add_argument("--max-concurrent", type=_positive_int, default=64, help="speech requests synthesising at once")
     v.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; beyond them: 429")
+    v.add_argument("--max-streams", type=_positive_int, default=None,
+                   help="real-time speech streams held at once; beyond them: 429 deadline_risk (default: no limit)")
+    v.add_argument("--min-slack-ms", type=float, default=None, metavar="MS",
+                   help="refuse speech (429 deadline_risk) while a running stream's recent chunk slack (its "
+                        "deadline minus its send time) is below MS (default: off)")
     v.add_argument("--max-body-mib", type=_positive_int, default=16, help="largest request body (413 beyond)")
     v.add_argument("--max-text-chars", type=_positive_int, default=None, help="longest input text (default 5000)")
     v.add_argument("--max-reference-seconds", type=_positive_float, default=None,

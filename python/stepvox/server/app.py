@@ -49,7 +49,8 @@ class ServerState:
         self.tts = model.tts if self.chat is not None else model
         self.config = config
         self.metrics = ServerMetrics(self.tts, self.chat)
-        self.admission = Admission(config.max_concurrent, config.max_queue, self.metrics, config.retry_after_s)
+        self.admission = Admission(config.max_concurrent, config.max_queue, self.metrics, config.retry_after_s,
+                                   max_streams=config.max_streams, min_slack_s=config.min_slack_s)
         self.started = int(time.time())
         self.accepting = True
         self.voice_uploads = 0          # POST /v1/audio/voices being processed (routes: at most a few)

@@ -28,6 +28,9 @@ class ServerConfig:
     default_voice: str | None = None             # None: Tingting if the speakers folder has it, else the first
     realtime_idle_timeout_s: float = 300.0       # a /v1/realtime session without a client event this long ends
     realtime_max_session_s: float = 3600.0       # and any session after this long
+    # chunk-deadline admission of speech (admission.py), 429 deadline_risk beyond; None: off
+    max_streams: int | None = None               # real-time speech streams (streamed responses) held at once
+    min_slack_ms: float | None = None            # refuse speech while a running stream's recent slack is below it
 
     def __post_init__(self):
         for name in ("model_name", "chat_model_name", "asr_model_name"):
@@ -41,3 +44,11 @@ class ServerConfig:
             object.__setattr__(self, name, checks.integer(getattr(self, name), name, ConfigError, lo))
         for name in ("realtime_idle_timeout_s", "realtime_max_session_s"):
             object.__setattr__(self, name, checks.real(getattr(self, name), name, ConfigError, 0.0, lo_open=True))
+        if self.max_streams is not None:
+            object.__setattr__(self, "max_streams", checks.integer(self.max_streams, "max_streams", ConfigError, 1))
+        if self.min_slack_ms is not None:
+            object.__setattr__(self, "min_slack_ms", checks.real(self.min_slack_ms, "min_slack_ms", ConfigError, 0.0))
+
+    @property
+    def min_slack_s(self) -> float | None:
+        return None if self.min_slack_ms is None else self.min_slack_ms / 1000

@@ -1,18 +1,26 @@
 """Prometheus metrics of one server, in a registry of its own (two apps in one process, as tests
 make, never share counters): request counts and outcomes, time to first audio (speech) and to first
 text and audio (chat), real-time sessions (end of speech to first audio, speculations, barge-in
-stops), real-time factor, audio produced, the admission queue, and the LM engines
-read at scrape time (KV pages, scheduler queues: the TTS's as `stepvox_kv_*` / `stepvox_lm_*`, a
-chat model's as `stepvox_chat_kv_*` / `stepvox_chat_lm_*`). Names follow Prometheus conventions
+stops), real-time factor, audio produced, the admission queue and its refusals, the chunk slack and
+underruns of real-time speech streams, and the LM engines read at scrape time (KV pages, scheduler
+queues: the TTS's as `stepvox_kv_*` / `stepvox_lm_*`, a chat model's as `stepvox_chat_kv_*` /
+`stepvox_chat_lm_*`). Names follow Prometheus conventions
 (`_seconds`, `_total`, base units)."""
 from __future__ import annotations
+
+import math
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .admission import REFUSAL_REASONS
+
 # first audio of a streamed request: ms on a GPU, seconds on a CPU or under load
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 50.0)
+# a chunk's deadline minus its send time: below 0 an underrun, a few hundred ms a healthy stream
+SLACK_BUCKETS = (-2.5, -1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -48,7 +56,7 @@ class ServerMetrics:
         self.http_requests = Counter("stepvox_http_requests", "HTTP requests answered, by route and status",
                                      ["method", "route", "status"], registry=r)
         self.speech_requests = Counter("stepvox_speech_requests", "speech requests by format and outcome "
-                                       "(ok, error, cancelled: the client left)",
+                                       "(ok, error, cancelled: the client left, refused: deadline_risk)",
                                        ["response_format", "stream_format", "outcome"], registry=r)
         self.errors = Counter("stepvox_errors", "error responses and failed streams, by error type and code",
                               ["type", "code"], registry=r)
@@ -61,6 +69,21 @@ class ServerMetrics:
         self.running = Gauge("stepvox_requests_running", "requests (speech, chat, transcription) running",
                              registry=r)
         self.waiting = Gauge("stepvox_requests_waiting", "requests waiting for a slot", registry=r)
+        self.admission_refusals = Counter("stepvox_admission_refusals", "requests refused with 429 by admission, "
+                                          "by reason (queue_full; max_streams and min_slack: deadline_risk)",
+                                          ["reason"], registry=r)
+        for reason in REFUSAL_REASONS:      # every reason shows from the start, at 0
+            self.admission_refusals.labels(reason)
+        self.speech_streams = Gauge("stepvox_speech_streams", "real-time speech streams held (streamed speech "
+                                    "responses, from admission to their end)", registry=r)
+        self.chunk_slack = Histogram("stepvox_speech_stream_chunk_slack_seconds", "a streamed speech chunk's "
+                                     "deadline (when the audio sent before it has played) minus its send time; "
+                                     "every chunk after a stream's first", buckets=SLACK_BUCKETS, registry=r)
+        self.underruns = Counter("stepvox_speech_stream_underruns", "streamed speech chunks sent after their "
+                                 "deadline (the client's player ran dry)", registry=r)
+        self.recent_min_slack = Gauge("stepvox_speech_stream_recent_min_slack_seconds", "the smallest recent "
+                                      "chunk slack among the running speech streams, as admission reads it (NaN: "
+                                      "no stream has sent a chunk)", registry=r)
         self.lm_ttft = Histogram("stepvox_lm_time_to_first_token_seconds", "LM request arrival to its first "
                                  "token, per sentence segment", buckets=LATENCY_BUCKETS, registry=r)
         self.lm_tpot = Histogram("stepvox_lm_time_per_output_token_seconds", "LM decode time per token after the "
@@ -89,6 +112,13 @@ class ServerMetrics:
         r.register(_EngineCollector(tts.engine, "stepvox_", "TTS"))
         if chat is not None:
             r.register(_EngineCollector(chat.chat_engine, "stepvox_chat_", "chat"))
+
+    def watch_streams(self, streams) -> None:
+        """Reads the admission's RealtimeStreams at scrape time (both live on the event loop)."""
+        def recent_min_slack() -> float:
+            slack = streams.recent_min_slack(time.monotonic())
+            return math.nan if slack is None else slack
+        self.recent_min_slack.set_function(recent_min_slack)
 
     def lm_output(self, out) -> None:
         """An LM output seen by the TTS stream: its timings when its segment finishes."""

@@ -1,7 +1,9 @@
 """One speech request as a StreamJob (streaming.py sends it): the TTS stream of the request, encoded
 as it comes (encoders.py), as raw audio bytes or as server-sent events (OpenAI's
 `speech.audio.delta` with base64 audio, then `speech.audio.done` with the token usage); it feeds
-the metrics (time to first audio, real-time factor, audio seconds, LM timings, outcomes)."""
+the metrics (time to first audio, real-time factor, audio seconds, LM timings, outcomes). It is
+admitted against the running streams' chunk deadlines, and tells how much audio each piece carries
+(the chunk slack of a real-time stream, admission.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -36,6 +38,8 @@ class SpeechPlan:
 
 
 class SpeechJob(StreamJob):
+    deadline_admitted = True
+
     def __init__(self, tts, plan: SpeechPlan, encoder: StreamEncoder, request_id: str, metrics, arrival: float):
         self.tts, self.plan, self.encoder = tts, plan, encoder
         self.request_id, self.metrics, self.arrival = request_id, metrics, arrival
@@ -43,6 +47,9 @@ class SpeechJob(StreamJob):
         self.media_type = "text/event-stream" if self.sse else encoder.media_type
         self.whole = not self.sse and not encoder.progressive      # flac: the whole file in one piece
         self.audio_seconds = 0.0
+        # audio pushed into the encoder since the last piece was handed out: that piece's audio (the few
+        # ms an encoder holds back count with the piece they were pushed for)
+        self._unsent_audio_s = 0.0
         self._tokens: dict[str, tuple[int, int]] = {}      # LM request id -> (prompt tokens, generated tokens)
 
     def _on_output(self, out) -> None:
@@ -70,6 +77,7 @@ class SpeechJob(StreamJob):
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 self.audio_seconds += chunk.duration
+                self._unsent_audio_s += chunk.duration
                 self.metrics.audio_seconds.inc(chunk.duration)
                 data = await self._encode(self.encoder.push, chunk.samples)
                 if data:
@@ -91,6 +99,10 @@ class SpeechJob(StreamJob):
                          "stepvox": {"request_id": self.request_id, "audio_seconds": round(self.audio_seconds, 6),
                                      "sample_rate": self.encoder.sample_rate,
                                      "tags": {k: v for k, v in self.plan.tags.items() if v}}})
+
+    def pop_audio_seconds(self) -> float:
+        audio_s, self._unsent_audio_s = self._unsent_audio_s, 0.0
+        return audio_s
 
     def pieces(self) -> AsyncIterator[bytes]:
         return self.events() if self.sse else self.audio()

@@ -9,19 +9,23 @@
   write: the job's generator is closed at once, which aborts its engine requests and frees their
   KV pages.
 - The response holds the request's admission ticket: the job starts once it has a slot, and the
-  ticket is released however the response ends. The job counts its outcome once: ok, error, or
-  cancelled (the client left, or the server's shutdown deadline passed).
+  ticket is released however the response ends. A speech job is first admitted against the running
+  streams' chunk deadlines (admission.py; refused with 429 before it waits for a slot); a streamed
+  one then reports each piece's send time and audio seconds, which give its chunks' slack. The job
+  counts its outcome once: ok, error, refused, or cancelled (the client left, or the server's
+  shutdown deadline passed).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 from typing import AsyncIterator
 
 from starlette.responses import Response
 
-from .admission import Ticket
+from .admission import StreamHold, Ticket
 from .errors import ApiError, from_exception
 
 log = logging.getLogger("stepvox.server")
@@ -33,6 +37,8 @@ class StreamJob:
     media_type: str
     sse = False           # server-sent events: a failure after the status line is sent as an event
     whole = False         # the first piece is the whole body: it goes out with its Content-Length
+    deadline_admitted = False   # speech: admitted against the running streams' chunk deadlines; unless
+                                # `whole`, a real-time stream whose chunks' slack is tracked
 
     def pieces(self) -> AsyncIterator[bytes]:
         raise NotImplementedError
@@ -48,8 +54,12 @@ class StreamJob:
     def first_sent(self) -> None:
         """The first piece has left (time-to-first metrics)."""
 
+    def pop_audio_seconds(self) -> float:
+        """Seconds of audio in the pieces handed out since the last call (0: none, or no audio)."""
+        return 0.0
+
     def finished(self, outcome: str) -> None:
-        """Called once when the response ends: ok, error or cancelled."""
+        """Called once when the response ends: ok, error, refused (deadline_risk) or cancelled."""
 
 
 def sse_event(payload) -> bytes:
@@ -125,6 +135,15 @@ class StreamedResponse(Response):
                 raise _ClientGone() from exc
 
         try:
+            hold = None
+            if job.deadline_admitted:
+                try:
+                    hold = self.ticket.hold_stream(realtime=not job.whole, now=time.monotonic())
+                except ApiError as error:     # deadline_risk: refused at once, before waiting for a slot
+                    self.outcome = "refused"
+                    self._count(error)
+                    await error.response()({"type": "http"}, _no_receive, emit)
+                    return
             await self.ticket.acquire()
             try:
                 first = await anext(pieces, None)
@@ -140,9 +159,11 @@ class StreamedResponse(Response):
             started = True
             if first is not None:
                 await emit({"type": "http.response.body", "body": first, "more_body": True})
+                _report_sent(hold, job)
                 job.first_sent()
             async for piece in pieces:
                 await emit({"type": "http.response.body", "body": piece, "more_body": True})
+                _report_sent(hold, job)
             self._ending = True
             await emit({"type": "http.response.body", "body": b"", "more_body": False})
             self.outcome = "ok"
@@ -159,6 +180,13 @@ class StreamedResponse(Response):
             await emit({"type": "http.response.body", "body": job.error_event(error), "more_body": False})
         finally:
             await pieces.aclose()
+
+
+def _report_sent(hold: StreamHold | None, job: StreamJob) -> None:
+    """A piece has been handed to the connection: its audio, if any, is a chunk of the stream."""
+    audio_s = job.pop_audio_seconds()
+    if hold is not None and audio_s > 0:
+        hold.sent(time.monotonic(), audio_s)
 
 
 async def _wait_for_disconnect(receive) -> None:
