@@ -55,6 +55,7 @@ setup(
         "python-multipart",         # stepvox serve: multipart voice uploads
         "prometheus-client",        # stepvox serve: /metrics
         "nvidia-ml-py",             # stepvox bench kernels: board power and SM clocks through NVML (pynvml)
+        "matplotlib",               # bench/streams.py: the plot of first audio and underruns against concurrency
     ],
     # transformers: the official tokenizer that tests/test_tokenizer.py compares with (the pin of
     # Step-Audio's requirements; 5.x builds a different tokenizer from the same files); openai: the
