@@ -90,9 +90,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             res["rows"] += compare(folder, dtype, args.tokens, variants)
             write_json("tp_one_gpu.json", res)
-    print_table([{k: r[k] for k in ("dtype", "variant", "custom_all_reduce", "prompt_tokens", "tokens_equal",
-                                    "first_divergence", "logits_rel_err_max", "argmax_agreement")}
-                 for r in res["rows"]])
+    print_table(res["rows"], ["dtype", "variant", "custom_all_reduce", "prompt_tokens", "tokens_equal",
+                              "first_divergence", "logits_rel_err_max", "argmax_agreement"])
 
 
 if __name__ == "__main__":
