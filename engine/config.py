@@ -11,6 +11,7 @@ from stepvox.kernels import BACKENDS, KernelConfig
 
 from . import checks
 from . import special_tokens as st
+from .device.block_tables import DeviceBlockTables
 from .errors import CheckpointError, ConfigError
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_attention_groups",
@@ -290,16 +291,20 @@ class EngineConfig:
         """What the options make the engine allocate before any request, for a context of
         `model_len` tokens: option -> (bytes, what). Staged step inputs come in three sets (two
         pinned host sets used by turns and the device set, device/staging.py); the decode graphs
-        have their own inputs; the block manager keeps per-page lists (model_runner.py, kv_cache.py)."""
+        have their own inputs; the block tables live on the device with their own staging
+        (device/block_tables.py); the block manager keeps per-page lists (model_runner.py, kv_cache.py)."""
         pages_per_seq = -(-model_len // self.page_size)
         graph_batch = min(self.cuda_graph_max_batch, self.max_num_seqs)
         token_rows = max(self.max_num_batched_tokens, graph_batch)
+        seqs = self.max_num_seqs
         return {
-            "max_num_batched_tokens": (3 * 3 * token_rows * 8, f"staged ids, slots and rows of {token_rows} tokens"),
-            "max_num_seqs": (3 * (2 * self.max_num_seqs * pages_per_seq + 3 * self.max_num_seqs + 1) * 4,
-                             f"staged block tables of {self.max_num_seqs} sequences x {pages_per_seq} pages "
-                             f"(max_model_len {model_len} / page_size {self.page_size})"),
-            "cuda_graph_max_batch": (graph_batch * (3 * 8 + pages_per_seq * 4),
+            "max_num_batched_tokens": (3 * (3 * token_rows + 4 * self.max_num_batched_tokens + seqs) * 8,
+                                       f"staged ids, slots and rows of {token_rows} tokens, and of prefill "
+                                       f"chunks padded to their buckets"),
+            "max_num_seqs": (DeviceBlockTables.buffer_bytes(seqs, pages_per_seq) + 3 * (4 * seqs + 1) * 4,
+                             f"device block tables of {seqs} sequences x {pages_per_seq} pages "
+                             f"(max_model_len {model_len} / page_size {self.page_size}) and their staging"),
+            "cuda_graph_max_batch": (graph_batch * (3 * 8 + 4 + pages_per_seq * 4),
                                      f"decode-graph inputs of {graph_batch} sequences x {pages_per_seq} pages"),
             "num_kv_pages": ((self.num_kv_pages or 0) * PAGE_BOOKKEEPING_BYTES,
                              f"block-manager lists of {self.num_kv_pages} pages"),

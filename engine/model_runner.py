@@ -123,16 +123,15 @@ class ModelRunner:
         if fp8_kv:
             self._calibrate_kv_scales()
         graph_sizes = self._graph_sizes()
-        pages = self.max_pages_per_seq * ecfg.max_num_seqs
+        # sizes: EngineConfig.buffer_bytes
         self.staging = StagedInputs(
             {torch.long: 3 * max(ecfg.max_num_batched_tokens, graph_sizes[-1]),
-             torch.int32: 2 * pages + 3 * ecfg.max_num_seqs + 1}, device)
+             torch.int32: 3 * ecfg.max_num_seqs + 1}, device)
         self.prefill_buckets = self._prefill_buckets() if ecfg.split_mixed_steps else []
         # a step's prefill chunks, padded to their buckets (ids, slots, sampled row), and their
-        # contexts and page lists: one staged copy per step, apart from the decodes' (one per step each)
+        # contexts: one staged copy per step, apart from the decodes' (one per step each)
         self.prefill_staging = StagedInputs(
-            {torch.long: 5 * ecfg.max_num_batched_tokens + ecfg.max_num_seqs,
-             torch.int32: 4 * self.max_pages_per_seq + 2 * ecfg.max_num_seqs}, device)
+            {torch.long: 4 * ecfg.max_num_batched_tokens + ecfg.max_num_seqs, torch.int32: ecfg.max_num_seqs}, device)
         # each running sequence's pages in a device row, changed by the entries that change
         self.block_tables = DeviceBlockTables(ecfg.max_num_seqs, self.max_pages_per_seq, device)
         self.prefill_graphs: GraphCache | None = None
