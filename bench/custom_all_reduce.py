@@ -16,10 +16,9 @@ JSON to $OUT/custom_all_reduce.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
-from _util import device_name, print_table, write_json
+from _util import bench_graph, device_name, print_table, write_json
 
 from stepvox.engine.distributed import custom_all_reduce as car
 
@@ -59,25 +58,9 @@ class StreamRanks:
             self.ops.car_dispose(h)
 
 
-def graph_us(ranks: StreamRanks, fn, iters: int = 20, reps: int = 11) -> float:
-    """Median microseconds of one call of fn on every rank, from a graph of `iters` calls."""
-    ranks.launch(fn)                                           # warm up eagerly
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            ranks.launch(fn)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1000 / iters)
-    return statistics.median(times)
+def graph_us(ranks: StreamRanks, fn) -> float:
+    """Median microseconds of one call of fn on every rank, replayed in a graph of 20 calls."""
+    return bench_graph(lambda: ranks.launch(fn)) * 1000
 
 
 def run_all_reduce(world: int, sizes: list[int], dtype: torch.dtype) -> list[dict]:
