@@ -1,7 +1,9 @@
-"""Small helpers shared by the GPU benchmarks: output folder, timing, tables."""
+"""Small helpers shared by the GPU benchmarks: output folder, timing, statistics, tables, worker flags."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -72,6 +74,16 @@ def bench_host(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def percentile(values, q: float):
+    """Linear interpolation between order statistics (numpy's default); None for no values."""
+    if not values:
+        return None
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
 def guarded(results: dict, name: str, fn):
     """Run one section; record its exception instead of stopping the whole benchmark."""
     try:
@@ -88,3 +100,29 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("-+-".join("-" * widths[c] for c in columns))
     for r in rows:
         print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def fmt(v, spec=".1f") -> str:
+    """A number formatted for a table; "-" for None (a figure not measured)."""
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def parse_list(text: str, kind) -> list:
+    """A comma-separated command-line list, e.g. "1,8,32" -> [1, 8, 32]."""
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args_or_work(ap: argparse.ArgumentParser, **workers):
+    """The command line, or None after running a worker: a benchmark that runs part of itself in a
+    subprocess starts this same script with a hidden `--NAME SPEC_PATH` flag, one per keyword
+    (NAME_WITH_UNDERSCORES=function), and the function named is called with SPEC_PATH instead of the
+    benchmark."""
+    for name in workers:
+        ap.add_argument(f"--{name.replace('_', '-')}", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    for name, work in workers.items():
+        spec_path = getattr(args, name)
+        if spec_path:
+            work(spec_path)
+            return None
+    return args

@@ -57,7 +57,6 @@ import asyncio
 import contextlib
 import datetime
 import json
-import math
 import os
 import random
 import re
@@ -70,7 +69,7 @@ import tempfile
 import time
 import urllib.parse
 
-from _util import guarded, print_table, write_json
+from _util import fmt, guarded, parse_args_or_work, parse_list, percentile, print_table, write_json
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 SPEECH = "/v1/audio/speech"
@@ -96,16 +95,6 @@ def texts(first: int, n: int) -> list[str]:
         rng = random.Random(10_000 + i)
         out.append("".join(rng.choice(TEXT_POOL) for _ in range(TEXT_CHARS - 1)) + "。")
     return out
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between order statistics (numpy's default)."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def median(values):
@@ -183,6 +172,20 @@ async def _read_head(reader) -> tuple[int, dict[str, str]]:
         headers[name.strip().lower()] = value.strip()
 
 
+async def read_chunks(reader):
+    """A chunked transfer's body: each chunk's bytes as it arrives; the trailers are read at the end."""
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise asyncio.IncompleteReadError(b"", None)
+        size = int(line.split(b";")[0].strip(), 16)
+        if size == 0:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):      # trailers
+                pass
+            return
+        yield (await reader.readexactly(size + 2))[:-2]
+
+
 async def speech(conn: Connection, payload: dict, timeout: float) -> dict:
     """One streamed request: status, the arrival of each body chunk (seconds from the start) and its
     bytes, or the failure. The start is taken before connecting, when it connects."""
@@ -202,19 +205,10 @@ async def speech(conn: Connection, payload: dict, timeout: float) -> dict:
         r["request_id"] = headers.get("x-request-id")
         keep = headers.get("connection", "").lower() != "close"
         if headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                line = await reader.readline()
-                if not line:
-                    raise asyncio.IncompleteReadError(b"", None)
-                size = int(line.split(b";")[0].strip(), 16)
-                if size == 0:
-                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):      # trailers
-                        pass
-                    break
-                data = await reader.readexactly(size + 2)
-                r["chunks"].append((time.perf_counter() - t0, size))
+            async for data in read_chunks(reader):
+                r["chunks"].append((time.perf_counter() - t0, len(data)))
                 if status != 200 and len(r.setdefault("body", b"")) < 4096:
-                    r["body"] += data[:-2]
+                    r["body"] += data
         elif "content-length" in headers:
             data = await reader.readexactly(int(headers["content-length"]))
             if status == 200:
@@ -341,13 +335,7 @@ class Workloads:
         return results, time.perf_counter() - t_start
 
     async def poisson(self, rate: float, duration: float, seed: int) -> tuple[list[dict], float]:
-        rng = random.Random(seed)
-        arrivals, t = [], 0.0
-        while True:
-            t += rng.expovariate(rate)
-            if t >= duration:
-                break
-            arrivals.append(t)
+        arrivals = poisson_arrivals(rate, duration, seed)
         items = self.take(len(arrivals))
         tasks = []
         t_start = time.perf_counter()
@@ -366,6 +354,17 @@ class Workloads:
             tasks.append(asyncio.create_task(fresh(index, text)))
         results = await asyncio.gather(*tasks)
         return list(results), time.perf_counter() - t_start
+
+
+def poisson_arrivals(rate: float, duration: float, seed: int) -> list[float]:
+    """Arrival times in [0, duration) s of a Poisson process of `rate` per second, seeded."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return times
+        times.append(t)
 
 
 def summarize(name: str, results: list[dict], wall_s: float, extra: dict | None = None) -> dict:
@@ -392,7 +391,8 @@ def summarize(name: str, results: list[dict], wall_s: float, extra: dict | None 
     return s
 
 
-def scrape(target: Target) -> dict[str, float]:
+def scrape(target: Target, names=SERVER_METRICS) -> dict[str, float]:
+    """The server's /metrics: the samples of the metrics in `names`, summed over their labels."""
     status, body = target.get("/metrics")
     if status != 200:
         raise RuntimeError(f"/metrics answered {status}")
@@ -402,7 +402,7 @@ def scrape(target: Target) -> dict[str, float]:
             continue
         name_labels, _, value = line.rpartition(" ")
         name = name_labels.split("{")[0]
-        if name in SERVER_METRICS:
+        if name in names:
             out[name] = out.get(name, 0.0) + float(value)
     return out
 
@@ -439,7 +439,19 @@ def child_env() -> dict:
     return env
 
 
+def add_engine_args(group, device_help: str, kernels_help: str | None = None) -> None:
+    """The engine's options on the command line; engine_flags and engine_options pass them on."""
+    group.add_argument("--device", default=None, help=device_help)
+    group.add_argument("--kernels", default=None, choices=("auto", "triton", "reference"), help=kernels_help)
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--max-num-seqs", type=int, default=None)
+    group.add_argument("--num-kv-pages", type=int, default=None)
+    group.add_argument("--gpu-memory-utilization", type=float, default=None)
+    group.add_argument("--eager", action="store_true", help="no CUDA graphs")
+
+
 def engine_flags(args) -> list[str]:
+    """The engine's options as `stepvox serve` flags."""
     flags = []
     for name in ("device", "kernels", "max_model_len", "max_num_seqs", "num_kv_pages", "gpu_memory_utilization"):
         value = getattr(args, name)
@@ -459,16 +471,23 @@ def engine_options(args) -> dict:
     return options
 
 
+def serve_argv(args, folders: dict | None, max_concurrent: int, max_queue: int) -> list[str]:
+    """`stepvox serve` arguments: a free port of 127.0.0.1, the folders (none: the server's tiny default)
+    and the engine flags of `args`."""
+    argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--no-access-log", "--max-concurrent",
+            str(max_concurrent), "--max-queue", str(max_queue)]
+    if folders:
+        argv += ["--model", folders["model"], "--tokenizer", folders["tokenizer"]]
+        if folders.get("speakers"):
+            argv += ["--speakers", folders["speakers"]]
+    return argv + engine_flags(args)
+
+
 class ServerProcess:
-    def __init__(self, args, folders: dict | None, workdir: str):
+    """A server started as `cmd` (its output to workdir/server.log); wait_ready() finds its address."""
+
+    def __init__(self, cmd: list[str], workdir: str):
         self.log_path = os.path.join(workdir, "server.log")
-        cmd = [sys.executable, "-m", "stepvox.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--no-access-log", "--max-concurrent", str(args.max_concurrent), "--max-queue", str(args.max_queue)]
-        if folders:
-            cmd += ["--model", folders["model"], "--tokenizer", folders["tokenizer"]]
-            if folders.get("speakers"):
-                cmd += ["--speakers", folders["speakers"]]
-        cmd += engine_flags(args)
         self.cmd = cmd
         with open(self.log_path, "w") as f:
             self.proc = subprocess.Popen(cmd, env=child_env(), stdout=f, stderr=subprocess.STDOUT)
@@ -601,10 +620,6 @@ def baseline_worker(spec_path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-def fmt(v, spec=".1f", unit=""):
-    return f"{v:{spec}}{unit}" if isinstance(v, (int, float)) else "-"
-
-
 def workload_rows(res: dict) -> list[dict]:
     rows = []
     for w in res.get("workloads", []):
@@ -675,10 +690,6 @@ def summary_rows(res: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- main
-def parse_list(text: str, kind):
-    return [kind(x) for x in text.split(",") if x.strip()]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = ap.add_argument_group("server")
@@ -690,13 +701,7 @@ def main():
     where.add_argument("--speakers", help="speakers folder")
     where.add_argument("--folders", help="bench/tts.py's released-shape random folders here (written on the GPU "
                        "unless a run completed them); instead of --model / --tokenizer / --speakers")
-    where.add_argument("--device", default=None, help="engine device (server and baseline); smoke: cpu")
-    where.add_argument("--kernels", default=None, choices=("auto", "triton", "reference"))
-    where.add_argument("--max-model-len", type=int, default=None)
-    where.add_argument("--max-num-seqs", type=int, default=None)
-    where.add_argument("--num-kv-pages", type=int, default=None)
-    where.add_argument("--gpu-memory-utilization", type=float, default=None)
-    where.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    add_engine_args(where, "engine device (server and baseline); smoke: cpu")
     where.add_argument("--max-concurrent", type=int, default=64, help="the started server's --max-concurrent")
     where.add_argument("--max-queue", type=int, default=256, help="the started server's --max-queue")
     where.add_argument("--start-timeout", type=float, default=600.0, help="seconds for the server to load")
@@ -723,10 +728,8 @@ def main():
     load.add_argument("--in-process-baseline", action="store_true",
                       help="first audio of the warm-up and C = 1 requests through stepvox.TTS in a subprocess")
     ap.add_argument("--out", default=None, help="folder for serve.json (default $OUT, else ./out)")
-    ap.add_argument("--baseline-worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.baseline_worker:
-        baseline_worker(args.baseline_worker)
+    args = parse_args_or_work(ap, baseline_worker=baseline_worker)
+    if args is None:
         return
     if args.out:
         os.environ["OUT"] = args.out
@@ -794,7 +797,8 @@ def main():
         if args.start:
             log("starting `stepvox serve` ...")
             t0 = time.perf_counter()
-            server = ServerProcess(args, folders, workdir)
+            server = ServerProcess([sys.executable, "-m", "stepvox.cli"]
+                                   + serve_argv(args, folders, args.max_concurrent, args.max_queue), workdir)
             url = section("server start", lambda: server.wait_ready(args.start_timeout))
             if url is None:
                 return

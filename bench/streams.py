@@ -69,7 +69,6 @@ import datetime
 import functools
 import itertools
 import json
-import math
 import os
 import random
 import shlex
@@ -81,7 +80,10 @@ import tempfile
 import threading
 import time
 
-from _util import guarded, print_table
+from _util import fmt, guarded, parse_args_or_work, parse_list, percentile, print_table
+from serve import (Connection, ServerProcess, Target, _read_head, add_engine_args, child_env, engine_options,
+                   poisson_arrivals, prepare_released_folders, read_chunks, serve_argv)
+from serve import scrape as scrape_metrics
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 START = time.perf_counter()          # CLOCK_MONOTONIC on Linux: one clock for this process and its children
@@ -94,16 +96,6 @@ SERVER_METRICS = ("stepvox_speech_stream_underruns_total", "stepvox_speech_strea
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
-
-
-def percentile(values, q: float):
-    """Linear interpolation between order statistics (numpy's default); None for no values."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def dist_ms(values_s, qs=(50, 90, 99)) -> dict:
@@ -314,12 +306,10 @@ class HttpSession:
     chunked transfer; each HTTP chunk is one arrival (bench/serve.py's client)."""
 
     def __init__(self, target, voice: str, temperature: float, sample_rate: int = NATIVE_RATE):
-        from serve import Connection
         self.target, self.voice, self.temperature, self.rate = target, voice, temperature, sample_rate
         self.conn = Connection(target)
 
     async def speak(self, text: str, seed: int, max_tokens: int):
-        from serve import _read_head
         payload = {"input": text, "response_format": "pcm", "sample_rate": self.rate, "max_tokens": max_tokens,
                    "seed": seed, "voice": self.voice, "temperature": self.temperature}
         body = json.dumps(payload, ensure_ascii=False).encode()
@@ -341,17 +331,8 @@ class HttpSession:
                     code = json.loads(data)["error"].get("code")
                 raise RequestFailed(f"HTTP {status} {code or ''}".strip())
             if chunked:
-                while True:
-                    line = await reader.readline()
-                    if not line:
-                        raise asyncio.IncompleteReadError(b"", None)
-                    size = int(line.split(b";")[0].strip(), 16)
-                    if size == 0:
-                        while (await reader.readline()) not in (b"\r\n", b"\n", b""):      # trailers
-                            pass
-                        break
-                    await reader.readexactly(size + 2)
-                    yield size / 2 / rate
+                async for data in read_chunks(reader):
+                    yield len(data) / 2 / rate
             else:
                 n = int(headers.get("content-length", "0"))
                 await reader.readexactly(n)
@@ -487,13 +468,7 @@ class Load:
             qa = time.perf_counter()
             await asyncio.sleep(window / 2)
             qa = (qa, time.perf_counter())
-            rng = random.Random(seed)
-            times, t = [], 0.0
-            while True:
-                t += rng.expovariate(rate)
-                if t >= window:
-                    break
-                times.append(t)
+            times = poisson_arrivals(rate, window, seed)
             aw0 = time.perf_counter()
             session_for = self.make_session
             for at in times:
@@ -625,10 +600,6 @@ def held(level: dict) -> bool:
     """Every stream heard, no errors, no underrun."""
     return (level["underrun_chunks"] == 0 and level["error_count"] == 0
             and level["streams_heard"] == level["streams"])
-
-
-def fmt(v, spec=".1f"):
-    return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
 def pcts(d: dict, keys=("p50", "p90", "p99"), spec=".0f") -> str:
@@ -770,54 +741,28 @@ def server_worker(spec_path: str) -> None:
     sys.exit(code)
 
 
-def child_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)       # a CPU run uses the reference kernels, named explicitly
-    return env
-
-
 def scrape(target) -> dict | None:
+    """This bench's SERVER_METRICS from /metrics (bench/serve.py's reader), or None when they cannot be read."""
     with contextlib.suppress(Exception):
-        status, body = target.get("/metrics")
-        if status != 200:
-            return None
-        out: dict[str, float] = {}
-        for line in body.decode("utf-8", "replace").splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name_labels, _, value = line.rpartition(" ")
-            name = name_labels.split("{")[0]
-            if name in SERVER_METRICS:
-                out[name] = out.get(name, 0.0) + float(value)
-        return out
+        return scrape_metrics(target, SERVER_METRICS)
     return None
 
 
 def run_server(args, plan: dict, folders: dict, workdir: str, sampler: NvmlSampler, budget: Budget, res: dict,
                save) -> None:
-    from serve import ServerProcess, Target
     out = res["server"]
     steps_path = os.path.join(workdir, "server-steps.txt")
     top = max(plan["levels"] + [plan["base"] + 32])
-    argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--no-access-log", "--max-concurrent",
-            str(max(args.max_concurrent or 0, top + 64)), "--max-queue", "256",
-            "--model", folders["model"], "--tokenizer", folders["tokenizer"], "--speakers", folders["speakers"]]
-    argv += engine_flags(args) + shlex.split(args.server_args or "")
+    argv = serve_argv(args, folders, max(args.max_concurrent or 0, top + 64), 256)
+    argv += shlex.split(args.server_args or "")
     spec_path = os.path.join(workdir, "server-spec.json")
     with open(spec_path, "w") as f:
         json.dump(dict(argv=argv, steps_path=steps_path), f)
 
-    class Server(ServerProcess):
-        def __init__(self):            # bench/serve.py's process handling, this file's worker as the command
-            self.log_path = os.path.join(workdir, "server.log")
-            self.cmd = [sys.executable, os.path.abspath(__file__), "--server-worker", spec_path]
-            with open(self.log_path, "w") as f:
-                self.proc = subprocess.Popen(self.cmd, env=child_env(), stdout=f, stderr=subprocess.STDOUT)
-            self.url = None
-
     log(f"server: starting `stepvox {' '.join(argv)}` (step timing on) ...")
     t0 = time.perf_counter()
-    server = Server()
+    # bench/serve.py's process handling, this file's worker (`stepvox serve` with the steps timed) as the command
+    server = ServerProcess([sys.executable, os.path.abspath(__file__), "--server-worker", spec_path], workdir)
     try:
         url = server.wait_ready(args.start_timeout)
         out["start_s"] = time.perf_counter() - t0
@@ -836,25 +781,6 @@ def run_server(args, plan: dict, folders: dict, workdir: str, sampler: NvmlSampl
         if out["exit"] not in (0, -signal.SIGTERM):
             print(out["log_tail"], flush=True)
         save()
-
-
-def engine_flags(args) -> list[str]:
-    flags = []
-    for name in ("device", "kernels", "max_model_len", "max_num_seqs", "num_kv_pages", "gpu_memory_utilization"):
-        value = getattr(args, name)
-        if value is not None:
-            flags += [f"--{name.replace('_', '-')}", str(value)]
-    if args.eager:
-        flags.append("--eager")
-    return flags
-
-
-def engine_options(args) -> dict:
-    """The same options as TTS.from_pretrained arguments (the server's mapping)."""
-    return {k: v for k, v in dict(kernel_backend=args.kernels, max_model_len=args.max_model_len,
-                                  max_num_seqs=args.max_num_seqs, num_kv_pages=args.num_kv_pages,
-                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                  enforce_eager=args.eager or None).items() if v is not None}
 
 
 def run_inprocess(args, plan: dict, folders: dict, workdir: str, sampler: NvmlSampler, budget: Budget,
@@ -1004,10 +930,6 @@ def plot(res: dict, png: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- main
-def parse_list(text: str, kind):
-    return [kind(x) for x in text.split(",") if x.strip()]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny random folders on the CPU, small levels, short holds")
@@ -1056,21 +978,9 @@ def main():
                                                                     "largest level + 64)")
     s.add_argument("--start-timeout", type=float, default=600.0)
     e = ap.add_argument_group("engine (both paths)")
-    e.add_argument("--device", default=None, help="default cuda; smoke cpu")
-    e.add_argument("--kernels", default=None, choices=("auto", "triton", "reference"), help="smoke: reference")
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--max-num-seqs", type=int, default=None)
-    e.add_argument("--num-kv-pages", type=int, default=None)
-    e.add_argument("--gpu-memory-utilization", type=float, default=None)
-    e.add_argument("--eager", action="store_true")
-    ap.add_argument("--inprocess-worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--server-worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.inprocess_worker:
-        inprocess_worker(args.inprocess_worker)
-        return
-    if args.server_worker:
-        server_worker(args.server_worker)
+    add_engine_args(e, "default cuda; smoke cpu", "smoke: reference")
+    args = parse_args_or_work(ap, inprocess_worker=inprocess_worker, server_worker=server_worker)
+    if args is None:
         return
 
     smoke = args.smoke
@@ -1138,7 +1048,6 @@ def main():
                 return folders
             folders = section("folders", tiny)
         else:
-            from serve import prepare_released_folders
             folders = section("folders", lambda: prepare_released_folders(root))
         if folders is None:
             return

@@ -53,7 +53,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _util import device_name, guarded, print_table, write_json  # noqa: E402
+from _util import device_name, guarded, parse_args_or_work, print_table, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_CODE = os.path.join(REPO, ".official")          # HF remote code: ignored, never committed
@@ -515,10 +515,8 @@ def main():
     ap.add_argument("--first-windows", default=None,
                     help="first-chunk sweep over decoder stream configs 'hop+overlap,...' in tokens, multiples of 5 "
                          "(e.g. 15+20,10+10,5+10,5+5); default: no sweep")
-    ap.add_argument("--official-worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.official_worker:
-        official_worker(args.official_worker)
+    args = parse_args_or_work(ap, official_worker=official_worker)
+    if args is None:
         return
     if args.out:
         os.environ["OUT"] = args.out

@@ -101,7 +101,7 @@ __device__ void barrier(const Regions& regions, int rank, int world, uint32_t ep
     uint32_t* mine = kind == 0 ? &self->start[blockIdx.x][threadIdx.x]
                      : kind == 1 ? &self->mid[blockIdx.x][threadIdx.x] : &self->end[blockIdx.x][threadIdx.x];
     store_release(theirs, epoch);
-    while (load_acquire(mine) < epoch) {
+    while (static_cast<int32_t>(load_acquire(mine) - epoch) < 0) {  // wrap-safe: epochs run past 2^32
     }
   }
   __syncthreads();
@@ -328,6 +328,7 @@ void car_all_reduce_add_rms_norm(int64_t handle, at::Tensor inp, at::Tensor resi
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == inp.size(1) && weight.scalar_type() == inp.scalar_type() &&
                   weight.is_contiguous(),
               "stepvox._C: weight must be [hidden] of the input's dtype");
+  for (int r = 0; r < ctx->world; ++r) TORCH_CHECK(ctx->regions.base[r] != nullptr, "stepvox._C: peers not opened");
   const c10::cuda::CUDAGuard guard(inp.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   int64_t bytes = inp.numel() * inp.element_size();

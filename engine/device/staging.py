@@ -32,11 +32,12 @@ class StagedInputs:
     steps: the step's tensors are views of them) or into given device tensors (`put_into`, the
     static inputs of a CUDA graph).
 
-    Two host buffer sets are used by turns: the engine reads a step's tokens, which come after that
-    step's copies on the stream, before it stages the step after next, so the host never refills a
-    set that a queued copy still reads. The device buffers need no turns: the next step's copy runs
-    after this step's kernels in stream order. On a CPU device the buffers are plain memory: the
-    same path runs, which is what the tests see."""
+    Two host buffer sets are used by turns, each with an event recorded after its copy: refilling a
+    set first waits for that event. It has normally passed (the engine reads a step's tokens before
+    it stages the step after next), but a host running ahead (steps that sample nothing, prefill
+    graphs launched in microseconds) must not overwrite a set whose copy is still queued. The device
+    buffers need no turns: the next step's copy runs after this step's kernels in stream order. On a
+    CPU device the buffers are plain memory: the same path runs, which is what the tests see."""
 
     def __init__(self, capacity: dict[torch.dtype, int], device: torch.device):
         """capacity: elements per dtype that one step may stage; larger steps copy directly."""
@@ -47,6 +48,12 @@ class StagedInputs:
                      for dt, n in capacity.items()}
         self.dev = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in capacity.items()}
         self.turn = 0
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()] if pinned else None   # per host set
+
+    def _sent(self, turn: int) -> None:
+        """The copies out of host set `turn` are queued: mark where they end on the stream."""
+        if self.copied is not None:
+            self.copied[turn].record(torch.cuda.current_stream(self.device))
 
     def _pack(self, arrays: list[np.ndarray], dtypes: list[torch.dtype]) -> list[torch.Tensor] | None:
         """Host views of `arrays` in this turn's buffers (None when they do not fit); flips the turn."""
@@ -55,6 +62,8 @@ class StagedInputs:
             need[dt] = need.get(dt, 0) + a.size
         if any(dt not in self.host or n > self.capacity[dt] for dt, n in need.items()):
             return None
+        if self.copied is not None:
+            self.copied[self.turn].synchronize()          # this set's last copy has been made
         views, offsets = [], dict.fromkeys(need, 0)
         for a, dt in zip(arrays, dtypes):
             start = offsets[dt]
@@ -81,6 +90,7 @@ class StagedInputs:
         turn = self.turn ^ 1                       # the set _pack just filled
         for dt, n in ends.items():
             self.dev[dt][:n].copy_(self.host[dt][turn][:n], non_blocking=True)
+        self._sent(turn)
         return views
 
     def put_into(self, parts: list[tuple[np.ndarray, torch.Tensor]]) -> None:
@@ -90,3 +100,5 @@ class StagedInputs:
         hosts = self._pack(arrays, [dst.dtype for _, dst in parts])
         for a, (_, dst), host in zip(arrays, parts, hosts or [None] * len(parts)):
             dst.copy_(host if host is not None else values_to_device(a, dst.dtype, self.device), non_blocking=True)
+        if hosts is not None:
+            self._sent(self.turn ^ 1)

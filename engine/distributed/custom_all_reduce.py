@@ -23,6 +23,7 @@ import torch.distributed as dist
 log = logging.getLogger("stepvox")
 
 MAX_RANKS = 8                     # the kernels' flag arrays (csrc/custom_all_reduce.cu kMaxRanks)
+MAX_BLOCKS = 64                   # the kernels' largest grid (kMaxBlocks)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_CAPACITY = 8 << 20        # bytes of one rank's data area
 DEFAULT_ONE_SHOT_MAX = 256 << 10  # one-shot up to here: every rank reads all the data, but one barrier fewer
@@ -65,9 +66,14 @@ class CustomAllReduce:
     of the group must construct it together (the handle exchange waits for all)."""
 
     def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device,
-                 capacity: int = DEFAULT_CAPACITY, one_shot_max: int = DEFAULT_ONE_SHOT_MAX):
+                 capacity: int = DEFAULT_CAPACITY, one_shot_max: int = DEFAULT_ONE_SHOT_MAX, shared_device: bool = False):
+        """shared_device: every rank on this one GPU. Their kernels spin until all ranks' blocks
+        arrive; time-sliced contexts take turns, but concurrent ones (MPS) need every rank's grid
+        resident at once, so each grid is capped at the SMs / ranks."""
         if not 2 <= world <= MAX_RANKS:
             raise ValueError(f"the custom all-reduce serves 2 to {MAX_RANKS} ranks, not {world}")
+        if device.index is None:        # route() compares devices: "cuda" would never equal a tensor's "cuda:0"
+            device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world, self.device = rank, world, device
         self.capacity, self.one_shot_max = capacity, one_shot_max
         ops = torch.ops.stepvox
@@ -76,6 +82,9 @@ class CustomAllReduce:
             store.set(f"car/{rank}", bytes(ops.car_ipc_handle(self._handle).tolist()))
             peers = [list(store.get(f"car/{r}")) for r in range(world)]
             ops.car_open_peers(self._handle, torch.tensor(peers, dtype=torch.uint8))
+            if shared_device:
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                ops.car_set_max_blocks(self._handle, max(1, min(MAX_BLOCKS, sms // world)))
 
     def route(self, tensor: torch.Tensor) -> str:
         if tensor.device != self.device:

@@ -66,7 +66,8 @@ class RankGroup:
             backend.set_timeout(COLLECTIVE_TIMEOUT)
         self._store, self._backend = store, backend
         if custom_all_reduce and device.type == "cuda" and load() is None:
-            self.custom = CustomAllReduce(dist.PrefixStore("car", store), rank, size, device)
+            self.custom = CustomAllReduce(dist.PrefixStore("car", store), rank, size, device,
+                                          shared_device=share_device)
 
     def _live(self):
         if self._backend is None:

@@ -74,8 +74,9 @@ def refuse_in_bootstrap() -> None:
 def rank_devices(device: torch.device, size: int, share: bool = False) -> list[str]:
     if device.type != "cuda":
         return ["cpu"] * size
-    if share:
-        return [str(device)] * size
+    if share:       # an index, always: workers set it as their device, and the ranks compare it
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return [f"cuda:{index}"] * size
     first = device.index or 0
     if first + size > torch.cuda.device_count():
         raise StepvoxError(f"tensor_parallel_size {size} from cuda:{first} needs {first + size} GPUs; "
