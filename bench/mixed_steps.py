@@ -1,10 +1,11 @@
 """Arrivals against running decodes, TTS-3B shape, random weights (load_format="dummy"), one GPU:
 the engine's step time while requests arrive, with mixed steps run as graph parts
-(`split_mixed_steps=True`: the decodes' CUDA graph + a graph per prefill chunk) against one eager
-joint step (`False`, the engine before issue 19), in one run.
+(`split_mixed_steps=True`: the decodes' CUDA graph + a graph per prefill chunk), with and without
+the cap on prompt tokens per step while others decode (`max_prefill_while_decoding`, default 256),
+against one eager joint step (the engine before issue 19), in one run (a process per variant).
 
-1. Tokens: 8 requests arriving two steps apart, greedy, 48 tokens each, split vs joint (bf16: the
-   two paths round differently, so the agreement is reported, not asserted).
+1. Tokens: 8 requests arriving two steps apart, greedy, 48 tokens each, each variant vs the first
+   (bf16: the paths round differently, so the agreement is reported, not asserted).
 2. Step time: `--base` requests decode (long, ignore_eos); after a warm-up, `--pure` steps are timed,
    then requests with `--prompt`-token prompts arrive at `--rate` per second (wall clock) for
    `--arrival-s` seconds. Each engine.step() is timed on the host (what a stream waits between
@@ -24,7 +25,9 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -41,10 +44,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def engine(folder: str, split: bool, smoke: bool) -> LLM:
+# name -> engine options: parts with the default prefill cap, parts without a cap, one joint eager step
+VARIANTS = {"parts+cap": dict(split_mixed_steps=True),
+            "parts": dict(split_mixed_steps=True, max_prefill_while_decoding=None),
+            "joint": dict(split_mixed_steps=False, max_prefill_while_decoding=None)}
+
+
+def engine(folder: str, options: dict, smoke: bool) -> LLM:
     opts = (dict(device="cpu", kernel_backend="reference", max_model_len=512, num_kv_pages=512, max_num_seqs=16)
             if smoke else dict(max_model_len=4096, max_num_seqs=128, gpu_memory_utilization=0.85))
-    return LLM(folder, load_format="dummy", split_mixed_steps=split, **opts)
+    return LLM(folder, load_format="dummy", **opts, **options)
 
 
 def prompt(i: int, n: int) -> list[int]:
@@ -106,41 +115,62 @@ def step_times(llm: LLM, args) -> dict:
                 steps_ahead=eng.stats["steps_ahead"], steps=eng.stats["steps"])
 
 
+def run_variant(name: str, folder: str, args) -> dict:
+    llm = engine(folder, VARIANTS[name], args.smoke)
+    try:
+        tokens = tokens_check(llm, 8 if args.smoke else 48)
+        row = dict(variant=name, **step_times(llm, args))
+    finally:
+        llm.shutdown()
+    return dict(row=row, tokens=tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="each runs in a process of its own")
     ap.add_argument("--base", type=int, default=32)
     ap.add_argument("--pure", type=int, default=200)
     ap.add_argument("--rate", type=float, default=4.0)
     ap.add_argument("--arrival-s", type=float, default=10.0)
     ap.add_argument("--prompt", type=int, default=400)
     ap.add_argument("--arrival-tokens", type=int, default=200)
+    ap.add_argument("--one", nargs=2, metavar=("VARIANT", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
         args.base, args.pure, args.arrival_s, args.prompt, args.arrival_tokens = 3, 5, 1.0, 20, 4
-    res = {"device": device_name(), "torch": torch.__version__, "args": vars(args), "tokens": {}, "steps": []}
+    shape = TINY if args.smoke else TTS_3B
+    if args.one:                       # a worker: one variant, its result to a file
+        with tempfile.TemporaryDirectory() as tmp:
+            out = run_variant(args.one[0], bare_folder(os.path.join(tmp, "m"), shape), args)
+        with open(args.one[1], "w") as f:
+            json.dump(out, f)
+        return
+    res = {"device": device_name(), "torch": torch.__version__, "args": vars(args), "steps": [], "tokens": {}}
+    tokens = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = bare_folder(os.path.join(tmp, "m"), TINY if args.smoke else TTS_3B)
-        got = {}
-        for split in (True, False):
-            llm = engine(folder, split, args.smoke)
-            try:
-                got[split] = tokens_check(llm, 8 if args.smoke else 48)
-                row = step_times(llm, args)
-                row["split_mixed_steps"] = split
-                res["steps"].append(row)
-                print(row, flush=True)
-                write_json("mixed_steps.json", res)
-            finally:
-                llm.shutdown()
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        a, b = got[True], got[False]
-        res["tokens"] = dict(requests=len(a), equal=sum(x == y for x, y in zip(a, b)),
-                             first_divergence=[next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
-                                               for x, y in zip(a, b)])
+        for name in args.variants.split(","):
+            path = os.path.join(tmp, f"{name}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", name, path] + sys.argv[1:]
+            ran = subprocess.run(cmd)
+            if ran.returncode != 0:
+                res["steps"].append(dict(variant=name, failed=ran.returncode))
+                continue
+            with open(path) as f:
+                out = json.load(f)
+            tokens[name] = out["tokens"]
+            res["steps"].append(out["row"])
+            print(out["row"], flush=True)
+            write_json("mixed_steps.json", res)
+    first = next(iter(tokens), None)
+    for name, got in tokens.items():
+        ref = tokens[first]
+        res["tokens"][name] = dict(vs=first, equal=sum(a == b for a, b in zip(got, ref)), requests=len(got),
+                                   first_divergence=[next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), None)
+                                                     for a, b in zip(got, ref)])
     write_json("mixed_steps.json", res)
-    print("tokens split vs joint:", res["tokens"])
-    print_table(res["steps"], ["split_mixed_steps", "pure_p50_ms", "pure_p99_ms", "arrival_p50_ms", "arrival_p99_ms",
+    print("tokens:", res["tokens"])
+    print_table(res["steps"], ["variant", "pure_p50_ms", "pure_p99_ms", "arrival_p50_ms", "arrival_p99_ms",
                                "prefill_steps", "prefill_step_p50_ms", "p99_arrivals_over_p50_pure", "steps_ahead",
                                "steps"])
 

@@ -199,6 +199,8 @@ class EngineConfig:
     quantization: str | None = None           # "fp8": quantize a bf16 folder's linear weights while loading
                                               # (an FP8 folder, `stepvox quantize`'s, loads as FP8 anyway)
     quantize_lm_head: bool = False            # with quantization="fp8": the LM head too
+    max_prefill_while_decoding: int | None = 256  # prompt tokens a step computes while others decode (an
+                                              # arrival's prefill spread over steps); None: max_num_batched_tokens
     split_mixed_steps: bool = True            # a step with prefill chunks runs as parts: the decodes' CUDA graph
                                               # and a graph per prefill chunk (its length bucket); False: one
                                               # eager forward (model_runner.py)
@@ -227,6 +229,8 @@ class EngineConfig:
         count("page_size", hi=MAX_PAGE_SIZE)
         if self.num_kv_pages is not None:
             count("num_kv_pages")
+        if self.max_prefill_while_decoding is not None:
+            count("max_prefill_while_decoding")
         count("tensor_parallel_size", hi=MAX_TENSOR_PARALLEL)
         count("seed", 0, 2**63 - 1)
         count("gemv_max_rows", 0, 16)            # the GEMV kernel's limit

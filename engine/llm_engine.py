@@ -92,7 +92,8 @@ class LLMEngine:
         self.executor = executor if executor is not None else create_executor(model_path, self.cfg, self.ecfg)
         self.block_manager = BlockManager(self.executor.num_pages, self.ecfg.page_size,
                                           self.ecfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens,
+                                   self.ecfg.max_prefill_while_decoding)
         self.sampler = Sampler(self.executor.sampling_device, self.cfg.eos_token_id, self.ecfg.seed,
                                fused=None if self.ecfg.triton_sampling else False, backend=self.ecfg.kernel_backend)
         self.requests: dict[str, Sequence] = {}
@@ -176,7 +177,7 @@ class LLMEngine:
             sampled = self.sampler.sample(logits, seqs, greedy_ids)
             handle = self._readback.start(sampled.tokens)
             if not sampled.failed:
-                self._pending = self._launch_ahead(sampling, sampled.feed())
+                self._pending = self._launch_ahead(sampling, sampled.feed(), launched.sched.chunks)
             tokens = self._readback.wait(handle)
             failed = sampled.failures(tokens)
         for i, error in failed.items():
@@ -224,7 +225,8 @@ class LLMEngine:
         greedy = launched.greedy[index] if launched.greedy is not None else None
         return [sampling[i] for i in live], launched.logits[index], greedy
 
-    def _launch_ahead(self, sampling: list[ScheduledChunk], device_tokens: torch.Tensor) -> LaunchedStep | None:
+    def _launch_ahead(self, sampling: list[ScheduledChunk], device_tokens: torch.Tensor,
+                      step_chunks: list[ScheduledChunk]) -> LaunchedStep | None:
         """Queue the next decode step now, fed with this step's samples on the device, when it is
         certain to be wanted: each sampling sequence continues unless its token turns out to be a
         stop (then its row is dropped); one that reaches max_tokens or the context end now stops."""
@@ -233,7 +235,8 @@ class LLMEngine:
         for c in sampling:
             if self._ends_next(c.seq):
                 return None
-        sched = self.scheduler.schedule_ahead(sampling)
+        continuing = [c for c in step_chunks if not c.samples and not c.seq.is_finished]   # prompts under way
+        sched = self.scheduler.schedule_ahead(sampling, continuing)
         if sched is None:
             return None
         self.stats["steps_ahead"] += 1

@@ -6,6 +6,10 @@ prefilling one), cut to what the budget has left. Waiting sequences are admitted
 budget, pages and the sequence limit allow, their cached prompt prefix attached first. When a
 running sequence needs a page and none is free, the most recently admitted sequence is preempted:
 its pages are released and it waits again at the front, to be recomputed (prompt + output so far).
+
+While sequences decode, a step computes at most `max_prefill_while_decoding` prompt tokens: an
+arrival's prompt is spread over a few steps, each a little longer than a pure decode step, instead
+of one step that stalls every running stream for the whole prompt.
 """
 from __future__ import annotations
 
@@ -64,10 +68,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_while_decoding: int | None = None):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_while_decoding = max_prefill_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -85,14 +91,24 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
+    def _prefill_budget(self, decoding: bool) -> int:
+        """Prompt tokens a step may compute (any while nobody decodes)."""
+        cap = self.max_prefill_while_decoding
+        return self.max_num_batched_tokens if cap is None or not decoding else cap
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
+        prefill = self._prefill_budget(any(s.num_tokens - s.num_computed == 1 for s in self.running))
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            length = min(seq.num_tokens - seq.num_computed, budget)
+            left = seq.num_tokens - seq.num_computed
+            length = min(left, budget) if left == 1 else min(left, budget, prefill)
+            if length == 0:                 # a prompt that waits for the next step's prefill budget
+                i += 1
+                continue
             while not self.bm.grow(seq, seq.num_computed + length):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -103,10 +119,12 @@ class Scheduler:
                 break                       # seq itself was the last one and got preempted
             chunks.append(ScheduledChunk(seq, seq.num_computed, length))
             budget -= length
+            if left > 1:
+                prefill -= length
             i += 1
         if preempted:
             return SchedulerOutput(chunks, preempted)
-        self._admit(chunks, budget)
+        self._admit(chunks, min(budget, prefill))
         return SchedulerOutput(chunks, preempted)
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
@@ -132,18 +150,20 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, start, length))
             budget -= length
 
-    def schedule_ahead(self, sampled: list[ScheduledChunk]) -> SchedulerOutput | None:
-        """The decode step that follows a step whose chunks `sampled` each yield a token, planned
-        before those tokens are known (the engine feeds them on the device). Only when that step is
-        what schedule() would give next: every running sequence samples now and gets the page its next
-        position needs without preempting anybody; waiting sequences are then admitted as schedule()
+    def schedule_ahead(self, sampled: list[ScheduledChunk],
+                       continuing: list[ScheduledChunk] = ()) -> SchedulerOutput | None:
+        """The step that follows a step whose chunks `sampled` each yield a token, planned before
+        those tokens are known (the engine feeds them on the device), and whose chunks `continuing`
+        computed part of a prompt. Only when that step is what schedule() would give next: every
+        running sequence is in the step, each gets the pages its next chunk needs without preempting
+        anybody; the decodes come first, in `sampled` order (the device ids feed them in that order),
+        then the next chunks of the prompts under way, then waiting sequences admitted as schedule()
         admits them (their prompt tokens are known), so arrivals do not stop the engine from running
-        ahead. The decodes come first, in `sampled` order (the device ids feed them in that order).
-        Returns None otherwise (pages taken for the sequences before a failure stay with them: the
-        next step needs them anyway)."""
-        if len(sampled) != len(self.running) or not sampled:
+        ahead. Returns None otherwise (pages taken for the sequences before a failure stay with them:
+        the next step needs them anyway)."""
+        if not sampled or len(sampled) + len(continuing) != len(self.running):
             return None
-        if {id(c.seq) for c in sampled} != {id(s) for s in self.running}:
+        if {id(c.seq) for c in (*sampled, *continuing)} != {id(s) for s in self.running}:
             return None
         chunks = []
         for c in sampled:
@@ -151,7 +171,19 @@ class Scheduler:
             if not self.bm.grow(c.seq, start + 1):
                 return None
             chunks.append(ScheduledChunk(c.seq, start, 1, ahead=True))
-        self._admit(chunks, self.max_num_batched_tokens - len(chunks))
+        budget = self.max_num_batched_tokens - len(chunks)
+        prefill = self._prefill_budget(True)
+        for c in continuing:
+            start = c.start + c.length
+            length = min(c.seq.num_tokens - start, budget, prefill)
+            if length == 0:
+                continue
+            if not self.bm.grow(c.seq, start + length):
+                return None
+            chunks.append(ScheduledChunk(c.seq, start, length))
+            budget -= length
+            prefill -= length
+        self._admit(chunks, min(budget, prefill))
         return SchedulerOutput(chunks, [])
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -194,9 +194,20 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return buf
 
 
-def gemv_config(n: int, k: int, sm_count: int = 132) -> dict:
+SMEM_TILE_BUDGET = 160 << 10      # bytes of weight tiles in flight per program (Hopper: 227 KiB of shared memory)
+
+
+def gemv_config(n: int, k: int, sm_count: int = 132, weight_bytes: int = 2) -> dict:
     """Tile and K split per weight shape (bench/gemv.py on an H100, weights streamed from HBM,
-    products back to back as in a decode step)."""
+    products back to back as in a decode step). `weight_bytes`: the weight's element size; float32
+    weights (fp32 engines on a GPU) keep fewer tiles in flight so that they fit shared memory."""
+    cfg = _shape_config(n, k, sm_count)
+    fits = SMEM_TILE_BUDGET // (cfg["BLOCK_N"] * cfg["BLOCK_K"] * weight_bytes)
+    cfg["num_stages"] = max(1, min(cfg["num_stages"], fits))
+    return cfg
+
+
+def _shape_config(n: int, k: int, sm_count: int) -> dict:
     if n > 8192:                            # fused gate|up and the LM head fill the GPU already
         return dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3 if n < 32768 else 5)
     # qkv and o_proj: six stages keep five weight tiles in flight per program from its start (H200,
@@ -227,7 +238,7 @@ def _launch(x, weight, out, config, *, scale=None, norm_weight=None, sumsq_in=No
     partial sums of squares (float32 [row blocks, M]) are returned."""
     m, k = x.shape
     n = weight.shape[0]
-    cfg = dict(config or gemv_config(n, k, num_sms(x.device)))
+    cfg = dict(config or gemv_config(n, k, num_sms(x.device), weight.element_size()))
     block_n, block_k = cfg.pop("BLOCK_N"), cfg["BLOCK_K"]
     blocks = triton.cdiv(n // 2 if silu else n, block_n // 2 if silu else block_n)
     split = cfg.pop("SPLIT_K", 1)

@@ -65,9 +65,11 @@ def test_a_bucket_padded_prefill_equals_the_joint_logits(tiny_model):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_async_scheduling_stays_on_while_requests_arrive(tiny_model):
-    on = _llm(tiny_model, async_scheduling=True)
-    off = _llm(tiny_model, async_scheduling=False)
+@pytest.mark.parametrize("cap", [None, 3])
+def test_async_scheduling_stays_on_while_requests_arrive(tiny_model, cap):
+    """cap: prompt tokens a step computes while others decode (3: every prompt spans several steps)."""
+    on = _llm(tiny_model, async_scheduling=True, max_prefill_while_decoding=cap)
+    off = _llm(tiny_model, async_scheduling=False, max_prefill_while_decoding=None)
     assert _staggered(on) == _staggered(off)
     # every arrival joined a step launched ahead: the engine fell back to a synchronous step only
     # at the start and where a request finished (an ahead step then has nobody to plan for)

@@ -16,9 +16,10 @@ PS = 4  # tokens per page
 _next_token = itertools.count(1000)
 
 
-def make(num_pages=16, max_num_seqs=8, budget=64, page_size=PS, caching=True) -> Scheduler:
+def make(num_pages=16, max_num_seqs=8, budget=64, page_size=PS, caching=True, prefill_cap=None) -> Scheduler:
     bm = BlockManager(num_pages, page_size, enable_prefix_caching=caching)
-    return Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    return Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                     max_prefill_while_decoding=prefill_cap)
 
 
 def seq(n, request_id="r", first=0) -> Sequence:
@@ -546,3 +547,45 @@ def test_pages_all_return_after_a_busy_run(caching):
     assert any(q.num_cached_tokens > 0 for q in requests) == caching
     assert s.bm.num_free_pages == s.bm.num_pages
     assert s.bm.ref_counts == [0] * s.bm.num_pages
+
+
+def test_prompts_are_spread_over_steps_while_others_decode():
+    s = make(prefill_cap=4)
+    a = seq(9, "a")
+    add(s, a)
+    out = s.schedule()
+    assert shape(out) == [("a", 0, 9, True)]          # nobody decodes: the whole prompt at once
+    apply(s, out)
+    b, c = seq(10, "b", 100), seq(3, "c", 200)
+    add(s, b, c)
+    rows = []
+    for _ in range(4):
+        out = s.schedule()
+        rows.append(shape(out))
+        apply(s, out)
+    assert rows == [[("a", 9, 1, True), ("b", 0, 4, False)],
+                    [("a", 10, 1, True), ("b", 4, 4, False)],
+                    [("a", 11, 1, True), ("b", 8, 2, True), ("c", 0, 2, False)],
+                    [("a", 12, 1, True), ("b", 10, 1, True), ("c", 2, 1, True)]]
+    check_pages(s)
+
+
+def test_schedule_ahead_carries_the_prompts_under_way():
+    s = make(prefill_cap=4)
+    a = seq(3, "a")
+    add(s, a)
+    out = s.schedule()
+    apply(s, out)
+    b = seq(10, "b", 100)
+    add(s, b)
+    out = s.schedule()
+    assert shape(out) == [("a", 3, 1, True), ("b", 0, 4, False)]
+    sampled = [c for c in out.chunks if c.samples]
+    continuing = [c for c in out.chunks if not c.samples]
+    assert s.schedule_ahead(sampled) is None                 # b is running and not in the plan
+    ahead = s.schedule_ahead(sampled, continuing)
+    assert [(x.seq, x.start, x.length, x.ahead) for x in ahead.chunks] == [(a, 4, 1, True), (b, 4, 4, False)]
+    apply(s, out)
+    apply(s, ahead)
+    assert (a.num_computed, b.num_computed) == (5, 8)
+    check_pages(s)
