@@ -1,4 +1,4 @@
-# This session's GPU checks in one call (carry .whl): issue 19's step times under arrivals, then
-# issue 21's build, GPU tests, TP on one card and the custom all-reduce's latency.
-STEPS=mixed MIXED_LIMIT=170 bash bench/issue19_gpu.sh
-STEPS="build tests tp car" TEST_LIMIT=110 TESTS="tests/test_distributed_custom_all_reduce.py tests/test_kernels_kv_fp8.py tests/test_kernels_gemm_fp8.py tests/test_device_block_tables.py" bash bench/issue21_gpu.sh
+# This session's last GPU call (carry .whl): issue 21's build, the custom all-reduce GPU tests, TP=2/4
+# on one card against TP=1 (bf16 first, then fp32), the custom all-reduce's latency per size.
+STEPS="build tests tp car" TEST_LIMIT=70 TESTS="tests/test_distributed_custom_all_reduce.py" \
+  TP_LIMIT=120 TP_ARGS="--dtypes bfloat16,float32 --variants tp2+car,tp4+car" CAR_LIMIT=40 bash bench/issue21_gpu.sh

@@ -37,8 +37,9 @@ VARIANTS = [("tp1", dict(tensor_parallel_size=1)),
 
 
 def engine(folder: str, dtype: str, opts: dict) -> LLM:
+    # every engine eager: ranks sharing a card run so anyway, and TP=1 then runs the same kernels
     return LLM(folder, load_format="dummy", dtype=dtype, max_model_len=1024, num_kv_pages=256,
-               max_num_seqs=8, enforce_eager=opts.get("tensor_parallel_size", 1) > 1, **opts)
+               max_num_seqs=8, enforce_eager=True, **opts)
 
 
 def compare(folder: str, dtype: str, tokens: int, variants) -> list[dict]:
@@ -81,9 +82,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--variants", default=",".join(name for name, _ in VARIANTS[1:]))
     args = ap.parse_args()
     built = car.load() is None
-    variants = [v for v in VARIANTS if built or not v[1].get("custom_all_reduce")]
+    chosen = args.variants.split(",")
+    variants = [v for v in VARIANTS if v[0] in chosen and (built or not v[1].get("custom_all_reduce"))]
     res = {"device": device_name(), "torch": torch.__version__, "extension_built": built, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = bare_folder(os.path.join(tmp, "tts3b"), TTS_3B)
