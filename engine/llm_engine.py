@@ -37,6 +37,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from .sequence import Sequence
+from .step_times import StepTimes, step_kind
 from .tokenizer import Step1Tokenizer
 
 log = logging.getLogger("stepvox")
@@ -99,6 +100,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "preemptions": 0, "steps_ahead": 0}
+        self.step_times = StepTimes()       # each step() that finished a step, by kind (step_times.py)
         self.async_scheduling = self.ecfg.async_scheduling
         self._readback = TokenReadback(self.executor.sampling_device)
         self._pending: LaunchedStep | None = None      # the step launched ahead, not read yet
@@ -161,6 +163,7 @@ class LLMEngine:
         """Schedule and run one step (or finish the one launched ahead); report every request that
         got a token (stream=True) or only those that finished (stream=False, which skips
         detokenising unfinished ones)."""
+        started = time.perf_counter()
         launched, self._pending = self._pending, None
         if launched is not None and all(c.seq.is_finished for c in launched.sampling):
             launched = None                       # every row of the step run ahead was dropped
@@ -183,6 +186,7 @@ class LLMEngine:
         for i, error in failed.items():
             self._fail(seqs[i], error)
         self.stats["steps"] += 1
+        self.step_times.observe(step_kind(c.length for c in launched.sched.chunks), time.perf_counter() - started)
         for c in launched.sched.chunks:
             if c.seq.is_finished:                 # aborted while its step ran ahead, or failed now
                 continue

@@ -8,6 +8,7 @@ import torch
 
 from stepvox import LLM, SamplingParams
 from stepvox.engine.model_runner import _pad_tables
+from stepvox.engine.step_times import StepTimes, step_kind
 from stepvox.testing.logits import LogitsRecorder
 
 PROMPTS = [list(range(300 + 7 * i, 300 + 7 * i + 5 + 3 * i)) for i in range(4)]
@@ -41,6 +42,9 @@ def test_mixed_steps_in_parts_give_the_tokens_of_joint_steps_and_of_requests_alo
     joint = _llm(tiny_model, split_mixed_steps=False, async_scheduling=False)
     got_split, got_joint = _staggered(split), _staggered(joint)
     assert got_split == alone and got_joint == alone
+    times = split.engine.step_times                      # every step timed, by kind
+    assert times.total() == split.engine.stats["steps"]
+    assert sum(times.counts["mixed"]) > 0 and sum(times.counts["decode"]) > 0 and sum(times.counts["prefill"]) >= 1
     # the split engine ran its prefills through the bucket path, the joint one never did
     assert split.engine.executor.runner.prefill_statics and not joint.engine.executor.runner.prefill_statics
 
@@ -120,3 +124,13 @@ def test_device_block_tables_follow_preemption_aborts_and_prefix_hits(tiny_model
             engine.abort_request(ids[6])
     assert engine.stats["preemptions"] > 0 and check.checked > 100 and cached > 0
     assert engine.block_manager.num_free_pages == 24
+
+
+def test_step_kinds_and_the_cumulative_buckets():
+    assert [step_kind(x) for x in ([1, 1], [1, 5], [7], [1])] == ["decode", "mixed", "prefill", "decode"]
+    times = StepTimes((0.01, 0.1))
+    for seconds in (0.005, 0.01, 0.05, 3.0):
+        times.observe("decode", seconds)
+    assert times.cumulative("decode") == [("0.01", 2), ("0.1", 3), ("+Inf", 4)]
+    assert times.cumulative("mixed") == [("0.01", 0), ("0.1", 0), ("+Inf", 0)]
+    assert times.sums["decode"] == pytest.approx(3.065) and times.total() == 4

@@ -663,6 +663,11 @@ def test_metrics_parse_and_count_requests(server):
                   "stepvox_lm_requests_running", "stepvox_lm_requests_waiting"):
         assert after[(gauge, ())] == 0, gauge
     assert after[("stepvox_engine_alive", ())] == 1
+    steps = {k: after.get(("stepvox_engine_step_seconds_count", (("kind", k),)), 0)
+             - before.get(("stepvox_engine_step_seconds_count", (("kind", k),)), 0) for k in ("decode", "prefill")}
+    assert steps["decode"] > 0 and steps["prefill"] >= 2          # each request's prompt, then its decodes
+    inf = after[("stepvox_engine_step_seconds_bucket", (("kind", "decode"), ("le", "+Inf")))]
+    assert inf == after[("stepvox_engine_step_seconds_count", (("kind", "decode"),))]
 
 
 def test_32_concurrent_streams_all_complete(server):

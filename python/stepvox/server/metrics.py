@@ -12,7 +12,9 @@ import math
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+from stepvox.engine.step_times import KINDS as STEP_KINDS
 
 from .admission import REFUSAL_REASONS
 
@@ -46,6 +48,13 @@ class _EngineCollector:
         )
         for name, doc, value in values:
             yield GaugeMetricFamily(name, doc, value=value)
+        steps = HistogramMetricFamily(f"{p}engine_step_seconds", f"{what} LM engine steps' wall time by kind "
+                                      "(decode: decodes only; mixed: with prompt chunks; prefill: prompts only)",
+                                      labels=["kind"])
+        times = engine.step_times
+        for kind in STEP_KINDS:
+            steps.add_metric([kind], times.cumulative(kind), times.sums[kind])
+        yield steps
 
 
 class ServerMetrics:
