@@ -15,10 +15,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from stepvox.engine.config import EngineConfig
 from stepvox.engine.errors import AudioInputError, AudioTooShortError, ConfigError, InvalidRequestError
 from stepvox.engine.frontend.audio_formats import FORMATS, OPUS_RATES, RATES
 from stepvox.engine.pipelines.audio import Audio
-from stepvox.engine.pipelines.tts import TTS, tagged_text
+from stepvox.engine.pipelines.tts import TTS, TTS_PREFILL_WHILE_DECODING, tagged_text
 from stepvox.engine.pipelines.tts_text import (SYS_HUMMING, SYS_RAP, SYS_WITH_SPEAKER, SYS_WITHOUT_SPEAKER,
                                                token_budget)
 from stepvox.engine.pipelines.voices import UnknownVoiceError, VoiceExistsError, VoiceRef, VoiceRegistry, check_name
@@ -373,3 +374,10 @@ def test_warm_up_speaks_with_a_builtin_voice_and_frees_its_pages(tts):
     assert bm.num_free_pages == free
     with pytest.raises(UnknownVoiceError):
         tts.warm_up("nobody")
+
+
+def test_speech_prompts_go_in_small_pieces_while_others_decode(tts):
+    # the TTS engine's own default (speech streams are deadlines), below the engine's general one
+    assert tts.engine.engine.ecfg.max_prefill_while_decoding == TTS_PREFILL_WHILE_DECODING < \
+        EngineConfig().max_prefill_while_decoding
+    assert tts.engine.engine.scheduler.max_prefill_while_decoding == TTS_PREFILL_WHILE_DECODING

@@ -53,6 +53,7 @@ COMMON_DECODER = "CosyVoice-300M-25Hz"
 MUSIC_DECODER = "CosyVoice-300M-25Hz-Music"
 FADE_SECONDS = 0.01
 MAX_TEXT_CHARS = 5000
+TTS_PREFILL_WHILE_DECODING = 128     # prompt tokens per step while other streams decode (EngineConfig)
 
 
 @dataclasses.dataclass
@@ -111,6 +112,10 @@ class TTS:
             if not os.path.isdir(folder):
                 raise CheckpointError(f"{model}: a Step-Audio-TTS-3B folder holds {COMMON_DECODER}/ and "
                                       f"{MUSIC_DECODER}/; {folder} is missing")
+        # speech streams are deadlines: an arrival's prompt goes in smaller pieces than the engine's
+        # default while others decode (a 128-token piece adds about half a 3B decode step on an H100,
+        # from the 512-token prefill step measured in bench/RESULTS.md, session 4)
+        engine_args.setdefault("max_prefill_while_decoding", TTS_PREFILL_WHILE_DECODING)
         config = EngineConfig(device=device, **engine_args)
         kernels = config.kernels
         engine = AsyncLLMEngine(LLMEngine(model, config))
