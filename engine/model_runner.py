@@ -295,8 +295,8 @@ class ModelRunner:
     def execute(self, plans: list[ChunkPlan], input_tokens: torch.Tensor | None = None):
         """Run the step. Returns (logits [N, V], the indices into `plans` of the N chunks that sample,
         in row order, their argmax ids [N] when the step computed them, else None). Nothing waits for
-        the device. input_tokens: the plans' token ids as a device tensor [len(plans)] (every plan a
-        decode planned ahead; the ids in the plans are placeholders)."""
+        the device. input_tokens: the token ids of the decodes planned ahead (`ChunkPlan.ahead`, the
+        first plans; their ids in the plans are placeholders), as a device tensor, in plan order."""
         ahead = sum(c.ahead for c in plans)
         if input_tokens is not None and not (all(c.ahead for c in plans[:ahead]) and ahead == input_tokens.shape[0]
                                              and all(c.length == 1 for c in plans[:ahead])):
