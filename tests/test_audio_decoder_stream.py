@@ -12,18 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepvox.engine.audio.decoder import SpeakerPrompt
+from stepvox.testing.cosyvoice import random_speaker_prompt, random_speech_tokens
 from stepvox.engine.audio.decoder_stream import StreamConfig, fade_windows
 
 
-def _prompt(seed=0, n_tokens=20, frames=30):
-    g = torch.Generator().manual_seed(seed)
-    return SpeakerPrompt(torch.randn(frames, 80, generator=g) - 4, torch.randn(192, generator=g),
-                         torch.randint(0, 5120, (n_tokens,), generator=g))
-
-
-def _tokens(n, seed=1):
-    return torch.randint(0, 5120, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+_prompt, _tokens = random_speaker_prompt, random_speech_tokens
 
 
 def _groups(tokens, size=5):

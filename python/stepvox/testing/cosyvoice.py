@@ -14,6 +14,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from stepvox.engine.audio.decoder import SpeakerPrompt
+
 FULL_YAML = """\
 __set_seed1: !apply:random.seed [1986]
 sample_rate: 22050
@@ -271,3 +273,14 @@ def write_cosyvoice_dir(path: str, seed: int = 0, sizes: dict = TINY_SIZES, camp
         with open(os.path.join(path, "campplus.onnx"), "wb") as f:
             f.write(campplus_onnx_bytes(seed))
     return path
+
+
+def random_speaker_prompt(seed: int = 0, n_tokens: int = 20, frames: int = 30) -> SpeakerPrompt:
+    """A speaker prompt of random mel frames (around log-mel -4), embedding and speech tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return SpeakerPrompt(torch.randn(frames, 80, generator=g) - 4, torch.randn(192, generator=g),
+                         torch.randint(0, 5120, (n_tokens,), generator=g))
+
+
+def random_speech_tokens(n: int, seed: int = 1) -> list[int]:
+    return torch.randint(0, 5120, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
