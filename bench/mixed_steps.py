@@ -32,16 +32,11 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from _util import device_name, print_table, write_json  # noqa: E402
+from _util import device_name, percentile, print_table, write_json  # noqa: E402
 from fp8 import bare_folder  # noqa: E402
 
 from stepvox import LLM, SamplingParams  # noqa: E402
 from stepvox.engine.config import TINY, TTS_3B  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 # name -> engine options: parts with the default prefill cap, parts without a cap, one joint eager step
@@ -106,12 +101,12 @@ def step_times(llm: LLM, args) -> dict:
             with_prefill.append(dt)
     ms = lambda v: round(v * 1000, 3)  # noqa: E731
     return dict(base=args.base, arrivals=arrivals, prompt_tokens=args.prompt, rate_per_s=args.rate,
-                pure_steps=len(pure), pure_p50_ms=ms(statistics.median(pure)), pure_p99_ms=ms(percentile(pure, 0.99)),
+                pure_steps=len(pure), pure_p50_ms=ms(statistics.median(pure)), pure_p99_ms=ms(percentile(pure, 99)),
                 arrival_steps=len(during), arrival_p50_ms=ms(statistics.median(during)),
-                arrival_p99_ms=ms(percentile(during, 0.99)), prefill_steps=len(with_prefill),
+                arrival_p99_ms=ms(percentile(during, 99)), prefill_steps=len(with_prefill),
                 prefill_step_p50_ms=ms(statistics.median(with_prefill)) if with_prefill else None,
                 prefill_step_max_ms=ms(max(with_prefill)) if with_prefill else None,
-                p99_arrivals_over_p50_pure=round(percentile(during, 0.99) / statistics.median(pure), 3),
+                p99_arrivals_over_p50_pure=round(percentile(during, 99) / statistics.median(pure), 3),
                 steps_ahead=eng.stats["steps_ahead"], steps=eng.stats["steps"])
 
 

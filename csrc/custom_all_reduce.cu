@@ -232,6 +232,15 @@ void check_input(const Context* ctx, const at::Tensor& inp, const at::Tensor& ou
   TORCH_CHECK(bytes % kVecBytes == 0, "stepvox._C: the message must be a multiple of 16 bytes, got ", bytes);
 }
 
+// Copy the input into this rank's data area on `stream` (peers read it there); returns its bytes.
+int64_t stage_input(Context* ctx, const at::Tensor& inp, cudaStream_t stream) {
+  for (int r = 0; r < ctx->world; ++r) TORCH_CHECK(ctx->regions.base[r] != nullptr, "stepvox._C: peers not opened");
+  int64_t bytes = inp.numel() * inp.element_size();
+  STEPVOX_CUDA_CHECK(cudaMemcpyAsync(ctx->local + kSignalBytes, inp.data_ptr(), bytes, cudaMemcpyDeviceToDevice,
+                                     stream));
+  return bytes;
+}
+
 template <typename T>
 void launch(Context* ctx, const at::Tensor& out, int64_t bytes, bool two_shot, cudaStream_t stream) {
   int64_t vecs = bytes / kVecBytes;
@@ -304,12 +313,9 @@ void car_open_peers(int64_t handle, at::Tensor handles) {
 void car_all_reduce(int64_t handle, at::Tensor inp, at::Tensor out, bool two_shot) {
   Context* ctx = as_context(handle);
   check_input(ctx, inp, out);
-  for (int r = 0; r < ctx->world; ++r) TORCH_CHECK(ctx->regions.base[r] != nullptr, "stepvox._C: peers not opened");
   const c10::cuda::CUDAGuard guard(inp.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  int64_t bytes = inp.numel() * inp.element_size();
-  STEPVOX_CUDA_CHECK(cudaMemcpyAsync(ctx->local + kSignalBytes, inp.data_ptr(), bytes, cudaMemcpyDeviceToDevice,
-                                     stream));
+  int64_t bytes = stage_input(ctx, inp, stream);
   switch (inp.scalar_type()) {
     case at::kFloat: launch<float>(ctx, out, bytes, two_shot, stream); break;
     case at::kHalf: launch<__half>(ctx, out, bytes, two_shot, stream); break;
@@ -328,12 +334,9 @@ void car_all_reduce_add_rms_norm(int64_t handle, at::Tensor inp, at::Tensor resi
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == inp.size(1) && weight.scalar_type() == inp.scalar_type() &&
                   weight.is_contiguous(),
               "stepvox._C: weight must be [hidden] of the input's dtype");
-  for (int r = 0; r < ctx->world; ++r) TORCH_CHECK(ctx->regions.base[r] != nullptr, "stepvox._C: peers not opened");
   const c10::cuda::CUDAGuard guard(inp.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  int64_t bytes = inp.numel() * inp.element_size();
-  STEPVOX_CUDA_CHECK(cudaMemcpyAsync(ctx->local + kSignalBytes, inp.data_ptr(), bytes, cudaMemcpyDeviceToDevice,
-                                     stream));
+  int64_t bytes = stage_input(ctx, inp, stream);
   int64_t rows = inp.size(0), hidden = inp.size(1);
   int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, ctx->max_blocks)));
 #define STEPVOX_LAUNCH_NORM(T)                                                                           \

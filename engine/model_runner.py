@@ -68,14 +68,6 @@ class _LoadProgress:
         sys.stderr.flush()
 
 
-def _pad_tables(tables: list[list[int]], width: int | None = None) -> np.ndarray:
-    width = width or max((len(t) for t in tables), default=1) or 1
-    out = np.zeros((len(tables), width), dtype=np.int32)
-    for i, t in enumerate(tables):
-        out[i, :len(t)] = t
-    return out
-
-
 class ModelRunner:
     def __init__(self, model_path: str, cfg: Step1Config, ecfg: EngineConfig, device: torch.device,
                  tp: TPGroup = TPGroup()):

@@ -1,6 +1,6 @@
 """Block tables kept on the device (engine/device/block_tables.py): rows per sequence, only the
 changed entries sent each step, rows freed and reused, and after every step the gathered tables
-equal the padded tables the model runner builds from scratch (_pad_tables: zeros beyond a
+equal the padded tables built from scratch (pad_tables: zeros beyond a
 sequence's pages). Driven by the real scheduler and block manager through growth, preemption,
 prefix-cache hits, aborts and finishes."""
 import random
@@ -11,7 +11,7 @@ import torch
 
 from stepvox.engine.device.block_tables import BlockTableCapacityError, DeviceBlockTables
 from stepvox.engine.kv_cache import BlockManager
-from stepvox.engine.model_runner import _pad_tables
+from stepvox.engine.device.block_tables import pad_tables as _pad_tables
 from stepvox.engine.sampling_params import SamplingParams
 from stepvox.engine.scheduler import Scheduler
 from stepvox.engine.sequence import Sequence

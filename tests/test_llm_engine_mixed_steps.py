@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stepvox import LLM, SamplingParams
-from stepvox.engine.model_runner import _pad_tables
+from stepvox.engine.device.block_tables import pad_tables as _pad_tables
 from stepvox.engine.step_times import StepTimes, step_kind
 from stepvox.testing.logits import LogitsRecorder
 

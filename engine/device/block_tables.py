@@ -27,6 +27,16 @@ from ..errors import StepvoxError
 from .staging import StagedInputs
 
 
+def pad_tables(tables: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
+    """Page lists as one int32 array [len(tables), width], zeros past each list's pages (what the
+    attention kernels read; default width: the longest list)."""
+    width = width or max((len(t) for t in tables), default=1) or 1
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = t
+    return out
+
+
 class BlockTableCapacityError(StepvoxError, RuntimeError):
     """A step has more sequences than the device tables have rows, or a sequence more pages than a
     row holds (the message names which, and the limit)."""
@@ -133,10 +143,7 @@ class DeviceBlockTables:
 
     def mirror_array(self) -> np.ndarray:
         """The host mirror as the device tensor should read: [max_num_seqs + 1, max_pages_per_seq]."""
-        out = np.zeros((self.max_num_seqs + 1, self.max_pages_per_seq), dtype=np.int32)
-        for row, table in enumerate(self._mirror):
-            out[row, :len(table)] = table
-        return out
+        return pad_tables(self._mirror + [[]], self.max_pages_per_seq)      # the zero row last
 
     # ---------------------------------------------------------------- internals
     def _check(self, entries, ids: list[int], release_absent: bool, pad_to: int | None) -> None:

@@ -79,12 +79,7 @@ class RankGroup:
             return
         options = dist.AllreduceOptions()
         options.reduceOp = op
-        if self.host_staged:
-            staged = x.cpu()
-            self._live().allreduce([staged], options).wait()
-            x.copy_(staged)
-            return
-        self._live().allreduce([x], options).wait()
+        self._in_place(x, lambda t: self._live().allreduce([t], options).wait())
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                 eps: float) -> torch.Tensor:
@@ -108,12 +103,16 @@ class RankGroup:
     def broadcast(self, x: torch.Tensor, src: int = 0) -> None:
         options = dist.BroadcastOptions()
         options.rootRank = src
-        if self.host_staged:
-            staged = x.cpu()
-            self._live().broadcast([staged], options).wait()
-            x.copy_(staged)
+        self._in_place(x, lambda t: self._live().broadcast([t], options).wait())
+
+    def _in_place(self, x: torch.Tensor, collective) -> None:
+        """collective(t) on x itself, or on a host copy written back (ranks sharing a GPU meet in gloo)."""
+        if not self.host_staged:
+            collective(x)
             return
-        self._live().broadcast([x], options).wait()
+        staged = x.cpu()
+        collective(staged)
+        x.copy_(staged)
 
     def abort(self) -> None:
         """Break collectives blocked on a dead rank (NCCL would wait for ever; gloo notices the
